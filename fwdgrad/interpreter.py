@@ -1,0 +1,478 @@
+"""The forward-mode interpreter: dual tensors, levels and the per-op dispatch loop.
+
+A ``Dual`` is a wrapper tensor that carries a primal, a tangent and the level of
+the transform that created it.  Every aten op that reaches a ``Dual`` lands in
+``Dual.__torch_dispatch__``, which finds the highest level among the arguments,
+unwraps only that level (lower levels pass through as constants, so nesting is
+free of perturbation confusion), runs the primal kernel, runs fwdgrad's JVP rule
+and wraps the outputs again.
+
+A missing tangent is ``None`` (a symbolic zero).  When every input tangent of
+an op is zero only the primal runs.
+
+Tangent math runs with autograd re-enabled (``_RestorePythonTLSSnapshot``), so
+tangents get a ``grad_fn`` when primals, tangents or captured parameters
+require grad (reverse over forward).  The wrapper itself takes part in
+autograd as an ordinary tensor, so ``torch.autograd.grad`` called inside a
+transform sends the backward ops through this dispatch loop (forward over
+reverse).
+"""
+
+import itertools
+import os
+
+import torch
+
+from . import registry
+
+_level_counter = itertools.count(1)
+_restore_autograd = torch._C._RestorePythonTLSSnapshot
+_disable_torch_function = torch._C.DisableTorchFunctionSubclass
+
+# Set FWDGRAD_CHECK=1 to verify every tangent's shape and dtype against its primal.
+CHECK_TANGENTS = os.environ.get("FWDGRAD_CHECK", "") not in ("", "0")
+
+
+def new_level():
+    """A fresh level.  Later levels are higher, so an inner transform always wins."""
+    return next(_level_counter)
+
+
+class View:
+    """How a view ``Dual`` derives its tangent from its base's tangent."""
+
+    __slots__ = ("base", "func", "args", "kwargs", "index")
+
+    def __init__(self, base, func, args, kwargs, index):
+        self.base = base
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        self.index = index
+
+    def derive(self, base_tangent):
+        out = registry.view_tangent(self.func, base_tangent, self.base._primal, self.args, self.kwargs)
+        return out if self.index is None else out[self.index]
+
+
+class Dual(torch.Tensor):
+    """A tensor with a primal, a tangent (``None`` means zero) and a level."""
+
+    @staticmethod
+    def __new__(cls, primal, tangent, level, view=None, requires_grad=False):
+        r = torch.Tensor._make_wrapper_subclass(
+            cls,
+            primal.size(),
+            strides=primal.stride(),
+            storage_offset=primal.storage_offset(),
+            dtype=primal.dtype,
+            device=primal.device,
+            layout=primal.layout,
+            requires_grad=requires_grad,
+        )
+        r._primal = primal
+        r._tangent = tangent
+        r._level = level
+        r._view = view
+        r._tangent_from = None  # for views: the base tangent the cached tangent came from
+        r._owns_tangent = False  # for roots: the tangent may be written in place
+        return r
+
+    def __repr__(self):
+        with _disable_torch_function():
+            return (
+                f"Dual(level={self._level}, primal={self._primal!r}, "
+                f"tangent={tangent_of(self)!r})"
+            )
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # A user's detach (method, function or ``.data``) drops every tangent;
+        # autograd's internal detach of saved outputs never comes through here.
+        if func in _USER_DETACH:
+            return strip(args[0]).detach()
+        if kwargs is None:
+            kwargs = {}
+        with _disable_torch_function():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return interpret(func, args, kwargs or {})
+
+
+_USER_DETACH = {torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__}
+
+
+def strip(x):
+    """The plain tensor under every level of ``Dual``."""
+    while isinstance(x, Dual):
+        x = x._primal
+    return x
+
+
+def tangent_of(d):
+    """The tangent of ``d`` at its own level (``None`` for zero).
+
+    A view's tangent is derived from its base's, and derived again when the
+    base's tangent object changes (materialised or replaced by an in-place op).
+    """
+    view = d._view
+    if view is None:
+        return d._tangent
+    base_t = tangent_of(view.base)
+    if base_t is None:
+        return None
+    if d._tangent_from is base_t:
+        return d._tangent
+    t = view.derive(base_t)
+    d._tangent = t
+    d._tangent_from = base_t
+    return t
+
+
+# --------------------------------------------------------------------------
+# Per-op metadata, computed once per OpOverload.
+
+FUNCTIONAL, VIEW, INPLACE, INPLACE_VIEW, OUT = "functional", "view", "inplace", "inplace_view", "out"
+
+
+class OpEntry:
+    __slots__ = ("func", "kind", "_rule", "_functional", "out_args")
+
+    def __init__(self, func):
+        self.func = func
+        self._rule = None
+        self._functional = None
+        schema = func._schema
+        written = [
+            a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
+        ]
+        ret_alias = [r.alias_info for r in schema.returns]
+        self.out_args = [a.name for a in written if a.kwarg_only]
+        if torch.Tag.inplace_view in func.tags:
+            self.kind = INPLACE_VIEW
+        elif any(a is not None and a.is_write for a in ret_alias):
+            if self.out_args:
+                self.kind = OUT
+            else:
+                self.kind = INPLACE
+        elif ret_alias and ret_alias[0] is not None:
+            self.kind = VIEW
+        else:
+            self.kind = FUNCTIONAL
+
+    @property
+    def rule(self):
+        if self._rule is None:
+            self._rule = registry.resolve_rule(self.func)
+        return self._rule
+
+    @property
+    def functional(self):
+        if self._functional is None:
+            self._functional = registry.functional_variant(self.func)
+        return self._functional
+
+
+_entries = {}
+
+
+def entry_for(func):
+    e = _entries.get(func)
+    if e is None:
+        e = _entries[func] = OpEntry(func)
+    return e
+
+
+# --------------------------------------------------------------------------
+# The dispatch loop.
+
+
+def _top_level(args, kwargs):
+    level = 0
+    for a in args:
+        if isinstance(a, Dual):
+            if a._level > level:
+                level = a._level
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, Dual) and b._level > level:
+                    level = b._level
+    for a in kwargs.values():
+        if isinstance(a, Dual) and a._level > level:
+            level = a._level
+    return level
+
+
+def _unwrap(args, level):
+    """Primals and tangents of ``args`` at ``level``; also whether any tangent is nonzero."""
+    primals = []
+    tangents = []
+    any_t = False
+    for a in args:
+        if isinstance(a, Dual) and a._level == level:
+            primals.append(a._primal)
+            t = a._tangent if a._view is None else tangent_of(a)
+            tangents.append(t)
+            if t is not None:
+                any_t = True
+        elif isinstance(a, (list, tuple)) and a and any(isinstance(b, Dual) for b in a):
+            ps, ts, sub = _unwrap(a, level)
+            primals.append(ps)
+            tangents.append(ts if sub else None)
+            any_t = any_t or sub
+        else:
+            primals.append(a)
+            tangents.append(None)
+    return primals, tangents, any_t
+
+
+def _unwrap_kwargs(kwargs, level):
+    if not kwargs:
+        return kwargs, registry.NO_KW_TANGENTS, False
+    primals = {}
+    tangents = {}
+    for k, a in kwargs.items():
+        if isinstance(a, Dual) and a._level == level:
+            primals[k] = a._primal
+            t = tangent_of(a)
+            if t is not None:
+                tangents[k] = t
+        else:
+            primals[k] = a
+    return primals, tangents, bool(tangents)
+
+
+def _check(func, p, t):
+    if t is None:
+        return
+    if t.shape != p.shape or t.dtype != p.dtype:
+        raise AssertionError(
+            f"fwdgrad rule for {func} returned a tangent of shape {tuple(t.shape)} and "
+            f"dtype {t.dtype} for a primal of shape {tuple(p.shape)} and dtype {p.dtype}"
+        )
+
+
+def _fit(t, p):
+    """Give a rule's tangent the primal's dtype and shape (rules may broadcast)."""
+    if t.dtype != p.dtype:
+        t = t.to(p.dtype)
+    if t.shape != p.shape:
+        t = t.expand(p.shape)
+    return t
+
+
+def _wrap(func, entry, ans, tans, level):
+    if isinstance(ans, torch.Tensor):
+        if tans is not None and (ans.is_floating_point() or ans.is_complex()):
+            tans = _fit(tans, ans)
+            if CHECK_TANGENTS:
+                _check(func, ans, tans)
+        else:
+            tans = None
+        return Dual(ans, tans, level)
+    if isinstance(ans, (tuple, list)):
+        if tans is None:
+            tans = (None,) * len(ans)
+        elif not isinstance(tans, (tuple, list)):
+            raise TypeError(
+                f"fwdgrad rule for {func} must return a tuple of {len(ans)} tangents, "
+                f"got {type(tans).__name__}"
+            )
+        out = []
+        for i, (a, t) in enumerate(zip(ans, tans)):
+            if isinstance(a, torch.Tensor):
+                if t is not None and (a.is_floating_point() or a.is_complex()):
+                    t = _fit(t, a)
+                    if CHECK_TANGENTS:
+                        _check(func, a, t)
+                else:
+                    t = None
+                out.append(Dual(a, t, level))
+            elif isinstance(a, (list, tuple)):  # e.g. a list of tensors inside a tuple
+                out.append(_wrap(func, entry, a, t, level))
+            else:
+                out.append(a)
+        return type(ans)(out) if isinstance(ans, tuple) else out
+    return ans
+
+
+def _differentiable(ans):
+    """Whether an op's output can carry a tangent (comparisons, argmax etc. cannot)."""
+    if isinstance(ans, torch.Tensor):
+        return ans.is_floating_point() or ans.is_complex()
+    if isinstance(ans, (tuple, list)):
+        return any(_differentiable(a) for a in ans)
+    return False
+
+
+def interpret(func, args, kwargs):
+    entry = _entries.get(func)
+    if entry is None:
+        entry = entry_for(func)
+    level = _top_level(args, kwargs)
+    pargs, targs, any_t = _unwrap(args, level)
+    pkwargs, tkwargs, any_kt = _unwrap_kwargs(kwargs, level)
+    any_t = any_t or any_kt
+    kind = entry.kind
+    with _restore_autograd():
+        if kind is FUNCTIONAL:
+            ans = func(*pargs, **pkwargs)
+            if any_t and _differentiable(ans):
+                tans = entry.rule(registry.Tangents(targs, tkwargs), ans, *pargs, **pkwargs)
+            else:
+                tans = None
+            return _wrap(func, entry, ans, tans, level)
+        if kind is VIEW:
+            return _view(func, entry, args, kwargs, pargs, pkwargs, targs, any_t, level)
+        if kind is INPLACE:
+            return _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level)
+        if kind is INPLACE_VIEW:
+            return _inplace_view(func, entry, args, pargs, pkwargs, level)
+        return _out(func, entry, args, kwargs, pargs, pkwargs, targs, tkwargs, any_t, level)
+
+
+def _view(func, entry, args, kwargs, pargs, pkwargs, targs, any_t, level):
+    base = args[0]
+    if func is _aten_detach:
+        # Autograd's internal detach of saved outputs: keep the tangent, and keep
+        # the inner autograd history (an alias, not a detach, underneath).
+        ans = torch.ops.aten.alias.default(pargs[0])
+    else:
+        ans = func(*pargs, **pkwargs)
+    if not (isinstance(base, Dual) and base._level == level):
+        # A view of a lower-level tensor that takes a tangent-carrying argument
+        # (rare; e.g. view_as_real of a plain tensor is not one).  Treat as functional.
+        tans = entry.rule(registry.Tangents(targs, registry.NO_KW_TANGENTS), ans, *pargs, **pkwargs) if any_t else None
+        return _wrap(func, entry, ans, tans, level)
+    rest = tuple(pargs[1:])
+    base_t = targs[0]
+    if isinstance(ans, torch.Tensor):
+        d = Dual(ans, None, level, View(base, func, rest, pkwargs, None))
+        if base_t is not None:
+            d._tangent = registry.view_tangent(func, base_t, pargs[0], rest, pkwargs)
+            d._tangent_from = base_t
+        return d
+    outs = []
+    derived = registry.view_tangent(func, base_t, pargs[0], rest, pkwargs) if base_t is not None else None
+    for i, a in enumerate(ans):
+        d = Dual(a, None, level, View(base, func, rest, pkwargs, i))
+        if derived is not None:
+            d._tangent = derived[i]
+            d._tangent_from = base_t
+        outs.append(d)
+    return type(ans)(outs) if isinstance(ans, tuple) else outs
+
+
+_aten_detach = torch.ops.aten.detach.default
+
+
+def _root(d):
+    while d._view is not None:
+        d = d._view.base
+    return d
+
+
+def write_tangent(d, t):
+    """Make ``t`` (``None`` for zero) the tangent of ``d`` after an in-place op on it.
+
+    A root simply takes the new tangent, and its views derive theirs again.  A
+    view writes into its root's tangent, which is first made private to the
+    root (materialised, or copied if it may be shared), so that the base and
+    every other view see the change.
+    """
+    if d._view is None:
+        if t is not None:
+            t = _fit(t, d._primal)
+        d._tangent = t
+        d._owns_tangent = False
+        return
+    root = _root(d)
+    rt = root._tangent
+    if rt is None and t is None:
+        return
+    if rt is None:
+        root._tangent = torch.zeros_like(root._primal)
+    elif not root._owns_tangent:
+        root._tangent = rt.clone()
+    root._owns_tangent = True
+    st = tangent_of(d)
+    if t is None:
+        st.zero_()
+    else:
+        st.copy_(t)
+
+
+def _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level):
+    self = args[0]
+    self_is_dual = isinstance(self, Dual) and self._level == level
+    if not any_t:
+        func(*pargs, **pkwargs)
+        return self
+    if not self_is_dual:
+        raise RuntimeError(
+            f"fwdgrad: the in-place op {func} writes a value that carries a tangent into a "
+            f"tensor that has none at this level (one created outside the transformed "
+            f"function, or by a factory such as torch.zeros).  Build that tensor from the "
+            f"function's inputs (e.g. torch.zeros_like(x)) or use the out-of-place op."
+        )
+    functional = entry.functional
+    ans = functional(*pargs, **pkwargs)
+    fentry = entry_for(functional)
+    t = fentry.rule(registry.Tangents(targs, tkwargs), ans, *pargs, **pkwargs)
+    if isinstance(ans, (tuple, list)):
+        ans, t = ans[0], (t[0] if t is not None else None)
+    pargs[0].copy_(ans)
+    if not (ans.is_floating_point() or ans.is_complex()):
+        t = None
+    write_tangent(self, t)
+    return self
+
+
+def _inplace_view(func, entry, args, pargs, pkwargs, level):
+    """``squeeze_``, ``transpose_``, ``as_strided_``...: the dual becomes a view of its old self.
+
+    The old state moves to a fresh dual (which takes over the tangent), the
+    primal is replaced by the out-of-place view of the old primal, and the
+    wrapper's own sizes and strides are changed by the same op.
+    """
+    self = args[0]
+    view_func = entry.functional
+    old = Dual(self._primal, self._tangent, level, self._view)
+    old._tangent_from = self._tangent_from
+    old._owns_tangent = self._owns_tangent
+    rest = tuple(pargs[1:])
+    self._primal = view_func(self._primal, *rest, **pkwargs)
+    self._view = View(old, view_func, rest, pkwargs, None)
+    self._tangent = None
+    self._tangent_from = None
+    self._owns_tangent = False
+    with torch._C._DisableTorchDispatch():
+        func(self, *rest, **pkwargs)
+    return self
+
+
+def _out(func, entry, args, kwargs, pargs, pkwargs, targs, tkwargs, any_t, level):
+    functional = entry.functional
+    fkwargs = {k: v for k, v in pkwargs.items() if k not in entry.out_args}
+    ftk = registry.Tangents(targs, {k: v for k, v in tkwargs.items() if k not in entry.out_args})
+    ans = functional(*pargs, **fkwargs)
+    t = entry_for(functional).rule(ftk, ans, *pargs, **fkwargs) if any(
+        x is not None for x in targs
+    ) or ftk.kw else None
+    outs = [kwargs[name] for name in entry.out_args]
+    anss = ans if isinstance(ans, (tuple, list)) else (ans,)
+    ts = t if isinstance(t, (tuple, list)) else ((t,) if t is not None else (None,) * len(anss))
+    for o, po, a, ti in zip(outs, (pkwargs[n] for n in entry.out_args), anss, ts):
+        if po.shape != a.shape:
+            po.resize_(a.shape)
+        po.copy_(a)
+        if isinstance(o, Dual) and o._level == level:
+            write_tangent(o, ti if (a.is_floating_point() or a.is_complex()) else None)
+        elif ti is not None:
+            raise RuntimeError(
+                f"fwdgrad: {func} writes a value that carries a tangent into an out= tensor "
+                f"that has none at this level; use the out-of-place op."
+            )
+    return outs[0] if len(outs) == 1 else tuple(outs)

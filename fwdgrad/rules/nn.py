@@ -1,0 +1,373 @@
+"""Neural-network ops: convolution, normalisation, pooling, attention, embeddings, losses.
+
+The primal always comes from PyTorch's fused kernel; the tangent uses the
+cheapest expression we know (for attention, an SDPA call for the ``P dV``
+part and the saved log-sum-exp to rebuild ``P`` for the rest).
+"""
+
+import torch
+
+from ..registry import def_linear, defrule
+
+aten = torch.ops.aten
+
+
+# ---- convolution --------------------------------------------------------------
+
+
+def _bias_shape(bias, out):
+    return bias.reshape([1, -1] + [1] * (out.dim() - 2))
+
+
+@defrule(aten.convolution.default)
+def _conv_jvp(t, ans, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
+    out = None
+    if t[0] is not None:
+        out = aten.convolution.default(t[0], w, None, stride, padding, dilation, transposed, output_padding, groups)
+    if t[1] is not None:
+        c = aten.convolution.default(x, t[1], None, stride, padding, dilation, transposed, output_padding, groups)
+        out = c if out is None else out + c
+    if len(t) > 2 and t[2] is not None:
+        c = _bias_shape(t[2], ans)
+        out = c if out is None else out + c
+    return out
+
+
+# ---- normalisation ------------------------------------------------------------
+
+
+def _normalized_tangent(x, tx, mean, rstd, dims):
+    """Tangents of ``xhat = (x - mean) * rstd`` and of ``rstd`` for statistics over ``dims``."""
+    xhat = (x - mean) * rstd
+    dmean = tx.mean(dims, keepdim=True)
+    c = (xhat * tx).mean(dims, keepdim=True)
+    dxhat = rstd * (tx - dmean - xhat * c)
+    drstd = -rstd * rstd * c
+    return xhat, dxhat, dmean, drstd
+
+
+def _affine_tangent(xhat, dxhat, w, tw, tb, shape):
+    out = None
+    if dxhat is not None:
+        out = dxhat if w is None else dxhat * w.reshape(shape)
+    if tw is not None:
+        c = xhat * tw.reshape(shape)
+        out = c if out is None else out + c
+    if tb is not None:
+        c = tb.reshape(shape)
+        out = c if out is None else out + c
+    return out
+
+
+@defrule(aten.native_layer_norm.default)
+def _layer_norm_jvp(t, ans, x, normalized_shape, w, b, eps):
+    out, mean, rstd = ans
+    axis = x.dim() - len(normalized_shape)
+    dims = list(range(axis, x.dim()))
+    tx = t[0]
+    if tx is not None:
+        xhat, dxhat, dmean, drstd = _normalized_tangent(x, tx, mean, rstd, dims)
+    else:
+        xhat, dxhat, dmean, drstd = (x - mean) * rstd, None, None, None
+    shape = list(normalized_shape)
+    dout = _affine_tangent(xhat, dxhat, w, t[2], t[3], shape)
+    return dout, dmean, drstd
+
+
+def _channel_shape(x):
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
+def _batch_norm_train(t, x, w, b, mean_out, invstd_out, tx, tw, tb):
+    dims = [0] + list(range(2, x.dim()))
+    shape = _channel_shape(x)
+    mean = mean_out.reshape(shape)
+    rstd = invstd_out.reshape(shape)
+    if tx is not None:
+        xhat, dxhat, dmean, drstd = _normalized_tangent(x, tx, mean, rstd, dims)
+        dmean, drstd = dmean.reshape(-1), drstd.reshape(-1)
+    else:
+        xhat, dxhat, dmean, drstd = (x - mean) * rstd, None, None, None
+    return _affine_tangent(xhat, dxhat, w, tw, tb, shape), dmean, drstd
+
+
+def _batch_norm_eval(x, w, rm, rv, eps, tx, tw, tb, trm, trv):
+    shape = _channel_shape(x)
+    rstd = (rv + eps).rsqrt().reshape(shape)
+    xc = x - rm.reshape(shape)
+    xhat = xc * rstd
+    dxhat = None
+    if tx is not None:
+        dxhat = tx * rstd
+    if trm is not None:
+        c = -trm.reshape(shape) * rstd
+        dxhat = c if dxhat is None else dxhat + c
+    if trv is not None:
+        c = -0.5 * xc * rstd * rstd * rstd * trv.reshape(shape)
+        dxhat = c if dxhat is None else dxhat + c
+    return _affine_tangent(xhat, dxhat, w, tw, tb, shape)
+
+
+def _batch_norm(t, ans, x, w, b, rm, rv, training, eps, trm=None, trv=None):
+    out, save_mean, save_invstd = ans[0], ans[1], ans[2]
+    if training:
+        dout, dmean, drstd = _batch_norm_train(t, x, w, b, save_mean, save_invstd, t[0], t[1], t[2])
+        return dout, dmean, drstd
+    return _batch_norm_eval(x, w, rm, rv, eps, t[0], t[1], t[2], trm, trv), None, None
+
+
+@defrule(aten.native_batch_norm.default, aten._native_batch_norm_legit.default)
+def _native_batch_norm_jvp(t, ans, x, w, b, rm, rv, training, momentum, eps):
+    return _batch_norm(t, ans, x, w, b, rm, rv, training or rm is None, eps, t[3], t[4])
+
+
+@defrule(aten._native_batch_norm_legit.no_stats)
+def _batch_norm_no_stats_jvp(t, ans, x, w, b, training, momentum, eps):
+    return _batch_norm(t, ans, x, w, b, None, None, True, eps)
+
+
+@defrule(aten._native_batch_norm_legit_no_training.default)
+def _batch_norm_no_training_jvp(t, ans, x, w, b, rm, rv, momentum, eps):
+    return _batch_norm(t, ans, x, w, b, rm, rv, False, eps, t[3], t[4])
+
+
+@defrule(aten._native_batch_norm_legit_functional.default)
+def _batch_norm_functional_jvp(t, ans, x, w, b, rm, rv, training, momentum, eps):
+    d = _batch_norm(t, ans, x, w, b, rm, rv, training, eps, t[3], t[4])
+    return d + (None, None)
+
+
+@defrule(aten._batch_norm_with_update.default)
+def _batch_norm_with_update_jvp(t, ans, x, w, b, rm, rv, momentum, eps):
+    return _batch_norm(t, ans, x, w, b, rm, rv, True, eps) + (None,)
+
+
+@defrule(aten._batch_norm_no_update.default)
+def _batch_norm_no_update_jvp(t, ans, x, w, b, rm, rv, momentum, eps):
+    return _batch_norm(t, ans, x, w, b, rm, rv, False, eps, t[3], t[4]) + (None,)
+
+
+@defrule(aten.native_group_norm.default)
+def _group_norm_jvp(t, ans, x, w, b, N, C, HxW, group, eps):
+    out, mean, rstd = ans
+    shape = _channel_shape(x)
+    xg = x.reshape(N, group, -1)
+    m, r = mean.reshape(N, group, 1), rstd.reshape(N, group, 1)
+    if t[0] is not None:
+        xhat, dxhat, dmean, drstd = _normalized_tangent(xg, t[0].reshape(N, group, -1), m, r, [2])
+        dxhat = dxhat.reshape(x.shape)
+        dmean, drstd = dmean.reshape(N, group), drstd.reshape(N, group)
+    else:
+        xhat, dxhat, dmean, drstd = (xg - m) * r, None, None, None
+    xhat = xhat.reshape(x.shape)
+    return _affine_tangent(xhat, dxhat, w, t[1], t[2], shape), dmean, drstd
+
+
+# ---- pooling and resampling ---------------------------------------------------
+
+
+def _gather_spatial(tx, indices, nd):
+    """Pick ``tx`` at pooling ``indices``, which index each flattened spatial plane."""
+    flat_t = tx.flatten(-nd)
+    flat_i = indices.flatten(-nd)
+    return flat_t.gather(-1, flat_i).reshape(indices.shape)
+
+
+def _pool_with_indices(nd):
+    def rule(t, ans, x, *args):
+        out, indices = ans
+        return _gather_spatial(t[0], indices, nd), None
+
+    return rule
+
+
+defrule(
+    aten.max_pool2d_with_indices.default,
+    aten.adaptive_max_pool2d.default,
+    aten.fractional_max_pool2d.default,
+)(_pool_with_indices(2))
+defrule(
+    aten.max_pool3d_with_indices.default,
+    aten.adaptive_max_pool3d.default,
+    aten.fractional_max_pool3d.default,
+)(_pool_with_indices(3))
+defrule(aten.max_pool1d_with_indices.default, aten.adaptive_max_pool1d.default)(_pool_with_indices(1))
+
+
+@defrule(aten.max_pool2d.default)
+def _max_pool2d_jvp(t, ans, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    _, indices = aten.max_pool2d_with_indices.default(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return _gather_spatial(t[0], indices, 2)
+
+
+@defrule(aten.max_pool3d.default)
+def _max_pool3d_jvp(t, ans, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    _, indices = aten.max_pool3d_with_indices.default(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return _gather_spatial(t[0], indices, 3)
+
+
+for _op in (
+    aten.avg_pool1d.default,
+    aten.avg_pool2d.default,
+    aten.avg_pool3d.default,
+    aten._adaptive_avg_pool2d.default,
+    aten._adaptive_avg_pool3d.default,
+    aten.adaptive_avg_pool1d.default,
+    aten.upsample_nearest1d.default,
+    aten.upsample_nearest2d.default,
+    aten.upsample_nearest3d.default,
+    aten.upsample_nearest1d.vec,
+    aten.upsample_nearest2d.vec,
+    aten.upsample_nearest3d.vec,
+    aten._upsample_nearest_exact1d.default,
+    aten._upsample_nearest_exact2d.default,
+    aten._upsample_nearest_exact3d.default,
+    aten._upsample_nearest_exact1d.vec,
+    aten._upsample_nearest_exact2d.vec,
+    aten._upsample_nearest_exact3d.vec,
+    aten.upsample_linear1d.default,
+    aten.upsample_bilinear2d.default,
+    aten.upsample_trilinear3d.default,
+    aten.upsample_bicubic2d.default,
+    aten.upsample_linear1d.vec,
+    aten.upsample_bilinear2d.vec,
+    aten.upsample_trilinear3d.vec,
+    aten.upsample_bicubic2d.vec,
+    aten._upsample_bilinear2d_aa.default,
+    aten._upsample_bicubic2d_aa.default,
+    aten._upsample_bilinear2d_aa.vec,
+    aten._upsample_bicubic2d_aa.vec,
+    aten.max_unpool2d.default,
+    aten.max_unpool3d.default,
+):
+    def_linear(_op)
+
+
+# ---- attention ----------------------------------------------------------------
+
+
+def _attention_probs(q, k, lse, attn_mask, is_causal, scale):
+    s = (q @ k.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            s = s.masked_fill(~attn_mask, float("-inf"))
+        else:
+            s = s + attn_mask
+    if is_causal:
+        L, S = q.shape[-2], k.shape[-2]
+        causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, float("-inf"))
+    p = (s - lse.unsqueeze(-1)).exp()
+    return p.nan_to_num(0.0)
+
+
+@defrule(aten._scaled_dot_product_flash_attention_for_cpu.default)
+def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    out, lse = ans
+    if dropout_p:
+        raise NotImplementedError(
+            "fwdgrad: the JVP of scaled_dot_product_attention with dropout_p > 0 needs the "
+            "dropout mask, which the fused CPU kernel does not return; use dropout_p=0 "
+            "(e.g. model.eval()) inside the transform"
+        )
+    tq, tk, tv = t[0], t[1], t[2]
+    tmask = t.kw.get("attn_mask")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    dout = None
+    if tv is not None:
+        # P dV with the fused kernel: the same attention weights, new values.
+        dout = aten._scaled_dot_product_flash_attention_for_cpu.default(
+            q, k, tv, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+        )[0]
+    dlse = None
+    if tq is not None or tk is not None or tmask is not None:
+        p = _attention_probs(q, k, lse, attn_mask, is_causal, scale)
+        ds = None
+        if tq is not None:
+            ds = (tq @ k.transpose(-2, -1)) * scale
+        if tk is not None:
+            c = (q @ tk.transpose(-2, -1)) * scale
+            ds = c if ds is None else ds + c
+        if tmask is not None:
+            ds = tmask if ds is None else ds + tmask
+        pds = p * ds
+        r = pds.sum(-1, keepdim=True)
+        c = pds @ v - r * out
+        dout = c if dout is None else dout + c
+        dlse = r.squeeze(-1)
+    return dout, dlse
+
+
+# ---- embeddings ---------------------------------------------------------------
+
+
+@defrule(aten._embedding_bag.default, aten._embedding_bag_forward_only.default)
+def _embedding_bag_jvp(t, ans, weight, indices, offsets, scale_grad_by_freq=False, mode=0,
+                       sparse=False, per_sample_weights=None, include_last_offset=False,
+                       padding_idx=-1):
+    out, offset2bag, bag_size, max_indices = ans
+    tw = t[0]
+    tpsw = t[6] if len(t) > 6 else None
+    dout = None
+    if mode == 2:  # max
+        if tw is not None:
+            cols = torch.arange(weight.shape[1], device=weight.device).expand_as(max_indices)
+            valid = max_indices >= 0
+            dout = torch.where(valid, tw[max_indices.clamp_min(0), cols], 0.0).to(tw.dtype)
+        return dout, None, None, None
+    if tw is not None:
+        dout = aten._embedding_bag.default(
+            tw, indices, offsets, scale_grad_by_freq, mode, sparse, per_sample_weights,
+            include_last_offset, padding_idx,
+        )[0]
+    if tpsw is not None:
+        c = aten._embedding_bag.default(
+            weight, indices, offsets, scale_grad_by_freq, mode, sparse, tpsw,
+            include_last_offset, padding_idx,
+        )[0]
+        dout = c if dout is None else dout + c
+    return dout, None, None, None
+
+
+# ---- losses -------------------------------------------------------------------
+
+
+def _reduce(x, reduction):
+    if reduction == 1:
+        return x.mean()
+    if reduction == 2:
+        return x.sum()
+    return x
+
+
+@defrule(aten.mse_loss.default)
+def _mse_jvp(t, ans, x, y, reduction=1):
+    d = None
+    if t[0] is not None:
+        d = t[0]
+    if t[1] is not None:
+        d = -t[1] if d is None else d - t[1]
+    return _reduce(2 * (x - y) * d, reduction)
+
+
+@defrule(aten.nll_loss_forward.default)
+def _nll_jvp(t, ans, x, target, weight, reduction, ignore_index):
+    return aten.nll_loss_forward.default(t[0], target, weight, reduction, ignore_index)[0], None
+
+
+@defrule(aten.nll_loss2d_forward.default)
+def _nll2d_jvp(t, ans, x, target, weight, reduction, ignore_index):
+    return aten.nll_loss2d_forward.default(t[0], target, weight, reduction, ignore_index)[0], None
+
+
+@defrule(aten.binary_cross_entropy.default)
+def _bce_jvp(t, ans, x, y, weight=None, reduction=1):
+    d = 0
+    if t[0] is not None:
+        d = t[0] * (x - y) / (x * (1 - x)).clamp_min(1e-12)
+    if t[1] is not None:
+        d = d + t[1] * ((1 - x).log().clamp_min(-100) - x.log().clamp_min(-100))
+    if weight is not None:
+        d = d * weight
+    return _reduce(d, reduction)

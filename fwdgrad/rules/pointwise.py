@@ -1,0 +1,533 @@
+"""Elementwise ops: unary math, binary arithmetic, activations, casts and copies.
+
+Formulas follow the forward derivatives in PyTorch's derivatives.yaml and the
+textbook derivatives; ``g`` is the input tangent, ``ans`` the primal output.
+"""
+
+import math
+
+import torch
+
+from ..registry import aten_ops, def_elementwise, def_linear, def_multilinear, def_zero, defrule
+
+aten = torch.ops.aten
+
+
+def _unary(op, fn):
+    def_elementwise(op, fn)
+
+
+# ---- linear unary ops ------------------------------------------------------
+for _op in (
+    aten.neg.default,
+    aten.clone.default,
+    aten.conj_physical.default,
+    aten._conj.default,
+    aten.lift_fresh_copy.default,
+    aten.lift_fresh.default,
+    aten._to_copy.default,
+    aten.positive.default,
+    aten.resolve_conj.default,
+    aten.resolve_neg.default,
+    aten._neg_view.default,
+    aten.deg2rad.default,
+    aten.rad2deg.default,
+):
+    def_linear(_op)
+
+def_linear(aten.mul.Scalar)
+def_linear(aten.div.Scalar)
+def_linear(aten.view_as_real.default)
+def_linear(aten.view_as_complex.default)
+def_linear(aten.real.default)
+def_linear(aten.imag.default)
+def_linear(aten.conj.default)
+
+# ---- unary math --------------------------------------------------------------
+_unary(aten.sin.default, lambda g, ans, x: g * x.cos())
+_unary(aten.cos.default, lambda g, ans, x: -g * x.sin())
+_unary(aten.tan.default, lambda g, ans, x: g * (1 + ans * ans))
+_unary(aten.asin.default, lambda g, ans, x: g * (1 - x * x).rsqrt())
+_unary(aten.acos.default, lambda g, ans, x: -g * (1 - x * x).rsqrt())
+_unary(aten.atan.default, lambda g, ans, x: g / (1 + x * x))
+_unary(aten.sinh.default, lambda g, ans, x: g * x.cosh())
+_unary(aten.cosh.default, lambda g, ans, x: g * x.sinh())
+_unary(aten.tanh.default, lambda g, ans, x: g * (1 - ans * ans).conj())
+_unary(aten.asinh.default, lambda g, ans, x: g * (x * x + 1).rsqrt())
+_unary(aten.acosh.default, lambda g, ans, x: g * ((x - 1).rsqrt() * (x + 1).rsqrt()))
+_unary(aten.atanh.default, lambda g, ans, x: g / (1 - x * x))
+_unary(aten.exp.default, lambda g, ans, x: g * ans)
+_unary(aten.exp2.default, lambda g, ans, x: g * ans * math.log(2.0))
+_unary(aten.expm1.default, lambda g, ans, x: g * (ans + 1))
+_unary(aten.log.default, lambda g, ans, x: g / x)
+_unary(aten.log2.default, lambda g, ans, x: g / (x * math.log(2.0)))
+_unary(aten.log10.default, lambda g, ans, x: g / (x * math.log(10.0)))
+_unary(aten.log1p.default, lambda g, ans, x: g / (x + 1))
+_unary(aten.sqrt.default, lambda g, ans, x: g / (2 * ans))
+_unary(aten.rsqrt.default, lambda g, ans, x: -0.5 * g * ans * ans * ans)
+_unary(aten.reciprocal.default, lambda g, ans, x: -g * ans * ans)
+_unary(aten.sigmoid.default, lambda g, ans, x: g * (ans * (1 - ans)).conj())
+_unary(aten.erf.default, lambda g, ans, x: g * (2 / math.sqrt(math.pi)) * (-x * x).exp())
+_unary(aten.erfc.default, lambda g, ans, x: g * (-2 / math.sqrt(math.pi)) * (-x * x).exp())
+_unary(aten.erfinv.default, lambda g, ans, x: g * (math.sqrt(math.pi) / 2) * (ans * ans).exp())
+_unary(aten.lgamma.default, lambda g, ans, x: g * x.digamma())
+_unary(aten.digamma.default, lambda g, ans, x: g * torch.polygamma(1, x))
+def_elementwise(aten.polygamma.default, None, lambda g, ans, n, x: g * torch.polygamma(n + 1, x))
+_unary(aten.i0.default, lambda g, ans, x: g * torch.special.i1(x))
+_unary(aten.special_i0e.default, lambda g, ans, x: g * (torch.special.i1e(x) - x.sgn() * ans))
+_unary(aten.special_i1.default, lambda g, ans, x: g * (torch.i0(x) - torch.where(x == 0, 0.5, ans / x)))
+_unary(
+    aten.special_i1e.default,
+    lambda g, ans, x: g * (torch.special.i0e(x) - ans * (x.sgn() + torch.where(x == 0, 0.0, 1 / x).to(ans.dtype)) + torch.where(x == 0, 0.5, 0.0).to(ans.dtype)),
+)
+_unary(aten.special_ndtri.default, lambda g, ans, x: g * math.sqrt(2 * math.pi) * (ans * ans / 2).exp())
+_unary(aten.special_log_ndtr.default, lambda g, ans, x: g * (-(x * x) / 2 - ans).exp() / math.sqrt(2 * math.pi))
+_unary(aten.special_erfcx.default, lambda g, ans, x: g * (2 * x * ans - 2 / math.sqrt(math.pi)))
+_unary(aten.frac.default, lambda g, ans, x: g)
+_unary(aten.sinc.default, lambda g, ans, x: g * torch.where(
+    x == 0, 0.0, ((math.pi * x).cos() * math.pi * x - (math.pi * x).sin()) / (math.pi * x * x)
+).to(g.dtype))
+_unary(aten.angle.default, lambda g, ans, x: (
+    (g * x.conj()).imag / x.abs().square().clamp_min(torch.finfo(x.real.dtype).tiny)
+    if x.is_complex() else torch.zeros_like(g)
+))
+
+
+def _abs_jvp(g, ans, x):
+    if x.is_complex():
+        return (g * x.sgn().conj()).real
+    return g * x.sign()
+
+
+_unary(aten.abs.default, _abs_jvp)
+
+
+def _sgn_jvp(g, ans, x):
+    if not x.is_complex():
+        return torch.zeros_like(g)
+    a = x.abs()
+    return torch.where(a == 0, 0.0, (g - (g * ans.conj()).real * ans) / a).to(g.dtype)
+
+
+_unary(aten.sgn.default, _sgn_jvp)
+
+# Piecewise constant: zero derivative almost everywhere.
+def_zero(
+    aten.sign.default,
+    aten.ceil.default,
+    aten.floor.default,
+    aten.round.default,
+    aten.round.decimals,
+    aten.trunc.default,
+    aten.heaviside.default,
+    aten.nextafter.default,
+    aten.div.Tensor_mode,
+    aten.div.Scalar_mode,
+    aten.floor_divide.default,
+    aten.floor_divide.Scalar,
+    aten.bernoulli.default,
+    aten.bernoulli.p,
+    aten.bernoulli.Tensor,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.empty_like.default,
+    aten.full_like.default,
+    aten.rand_like.default,
+    aten.randn_like.default,
+    aten.randint_like.default,
+    aten.randint_like.low_dtype,
+    aten.new_zeros.default,
+    aten.new_ones.default,
+    aten.new_empty.default,
+    aten.new_full.default,
+    aten.new_empty_strided.default,
+    aten.fill.Scalar,
+    aten.zero.default,
+    aten.uniform.default,
+    aten.normal_functional.default,
+    aten.exponential.default,
+    aten.geometric.default,
+    aten.log_normal.default,
+    aten.cauchy.default,
+    aten.random.default,
+    *aten_ops("random.from", "random.to"),
+    aten.multinomial.default,
+    aten.special_zeta.default,
+)
+
+def_linear(aten.fill.Tensor, 1)
+
+
+@defrule(aten.copy.default)
+def _copy_jvp(t, ans, self, src, non_blocking=False):
+    return t[1]
+
+
+# ---- activations -------------------------------------------------------------
+_unary(aten.relu.default, lambda g, ans, x: g * (ans > 0))
+def_elementwise(
+    aten.threshold.default, lambda g, ans, x, threshold, value: g * (x > threshold)
+)
+def_elementwise(
+    aten.leaky_relu.default,
+    lambda g, ans, x, slope=0.01: g * torch.where(x > 0, 1.0, slope).to(g.dtype),
+)
+def_elementwise(
+    aten.hardtanh.default,
+    lambda g, ans, x, lo=-1.0, hi=1.0: g * ((x > lo) & (x < hi)),
+)
+_unary(aten.hardsigmoid.default, lambda g, ans, x: g * ((x > -3) & (x < 3)) / 6)
+_unary(
+    aten.hardswish.default,
+    lambda g, ans, x: g * torch.where(x < -3, 0.0, torch.where(x <= 3, x / 3 + 0.5, 1.0)).to(g.dtype),
+)
+_unary(aten.silu.default, lambda g, ans, x: g * (lambda s: s * (1 + x * (1 - s)))(x.sigmoid()))
+_unary(aten.mish.default, lambda g, ans, x: g * (lambda tsp, s: tsp + x * s * (1 - tsp * tsp))(
+    torch.nn.functional.softplus(x).tanh(), x.sigmoid()))
+
+
+def _gelu_jvp(g, ans, x, approximate="none"):
+    if approximate == "tanh":
+        k = math.sqrt(2 / math.pi)
+        inner = k * (x + 0.044715 * x * x * x)
+        th = inner.tanh()
+        d = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * k * (1 + 3 * 0.044715 * x * x)
+        return g * d
+    cdf = 0.5 * (1 + (x * (1 / math.sqrt(2))).erf())
+    pdf = (-0.5 * x * x).exp() * (1 / math.sqrt(2 * math.pi))
+    return g * (cdf + x * pdf)
+
+
+_unary(aten.gelu.default, _gelu_jvp)
+
+
+def _elu_jvp(g, ans, x, alpha=1.0, scale=1.0, input_scale=1.0):
+    return g * torch.where(x > 0, scale, (x * input_scale).exp() * (alpha * scale * input_scale))
+
+
+_unary(aten.elu.default, _elu_jvp)
+_unary(aten.celu.default, lambda g, ans, x, alpha=1.0: g * torch.where(x > 0, 1.0, (x / alpha).exp()).to(g.dtype))
+
+
+def _softplus_jvp(g, ans, x, beta=1.0, threshold=20.0):
+    z = x * beta
+    return g * torch.where(z > threshold, torch.ones_like(x), z.sigmoid())
+
+
+_unary(aten.softplus.default, _softplus_jvp)
+
+
+@defrule(aten.log_sigmoid_forward.default)
+def _log_sigmoid_jvp(t, ans, x):
+    return t[0] * (-x).sigmoid(), None
+
+
+@defrule(aten.logit.default)
+def _logit_jvp(t, ans, x, eps=None):
+    g = t[0]
+    d = g / (x * (1 - x))
+    if eps is not None:
+        d = torch.where((x < eps) | (x > 1 - eps), 0.0, d).to(d.dtype)
+    return d
+
+
+@defrule(aten.nan_to_num.default)
+def _nan_to_num_jvp(t, ans, x, nan=None, posinf=None, neginf=None):
+    return torch.where(x.isfinite(), t[0], 0.0).to(t[0].dtype)
+
+
+@defrule(aten.native_dropout.default)
+def _dropout_jvp(t, ans, x, p, train):
+    out, mask = ans
+    if train is False or p == 0:
+        return t[0], None
+    if p >= 1:
+        return torch.zeros_like(t[0]), None
+    return t[0] * mask * (1.0 / (1.0 - p)), None
+
+
+# ---- binary arithmetic -------------------------------------------------------
+
+
+def _scaled(g, alpha):
+    return g if alpha == 1 else g * alpha
+
+
+@defrule(aten.add.Tensor)
+def _add_jvp(t, ans, x, y, alpha=1):
+    tx, ty = t[0], t[1]
+    if ty is None:
+        return tx
+    ty = _scaled(ty, alpha)
+    return ty if tx is None else tx + ty
+
+
+@defrule(aten.sub.Tensor)
+def _sub_jvp(t, ans, x, y, alpha=1):
+    tx, ty = t[0], t[1]
+    if ty is None:
+        return tx
+    ty = _scaled(ty, -alpha)
+    return ty if tx is None else tx + ty
+
+
+@defrule(aten.rsub.Tensor)
+def _rsub_jvp(t, ans, x, y, alpha=1):
+    return _sub_jvp((t[1], t[0]), ans, y, x, alpha)
+
+
+def_linear(aten.add.Scalar)
+def_linear(aten.sub.Scalar)
+def_elementwise(aten.rsub.Scalar, lambda g, ans, x, y, alpha=1: -g * alpha)
+def_multilinear(aten.mul.Tensor, 0, 1)
+
+
+@defrule(aten.div.Tensor)
+def _div_jvp(t, ans, x, y):
+    tx, ty = t[0], t[1]
+    out = None if tx is None else tx / y
+    if ty is not None:
+        c = -ty * ans / y
+        out = c if out is None else out + c
+    return out
+
+
+def _pow_base_term(g, x, e):
+    if isinstance(e, torch.Tensor):
+        return g * torch.where(e == 0, 0.0, e * x.pow(e - 1)).to(g.dtype)
+    if e == 0:
+        return torch.zeros_like(g)
+    return g * e * x.pow(e - 1)
+
+
+def_elementwise(aten.pow.Tensor_Scalar, lambda g, ans, x, e: _pow_base_term(g, x, e))
+def_elementwise(
+    aten.pow.Tensor_Tensor,
+    lambda g, ans, x, e: _pow_base_term(g, x, e),
+    lambda g, ans, x, e: g * torch.where((x == 0) & (e.real >= 0), 0.0, ans * x.log()).to(
+        torch.result_type(g, ans)
+    ),
+)
+def_elementwise(
+    aten.pow.Scalar,
+    None,
+    lambda g, ans, s, e: g * ans * math.log(s) if not isinstance(s, complex) and s > 0 else g * ans * torch.log(torch.tensor(s, dtype=ans.dtype)),
+)
+
+def_elementwise(
+    aten.atan2.default,
+    lambda g, ans, y, x: g * x / (x * x + y * y),
+    lambda g, ans, y, x: -g * y / (x * x + y * y),
+)
+def_elementwise(
+    aten.hypot.default,
+    lambda g, ans, x, y: g * x / ans,
+    lambda g, ans, x, y: g * y / ans,
+)
+def_elementwise(
+    aten.fmod.Tensor,
+    lambda g, ans, x, y: g,
+    lambda g, ans, x, y: -g * (x / y).trunc(),
+)
+def_linear(aten.fmod.Scalar)
+def_elementwise(
+    aten.remainder.Tensor,
+    lambda g, ans, x, y: g,
+    lambda g, ans, x, y: -g * (x / y).floor(),
+)
+def_linear(aten.remainder.Scalar)
+def_elementwise(aten.remainder.Scalar_Tensor, None, lambda g, ans, x, y: -g * (x / y).floor())
+
+
+def _select_jvp(pick_x):
+    def rule(t, ans, x, y):
+        tx, ty = t[0], t[1]
+        mask = pick_x(x, y)
+        if tx is None:
+            tx = torch.zeros_like(ty)
+        if ty is None:
+            ty = torch.zeros_like(tx)
+        # ties share the derivative equally, as PyTorch does
+        tie = x == y
+        return torch.where(tie, (tx + ty) / 2, torch.where(mask, tx, ty))
+
+    return rule
+
+
+defrule(aten.maximum.default)(_select_jvp(lambda x, y: x > y))
+defrule(aten.minimum.default)(_select_jvp(lambda x, y: x < y))
+
+
+def _fselect_jvp(pick_x):
+    def rule(t, ans, x, y):
+        tx, ty = t[0], t[1]
+        if tx is None:
+            tx = torch.zeros_like(ty)
+        if ty is None:
+            ty = torch.zeros_like(tx)
+        mask = pick_x(x, y) | y.isnan()
+        tie = x == y
+        return torch.where(tie, (tx + ty) / 2, torch.where(mask, tx, ty))
+
+    return rule
+
+
+defrule(aten.fmax.default)(_fselect_jvp(lambda x, y: x > y))
+defrule(aten.fmin.default)(_fselect_jvp(lambda x, y: x < y))
+
+def_elementwise(
+    aten.copysign.Tensor,
+    lambda g, ans, x, y: g * torch.where(x == 0, 0.0, ans / x).to(g.dtype),
+    lambda g, ans, x, y: torch.zeros_like(g),
+)
+def_elementwise(aten.copysign.Scalar, lambda g, ans, x, y: g * torch.where(x == 0, 0.0, ans / x).to(g.dtype))
+
+def_elementwise(
+    aten.logaddexp.default,
+    lambda g, ans, x, y: g * (x - ans).exp(),
+    lambda g, ans, x, y: g * (y - ans).exp(),
+)
+def_elementwise(
+    aten.logaddexp2.default,
+    lambda g, ans, x, y: g * (x - ans).exp2(),
+    lambda g, ans, x, y: g * (y - ans).exp2(),
+)
+def_elementwise(
+    aten.xlogy.Tensor,
+    lambda g, ans, x, y: g * torch.where((x == 0) & ~y.isnan(), 0.0, y.log()).to(g.dtype),
+    lambda g, ans, x, y: g * torch.where((x == 0) & ~y.isnan(), 0.0, x / y).to(g.dtype),
+)
+def_elementwise(
+    aten.xlogy.Scalar_Other,
+    lambda g, ans, x, y: g * (0.0 if y != y else math.log(y) if y > 0 else float("nan")) * (x != 0),
+)
+def_elementwise(
+    aten.xlogy.Scalar_Self,
+    None,
+    lambda g, ans, x, y: g * (0.0 if x == 0 else 1.0) * x / y,
+)
+def_elementwise(
+    aten.special_xlog1py.default,
+    lambda g, ans, x, y: g * torch.where((x == 0) & ~y.isnan(), 0.0, y.log1p()).to(g.dtype),
+    lambda g, ans, x, y: g * torch.where((x == 0) & ~y.isnan(), 0.0, x / (1 + y)).to(g.dtype),
+)
+
+
+@defrule(aten.lerp.Scalar)
+def _lerp_scalar_jvp(t, ans, start, end, weight):
+    ts, te = t[0], t[1]
+    out = None if ts is None else ts * (1 - weight)
+    if te is not None:
+        out = te * weight if out is None else out + te * weight
+    return out
+
+
+@defrule(aten.lerp.Tensor)
+def _lerp_tensor_jvp(t, ans, start, end, weight):
+    out = _lerp_scalar_jvp(t, ans, start, end, weight)
+    if t[2] is not None:
+        c = t[2] * (end - start)
+        out = c if out is None else out + c
+    return out
+
+
+@defrule(aten.addcmul.default)
+def _addcmul_jvp(t, ans, s, a, b, value=1):
+    out = t[0]
+    for g, other in ((t[1], b), (t[2], a)):
+        if g is not None:
+            c = g * other * value
+            out = c if out is None else out + c
+    return out
+
+
+@defrule(aten.addcdiv.default)
+def _addcdiv_jvp(t, ans, s, a, b, value=1):
+    out = t[0]
+    if t[1] is not None:
+        c = t[1] / b * value
+        out = c if out is None else out + c
+    if t[2] is not None:
+        c = -t[2] * a / (b * b) * value
+        out = c if out is None else out + c
+    return out
+
+
+@defrule(aten.where.self)
+def _where_jvp(t, ans, cond, x, y):
+    tx, ty = t[1], t[2]
+    if tx is None:
+        tx = torch.zeros((), dtype=ans.dtype, device=ans.device)
+    if ty is None:
+        ty = torch.zeros((), dtype=ans.dtype, device=ans.device)
+    return torch.where(cond, tx, ty)
+
+
+@defrule(aten.where.ScalarOther)
+def _where_so_jvp(t, ans, cond, x, y):
+    return torch.where(cond, t[1], 0.0)
+
+
+@defrule(aten.where.ScalarSelf)
+def _where_ss_jvp(t, ans, cond, x, y):
+    return torch.where(cond, 0.0, t[2])
+
+
+@defrule(aten.masked_fill.Scalar)
+def _masked_fill_scalar_jvp(t, ans, x, mask, value):
+    return t[0].masked_fill(mask, 0)
+
+
+@defrule(aten.masked_fill.Tensor)
+def _masked_fill_tensor_jvp(t, ans, x, mask, value):
+    tx = t[0] if t[0] is not None else torch.zeros_like(ans)
+    tv = t[2] if t[2] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
+    return torch.where(mask, tv, tx)
+
+
+# ---- clamps ------------------------------------------------------------------
+
+
+@defrule(aten.clamp.default)
+def _clamp_jvp(t, ans, x, min=None, max=None):
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if min is not None:
+        keep = keep & (x >= min)
+    if max is not None:
+        keep = keep & (x <= max)
+    return t[0] * keep
+
+
+@defrule(aten.clamp_min.default)
+def _clamp_min_jvp(t, ans, x, min):
+    return t[0] * (x >= min)
+
+
+@defrule(aten.clamp_max.default)
+def _clamp_max_jvp(t, ans, x, max):
+    return t[0] * (x <= max)
+
+
+@defrule(aten.clamp.Tensor)
+def _clamp_tensor_jvp(t, ans, x, min=None, max=None):
+    tx = t[0] if t[0] is not None else torch.zeros_like(ans)
+    out = tx
+    if min is not None:
+        tmin = t[1] if t[1] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
+        out = torch.where(x >= min, out, tmin)
+    if max is not None:
+        tmax = t[2] if len(t) > 2 and t[2] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
+        out = torch.where(x <= max if min is None else (x <= max) | (min > max), out, tmax)
+        if min is not None:
+            out = torch.where(min > max, tmax, out)
+    return out
+
+
+@defrule(aten.clamp_min.Tensor)
+def _clamp_min_tensor_jvp(t, ans, x, min):
+    return _clamp_tensor_jvp((t[0], t[1], None), ans, x, min, None)
+
+
+@defrule(aten.clamp_max.Tensor)
+def _clamp_max_tensor_jvp(t, ans, x, max):
+    return _clamp_tensor_jvp((t[0], None, t[1]), ans, x, None, max)

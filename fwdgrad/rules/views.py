@@ -1,0 +1,250 @@
+"""Views, shape ops, indexing, gathering and scattering.
+
+Almost all of these are linear in their data arguments: the tangent is the
+same op applied to the tangents.  The exceptions fill or pad with a constant,
+which becomes zero in the tangent, and the ops that pick elements by value
+(sort, topk, max.dim), whose tangent gathers the input tangent at the chosen
+indices.
+"""
+
+import torch
+
+from ..fallback import linearized
+from ..registry import def_linear, defrule
+
+aten = torch.ops.aten
+
+# Views (used directly only when the view's base is not a dual at the op's level).
+for _op in (
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten._reshape_alias.default,
+    aten.reshape.default,
+    aten.expand.default,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.t.default,
+    aten.select.int,
+    aten.slice.Tensor,
+    aten.squeeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.unsqueeze.default,
+    aten.as_strided.default,
+    aten.diagonal.default,
+    aten.unfold.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    aten.unbind.int,
+    aten.chunk.default,
+    aten.narrow.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.movedim.int,
+    aten.unflatten.int,
+    aten.view.dtype,
+    # Copying variants of views.
+    aten.view_copy.default,
+    aten.permute_copy.default,
+    aten.transpose_copy.int,
+    aten.t_copy.default,
+    aten.select_copy.int,
+    aten.slice_copy.Tensor,
+    aten.squeeze_copy.dim,
+    aten.squeeze_copy.dims,
+    aten.unsqueeze_copy.default,
+    aten.expand_copy.default,
+    aten.as_strided_copy.default,
+    aten.diagonal_copy.default,
+    aten.unbind_copy.int,
+    aten.split_copy.Tensor,
+    aten.split_with_sizes_copy.default,
+    aten.alias_copy.default,
+    aten.unfold_copy.default,
+    aten.narrow_copy.default,
+    # Shape ops that copy.
+    aten.flip.default,
+    aten.roll.default,
+    aten.repeat.default,
+    aten.rot90.default,
+    aten.tril.default,
+    aten.triu.default,
+    aten.diag_embed.default,
+    aten.diag.default,
+    aten.contiguous.default,
+    aten.reflection_pad1d.default,
+    aten.reflection_pad2d.default,
+    aten.reflection_pad3d.default,
+    aten.replication_pad1d.default,
+    aten.replication_pad2d.default,
+    aten.replication_pad3d.default,
+    aten._pad_circular.default,
+    aten.pixel_shuffle.default,
+    aten.pixel_unshuffle.default,
+    aten.channel_shuffle.default,
+    aten.native_channel_shuffle.default,
+    aten.im2col.default,
+    aten.col2im.default,
+    # Indexing and gathering.
+    aten.index.Tensor,
+    aten.index_select.default,
+    aten.gather.default,
+    aten.take.default,
+    aten.masked_select.default,
+    aten.embedding.default,
+    aten.repeat_interleave.self_int,
+    aten.repeat_interleave.self_Tensor,
+    aten.cumsum.default,
+    aten.sum.default,
+    aten.sum.dim_IntList,
+    aten.mean.default,
+    aten.mean.dim,
+    aten.trace.default,
+    aten.complex.default,
+):
+    try:
+        def_linear(_op)
+    except AttributeError:  # pragma: no cover - op missing in this torch build
+        pass
+
+def_linear(aten.cat.default, 0)
+def_linear(aten.stack.default, 0)
+def_linear(aten.hstack.default, 0)
+def_linear(aten.vstack.default, 0)
+def_linear(aten.block_diag.default, 0)
+def_linear(aten.index_put.default, 0, 2)
+def_linear(aten._unsafe_index_put.default, 0, 2)
+def_linear(aten._unsafe_index.Tensor)
+def_linear(aten.scatter.src, 0, 3)
+def_linear(aten.scatter_add.default, 0, 3)
+def_linear(aten.index_add.default, 0, 3)
+def_linear(aten.index_copy.default, 0, 3)
+def_linear(aten.masked_scatter.default, 0, 2)
+def_linear(aten.select_scatter.default, 0, 1)
+def_linear(aten.slice_scatter.default, 0, 1)
+def_linear(aten.diagonal_scatter.default, 0, 1)
+def_linear(aten.as_strided_scatter.default, 0, 1)
+def_linear(aten.put.default, 0, 2)
+def_linear(aten.complex.default, 0, 1)
+
+
+@defrule(aten.constant_pad_nd.default)
+def _constant_pad_jvp(t, ans, x, pad, value=0):
+    return aten.constant_pad_nd.default(t[0], pad, 0)
+
+
+@defrule(aten.scatter.value)
+def _scatter_value_jvp(t, ans, x, dim, index, value):
+    return t[0].scatter(dim, index, 0)
+
+
+@defrule(aten.index_fill.int_Scalar)
+def _index_fill_jvp(t, ans, x, dim, index, value):
+    return t[0].index_fill(dim, index, 0)
+
+
+@defrule(aten.index_fill.int_Tensor)
+def _index_fill_tensor_jvp(t, ans, x, dim, index, value):
+    tx = t[0] if t[0] is not None else torch.zeros_like(ans)
+    tv = t[3] if t[3] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
+    return aten.index_fill.int_Tensor(tx, dim, index, tv)
+
+
+def _gather_values(tx, dim, indices, keepdim=True):
+    if not keepdim:
+        indices = indices.unsqueeze(dim)
+        return tx.gather(dim, indices).squeeze(dim)
+    return tx.gather(dim, indices)
+
+
+@defrule(aten.sort.default, aten.sort.stable)
+def _sort_jvp(t, ans, x, *args, **kwargs):
+    values, indices = ans
+    dim = kwargs.get("dim", args[0] if args and isinstance(args[0], int) else -1)
+    if args and not isinstance(args[0], int) and len(args) >= 2:  # sort.stable(self, *, stable, dim, descending)
+        dim = args[1]
+    if x.dim() == 0:
+        return t[0], None
+    return t[0].gather(dim, indices), None
+
+
+@defrule(aten.topk.default)
+def _topk_jvp(t, ans, x, k, dim=-1, largest=True, sorted=True):
+    values, indices = ans
+    if x.dim() == 0:
+        return t[0], None
+    return t[0].gather(dim, indices), None
+
+
+def _dim_select_jvp(t, ans, x, dim, keepdim=False):
+    values, indices = ans
+    if x.dim() == 0:
+        return t[0], None
+    return _gather_values(t[0], dim, indices, keepdim), None
+
+
+for _op in (
+    aten.max.dim,
+    aten.min.dim,
+    aten.kthvalue.default,
+    aten.mode.default,
+    aten.median.dim,
+    aten.nanmedian.dim,
+):
+    defrule(_op)(lambda t, ans, x, *a, _f=_op: _by_index(t, ans, x, _f, *a))
+
+
+def _by_index(t, ans, x, op, *args):
+    # (self, dim, keepdim) for max/min/median/mode; (self, k, dim, keepdim) for kthvalue
+    if op is aten.kthvalue.default:
+        dim = args[1] if len(args) > 1 else -1
+        keepdim = args[2] if len(args) > 2 else False
+    elif op is aten.mode.default:
+        dim = args[0] if args else -1
+        keepdim = args[1] if len(args) > 1 else False
+    else:
+        dim = args[0]
+        keepdim = args[1] if len(args) > 1 else False
+    return _dim_select_jvp(t, ans, x, dim, keepdim)
+
+
+@defrule(aten.cummax.default, aten.cummin.default)
+def _cum_extreme_jvp(t, ans, x, dim):
+    if x.dim() == 0:
+        return t[0], None
+    return t[0].gather(dim, ans[1]), None
+
+
+@defrule(aten.median.default, aten.nanmedian.default)
+def _median_all_jvp(t, ans, x):
+    # The median of all elements is one element; find where it sits.
+    flat = x.reshape(-1)
+    if x.numel() == 0:
+        return None
+    if ans.isnan():
+        idx = flat.isnan().nonzero()[0]
+    else:
+        sorted_idx = flat.sort(stable=True).indices
+        valid = (~flat.isnan()).sum() if x.is_floating_point() else flat.numel()
+        idx = sorted_idx[(valid - 1) // 2]
+    return t[0].reshape(-1)[idx].reshape(())
+
+
+@defrule(aten.scatter_reduce.two)
+def _scatter_reduce_jvp(t, ans, x, dim, index, src, reduce, include_self=True):
+    tx = t[0] if t[0] is not None else torch.zeros_like(x)
+    ts = t[3] if t[3] is not None else torch.zeros_like(src)
+    if reduce in ("sum", "mean"):
+        return aten.scatter_reduce.two(tx, dim, index, ts, reduce, include_self=include_self)
+    if reduce in ("amax", "amin"):
+        # Average the tangents of every element that attains the extreme.
+        picked_src = (src == ans.gather(dim, index)).to(tx.dtype)
+        picked_self = (x == ans).to(tx.dtype) if include_self else torch.zeros_like(tx)
+        num = aten.scatter_reduce.two(tx * picked_self, dim, index, ts * picked_src, "sum", include_self=True)
+        cnt = aten.scatter_reduce.two(picked_self, dim, index, picked_src, "sum", include_self=True)
+        return torch.where(cnt > 0, num / cnt.clamp_min(1), tx)
+    # prod: linearize through autograd's formula, which handles zeros.
+    return _scatter_reduce_linearized(t, ans, x, dim, index, src, reduce, include_self=include_self)
+
+
+_scatter_reduce_linearized = linearized(aten.scatter_reduce.two)

@@ -1,0 +1,196 @@
+"""The public transforms: argument checking, pytrees, and entering a level.
+
+Each call gets a fresh level.  Levels need no stack: a ``Dual`` carries its
+own level and later levels are higher, so nothing global is left behind when
+``func`` raises, and threads never share state.
+"""
+
+import functools
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .interpreter import Dual, new_level, strip, tangent_of
+
+
+def _is_float(x):
+    return x.is_floating_point() or x.is_complex()
+
+
+def check_callable(func, name, what="func"):
+    if not callable(func):
+        raise TypeError(f"{name}: {what} must be callable, got {type(func).__name__}")
+
+
+def _describe(path):
+    return "".join(str(k) for k in path)
+
+
+def check_tangent(name, where, p, t):
+    """Raise a clear error if ``t`` cannot be the tangent of primal ``p``."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(
+            f"{name}: primal {where} is a {type(p).__name__}; expected a tensor "
+            f"(pass non-tensor constants through a closure or keyword argument)"
+        )
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: tangent {where} is a {type(t).__name__}; expected a tensor or None")
+    if not _is_float(p):
+        raise TypeError(
+            f"{name}: primal {where} has dtype {p.dtype}, which carries no tangent; "
+            f"pass None as its tangent (or make the primal floating point)"
+        )
+    if t.shape != p.shape:
+        raise ValueError(
+            f"{name}: tangent {where} has shape {tuple(t.shape)} but its primal has shape "
+            f"{tuple(p.shape)}"
+        )
+    if t.dtype != p.dtype:
+        raise ValueError(
+            f"{name}: tangent {where} has dtype {t.dtype} but its primal has dtype {p.dtype}"
+        )
+    if t.device != p.device:
+        raise ValueError(
+            f"{name}: tangent {where} is on {t.device} but its primal is on {p.device}"
+        )
+
+
+def lift(primals, tangents, level, name):
+    """Wrap matching pytrees of primals and tangents as duals at ``level``."""
+    p_leaves, p_spec = pytree.tree_flatten(primals)
+    t_leaves, t_spec = pytree.tree_flatten(tangents, is_leaf=lambda x: x is None)
+    if p_spec != t_spec:
+        raise ValueError(
+            f"{name}: tangents must have the same structure as primals; primals are "
+            f"{p_spec}, tangents are {t_spec}"
+        )
+    paths = [_describe(path) for path, _ in pytree.tree_flatten_with_path(primals)[0]]
+    duals = []
+    for where, p, t in zip(paths, p_leaves, t_leaves):
+        check_tangent(name, where, p, t)
+        duals.append(Dual(p, t, level, requires_grad=p.requires_grad))
+    return pytree.tree_unflatten(duals, p_spec)
+
+
+def lower_output(o, level):
+    """``(primal, tangent)`` of an output at ``level``; a zero tangent is materialised."""
+    if isinstance(o, Dual) and o._level == level:
+        p = o._primal
+        t = tangent_of(o)
+        if t is None:
+            t = torch.zeros_like(p)
+        return p, t
+    return o, torch.zeros_like(o)
+
+
+def drop_level(tree, level):
+    """Replace duals of ``level`` by their primals (for auxiliary outputs)."""
+    return pytree.tree_map_only(
+        Dual, lambda d: d._primal if d._level == level else d, tree
+    )
+
+
+def split_outputs(out, level, name):
+    leaves, spec = pytree.tree_flatten(out)
+    for path, leaf in pytree.tree_flatten_with_path(out)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{name}: func must return tensors (or pytrees of them), but output "
+                f"{_describe(path) or ''} is a {type(leaf).__name__}"
+            )
+    pairs = [lower_output(o, level) for o in leaves]
+    return (
+        pytree.tree_unflatten([p for p, _ in pairs], spec),
+        pytree.tree_unflatten([t for _, t in pairs], spec),
+    )
+
+
+def split_aux(out, has_aux, name):
+    if not has_aux:
+        return out, None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"{name}: with has_aux=True, func must return a pair (output, aux)")
+    return out[0], out[1]
+
+
+def jvp(func, primals, tangents, *, has_aux=False):
+    """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
+
+    Returns ``(output, jvp_out)``, or ``(output, jvp_out, aux)`` with ``has_aux``.
+    ``primals`` and ``tangents`` are tuples matching ``func``'s positional
+    arguments (pytrees allowed); a ``None`` tangent is zero.
+
+    >>> import torch, fwdgrad
+    >>> x = torch.tensor([0.0, 1.0])
+    >>> out, t = fwdgrad.jvp(torch.sin, (x,), (torch.ones(2),))
+    >>> torch.allclose(t, torch.cos(x))
+    True
+    """
+    name = "jvp"
+    check_callable(func, name)
+    if not isinstance(primals, (tuple, list)):
+        raise TypeError(f"{name}: primals must be a tuple of func's positional arguments, got {type(primals).__name__}")
+    if not isinstance(tangents, (tuple, list)):
+        raise TypeError(f"{name}: tangents must be a tuple matching primals, got {type(tangents).__name__}")
+    if len(primals) != len(tangents):
+        raise ValueError(
+            f"{name}: got {len(primals)} primals but {len(tangents)} tangents; they must match"
+        )
+    level = new_level()
+    duals = lift(tuple(primals), tuple(tangents), level, name)
+    out = func(*duals)
+    out, aux = split_aux(out, has_aux, name)
+    primal_out, tangent_out = split_outputs(out, level, name)
+    if has_aux:
+        return primal_out, tangent_out, drop_level(aux, level)
+    return primal_out, tangent_out
+
+
+def forward_grad(func, *, has_aux=False):
+    """HIPS/Tangent-style forward derivative: ``df(x, dx, y, dy, ...) -> (r, dr)``.
+
+    Arguments come in (value, tangent) pairs; a ``None`` tangent is zero and a
+    non-tensor value with a ``None`` tangent passes through as a constant.
+    Keyword arguments pass through untouched.
+
+    >>> import torch, fwdgrad
+    >>> df = fwdgrad.forward_grad(lambda x, y: x * y)
+    >>> r, dr = df(torch.tensor(2.0), torch.tensor(1.0), torch.tensor(3.0), None)
+    >>> float(r), float(dr)
+    (6.0, 3.0)
+    """
+    name = "forward_grad"
+    check_callable(func, name)
+
+    @functools.wraps(func)
+    def df(*pairs, **kwargs):
+        if len(pairs) % 2:
+            raise TypeError(
+                f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
+            )
+        level = new_level()
+        args = []
+        for i in range(0, len(pairs), 2):
+            p, t = pairs[i], pairs[i + 1]
+            where = f"of argument {i // 2}"
+            if t is None and not isinstance(p, torch.Tensor):
+                args.append(p)  # a constant
+                continue
+            if isinstance(p, torch.Tensor):
+                check_tangent(name, where, p, t)
+                args.append(Dual(p, t, level, requires_grad=p.requires_grad))
+            else:
+                args.append(lift(p, t, level, name))
+        out = func(*args, **kwargs)
+        out, aux = split_aux(out, has_aux, name)
+        r, dr = split_outputs(out, level, name)
+        if has_aux:
+            return r, dr, drop_level(aux, level)
+        return r, dr
+
+    return df
+
+
+__all__ = ["jvp", "forward_grad", "strip"]
