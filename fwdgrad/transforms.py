@@ -22,51 +22,65 @@ def check_callable(func, name, what="func"):
         raise TypeError(f"{name}: {what} must be callable, got {type(func).__name__}")
 
 
+def _kind(x):
+    """``x``'s type for an error message."""
+    if x is None:
+        return "None"
+    if isinstance(x, torch.Tensor):
+        return "a Tensor"
+    return f"a {type(x).__name__}"
+
+
 def _describe(path):
     return "".join(str(k) for k in path)
 
 
 def check_tangent(name, where, p, t):
-    """Raise a clear error if ``t`` cannot be the tangent of primal ``p``."""
+    """Raise a clear error if ``t`` cannot be the tangent of primal ``p``.
+
+    ``where`` names the primal as the user wrote it, e.g. ``primals[0]['w']``.
+    """
     if not isinstance(p, torch.Tensor):
         raise TypeError(
-            f"{name}: primal {where} is a {type(p).__name__}; expected a tensor "
-            f"(pass non-tensor constants through a closure or keyword argument)"
+            f"{name}: {where} is a {type(p).__name__}; only tensors (or pytrees of tensors) "
+            f"can be differentiated; pass non-tensor constants through a closure or keyword argument"
         )
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: tangent {where} is a {type(t).__name__}; expected a tensor or None")
+        raise TypeError(
+            f"{name}: the tangent of {where} is a {type(t).__name__}; expected a tensor or None"
+        )
     if not _is_float(p):
         raise TypeError(
-            f"{name}: primal {where} has dtype {p.dtype}, which carries no tangent; "
-            f"pass None as its tangent (or make the primal floating point)"
+            f"{name}: {where} has dtype {p.dtype}, which carries no tangent; "
+            f"pass None as its tangent (or make it floating point)"
         )
     if t.shape != p.shape:
         raise ValueError(
-            f"{name}: tangent {where} has shape {tuple(t.shape)} but its primal has shape "
+            f"{name}: the tangent of {where} has shape {tuple(t.shape)} but {where} has shape "
             f"{tuple(p.shape)}"
         )
     if t.dtype != p.dtype:
         raise ValueError(
-            f"{name}: tangent {where} has dtype {t.dtype} but its primal has dtype {p.dtype}"
+            f"{name}: the tangent of {where} has dtype {t.dtype} but {where} has dtype {p.dtype}"
         )
     if t.device != p.device:
         raise ValueError(
-            f"{name}: tangent {where} is on {t.device} but its primal is on {p.device}"
+            f"{name}: the tangent of {where} is on {t.device} but {where} is on {p.device}"
         )
 
 
-def lift(primals, tangents, level, name):
+def lift(primals, tangents, level, name, prefix="primals"):
     """Wrap matching pytrees of primals and tangents as duals at ``level``."""
     p_leaves, p_spec = pytree.tree_flatten(primals)
     t_leaves, t_spec = pytree.tree_flatten(tangents, is_leaf=lambda x: x is None)
     if p_spec != t_spec:
         raise ValueError(
-            f"{name}: tangents must have the same structure as primals; primals are "
-            f"{p_spec}, tangents are {t_spec}"
+            f"{name}: tangents must have the same structure as {prefix}; {prefix} are "
+            f"{pytree.treespec_pprint(p_spec)} but tangents are {pytree.treespec_pprint(t_spec)}"
         )
-    paths = [_describe(path) for path, _ in pytree.tree_flatten_with_path(primals)[0]]
+    paths = [prefix + _describe(path) for path, _ in pytree.tree_flatten_with_path(primals)[0]]
     duals = []
     for where, p, t in zip(paths, p_leaves, t_leaves):
         check_tangent(name, where, p, t)
@@ -97,8 +111,8 @@ def split_outputs(out, level, name):
     for path, leaf in pytree.tree_flatten_with_path(out)[0]:
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
-                f"{name}: func must return tensors (or pytrees of them), but output "
-                f"{_describe(path) or ''} is a {type(leaf).__name__}"
+                f"{name}: func must return a tensor or a pytree of tensors, but "
+                f"{'output' + _describe(path) + ' is' if path else 'it returned'} {_kind(leaf)}"
             )
     pairs = [lower_output(o, level) for o in leaves]
     return (
@@ -111,7 +125,10 @@ def split_aux(out, has_aux, name):
     if not has_aux:
         return out, None
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(f"{name}: with has_aux=True, func must return a pair (output, aux)")
+        raise TypeError(
+            f"{name}: with has_aux=True, func must return a pair (output, aux), "
+            f"got {_kind(out)}"
+        )
     return out[0], out[1]
 
 
@@ -174,7 +191,7 @@ def forward_grad(func, *, has_aux=False):
         args = []
         for i in range(0, len(pairs), 2):
             p, t = pairs[i], pairs[i + 1]
-            where = f"of argument {i // 2}"
+            where = f"argument {i // 2}"
             if t is None and not isinstance(p, torch.Tensor):
                 args.append(p)  # a constant
                 continue
@@ -182,7 +199,7 @@ def forward_grad(func, *, has_aux=False):
                 check_tangent(name, where, p, t)
                 args.append(Dual(p, t, level, requires_grad=p.requires_grad))
             else:
-                args.append(lift(p, t, level, name))
+                args.append(lift(p, t, level, name, prefix=where))
         out = func(*args, **kwargs)
         out, aux = split_aux(out, has_aux, name)
         r, dr = split_outputs(out, level, name)
