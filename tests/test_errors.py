@@ -1,0 +1,258 @@
+"""Bad input: each row of the error table gets its exact error type and message.
+
+The table in docs/errors.rst (merged into README.rst) is generated from
+``CASES`` below, so the documentation shows the messages users really get:
+
+    PYTHONPATH=. python tests/test_errors.py > docs/errors.rst
+
+After every error, plain torch must run untouched and no ``Dual`` may survive.
+"""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fwdgrad
+from state_checks import NoNewDuals, assert_plain_torch
+
+
+@torch.library.custom_op("fwdgrad_errors::no_formula", mutates_args=())
+def no_formula(x: torch.Tensor) -> torch.Tensor:
+    """A custom op with no autograd formula and no fwdgrad rule."""
+    return x * 2
+
+
+X = torch.linspace(0.0, 1.0, 3)
+
+
+def _buffer_from_factory(x):
+    buf = torch.zeros(3)  # not built from x, so it cannot take a tangent
+    buf.copy_(x)
+    return buf
+
+
+def _wrong_signature_rule(tangents):
+    return tangents[0]
+
+
+class Case:
+    def __init__(self, what, call, error, message):
+        self.what = what
+        self.call = call
+        self.error = error
+        self.message = message  # the full message; "..." stands for any text
+
+    def pattern(self):
+        return re.compile(".*".join(re.escape(p) for p in self.message.split("...")), re.S)
+
+
+CASES = [
+    Case(
+        "tangent shape differs from its primal",
+        lambda: fwdgrad.jvp(torch.sin, (X,), (torch.ones(4),)),
+        ValueError,
+        "jvp: the tangent of primals[0] has shape (4,) but primals[0] has shape (3,)",
+    ),
+    Case(
+        "tangent dtype differs from its primal",
+        lambda: fwdgrad.jvp(torch.sin, (X,), (torch.ones(3, dtype=torch.float64),)),
+        ValueError,
+        "jvp: the tangent of primals[0] has dtype torch.float64 but primals[0] has dtype torch.float32",
+    ),
+    Case(
+        "tangent device differs from its primal",
+        lambda: fwdgrad.jvp(torch.sin, (X,), (torch.ones(3, device="meta"),)),
+        ValueError,
+        "jvp: the tangent of primals[0] is on meta but primals[0] is on cpu",
+    ),
+    Case(
+        "tangent shape differs, inside a pytree",
+        lambda: fwdgrad.jvp(lambda d: d["w"], ({"w": X},), ({"w": torch.ones(2)},)),
+        ValueError,
+        "jvp: the tangent of primals[0]['w'] has shape (2,) but primals[0]['w'] has shape (3,)",
+    ),
+    Case(
+        "tangent count differs from primals",
+        lambda: fwdgrad.jvp(torch.sin, (X,), (X, X)),
+        ValueError,
+        "jvp: got 1 primals but 2 tangents; they must match",
+    ),
+    Case(
+        "tangent structure differs from primals",
+        lambda: fwdgrad.jvp(lambda d: d["w"], ({"w": X},), ({"b": X},)),
+        ValueError,
+        "jvp: tangents must have the same structure as primals; "
+        "primals are ({'w': *},) but tangents are ({'b': *},)",
+    ),
+    Case(
+        "primals or tangents not a tuple",
+        lambda: fwdgrad.jvp(torch.sin, X, X),
+        TypeError,
+        "jvp: primals must be a tuple of func's positional arguments, got Tensor",
+    ),
+    Case(
+        "a tangent for an integer primal",
+        lambda: fwdgrad.jvp(lambda i: i * 1.0, (torch.arange(3),), (torch.ones(3),)),
+        TypeError,
+        "jvp: primals[0] has dtype torch.int64, which carries no tangent; "
+        "pass None as its tangent (or make it floating point)",
+    ),
+    Case(
+        "a tangent for a bool primal",
+        lambda: fwdgrad.jvp(lambda b: b * 1.0, (X > 0,), (torch.ones(3),)),
+        TypeError,
+        "jvp: primals[0] has dtype torch.bool, which carries no tangent; "
+        "pass None as its tangent (or make it floating point)",
+    ),
+    Case(
+        "a tangent that is not a tensor",
+        lambda: fwdgrad.jvp(torch.sin, (X,), (1.0,)),
+        TypeError,
+        "jvp: the tangent of primals[0] is a float; expected a tensor or None",
+    ),
+    Case(
+        "a non-tensor primal",
+        lambda: fwdgrad.jvp(lambda a: a * 2, (3.0,), (1.0,)),
+        TypeError,
+        "jvp: primals[0] is a float; only tensors (or pytrees of tensors) can be "
+        "differentiated; pass non-tensor constants through a closure or keyword argument",
+    ),
+    Case(
+        "a non-tensor argument with a tangent (forward_grad)",
+        lambda: fwdgrad.forward_grad(lambda a: a)(3.0, torch.ones(())),
+        TypeError,
+        "forward_grad: argument 0 is a float; only tensors (or pytrees of tensors) can be "
+        "differentiated; pass non-tensor constants through a closure or keyword argument",
+    ),
+    Case(
+        "an odd number of arguments to df (forward_grad)",
+        lambda: fwdgrad.forward_grad(torch.sin)(X),
+        TypeError,
+        "forward_grad: df takes (value, tangent) pairs, got 1 positional arguments",
+    ),
+    Case(
+        "tangent shape differs (forward_grad)",
+        lambda: fwdgrad.forward_grad(torch.sin)(X, torch.ones(2)),
+        ValueError,
+        "forward_grad: the tangent of argument 0 has shape (2,) but argument 0 has shape (3,)",
+    ),
+    Case(
+        "func is not callable",
+        lambda: fwdgrad.jvp("sin", (X,), (X,)),
+        TypeError,
+        "jvp: func must be callable, got str",
+    ),
+    Case(
+        "func is not callable (forward_grad)",
+        lambda: fwdgrad.forward_grad(3),
+        TypeError,
+        "forward_grad: func must be callable, got int",
+    ),
+    Case(
+        "func returns a non-tensor",
+        lambda: fwdgrad.jvp(lambda a: a.sum().item(), (X,), (X,)),
+        TypeError,
+        "jvp: func must return a tensor or a pytree of tensors, but it returned a float",
+    ),
+    Case(
+        "func returns a pytree with a non-tensor leaf",
+        lambda: fwdgrad.jvp(lambda a: {"y": a, "n": "label"}, (X,), (X,)),
+        TypeError,
+        "jvp: func must return a tensor or a pytree of tensors, but output['n'] is a str",
+    ),
+    Case(
+        "has_aux=True but func returns no (output, aux) pair",
+        lambda: fwdgrad.jvp(torch.sin, (X,), (X,), has_aux=True),
+        TypeError,
+        "jvp: with has_aux=True, func must return a pair (output, aux), got a Tensor",
+    ),
+    Case(
+        "an op with no rule and no fallback",
+        lambda: fwdgrad.jvp(no_formula, (X,), (X,)),
+        NotImplementedError,
+        "fwdgrad has no JVP rule for fwdgrad_errors.no_formula.default, and its reverse-mode "
+        "formula failed (...).  Register one:\n\n"
+        "    @fwdgrad.register_jvp(torch.ops.fwdgrad_errors.no_formula.default)\n"
+        "    def my_jvp(tangents, ans, *args, **kwargs):\n"
+        "        return ...  # the output tangent; tangents[i] belongs to args[i]\n",
+    ),
+    Case(
+        "a rule registered with a wrong signature",
+        lambda: fwdgrad.register_jvp(torch.ops.aten.sin.default)(_wrong_signature_rule),
+        TypeError,
+        "register_jvp(aten.sin.default): the rule _wrong_signature_rule(tangents) cannot be "
+        "called as rule(tangents, ans, self): too many positional arguments",
+    ),
+    Case(
+        "register_jvp given an op packet instead of an overload",
+        lambda: fwdgrad.register_jvp(torch.ops.aten.sin)(_wrong_signature_rule),
+        TypeError,
+        "register_jvp needs an op overload such as aten.sin.default, got the packet aten.sin",
+    ),
+    Case(
+        "an in-place write of a tangent into a tensor made by a factory (torch.zeros) inside func",
+        lambda: fwdgrad.jvp(_buffer_from_factory, (X,), (X,)),
+        RuntimeError,
+        "fwdgrad: the in-place op aten.copy_.default writes a value that carries a tangent "
+        "into a tensor that has none at this level (one created outside the transformed "
+        "function, or by a factory such as torch.zeros).  Build that tensor from the "
+        "function's inputs (e.g. torch.zeros_like(x)) or use the out-of-place op.",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
+def test_bad_input(case):
+    with NoNewDuals():
+        with pytest.raises(case.error) as info:
+            case.call()
+        message = str(info.value)
+        assert case.pattern().fullmatch(message), f"got message:\n{message}"
+        del info
+    assert_plain_torch()
+    # The transforms still work after the error (and sin's rule is intact).
+    out, t = fwdgrad.jvp(torch.sin, (X,), (torch.ones(3),))
+    torch.testing.assert_close(t, X.cos())
+
+
+def table():
+    """The error table in reStructuredText."""
+    lines = [
+        ".. list-table:: Errors for bad input",
+        "   :header-rows: 1",
+        "   :widths: 30 15 55",
+        "",
+        "   * - Bad input",
+        "     - Error",
+        "     - Message",
+    ]
+    for c in CASES:
+        lines += [f"   * - {c.what}", f"     - ``{c.error.__name__}``"]
+        msg_lines = c.message.rstrip("\n").split("\n")
+        if len(msg_lines) == 1:
+            lines.append(f"     - ``{c.message}``")
+        else:
+            lines += ["     - ::", ""] + [f"         {m}" if m else "" for m in msg_lines] + [""]
+    return "\n".join(lines)
+
+
+def test_documented_table_is_current():
+    """docs/errors.rst (or README.rst, once merged) shows exactly these messages."""
+    root = Path(__file__).resolve().parent.parent
+    docs = [p.read_text() for p in (root / "README.rst", root / "docs" / "errors.rst") if p.exists()]
+    assert any(table() in d for d in docs), (
+        "the error table is out of date; regenerate it with "
+        "`PYTHONPATH=. python tests/test_errors.py > docs/errors.rst`"
+    )
+
+
+if __name__ == "__main__":
+    sys.stdout.write(
+        "Errors\n------\n\n"
+        "Bad input gets an error that names the argument and the mismatch, and leaves\n"
+        "no global state behind.  ``...`` stands for text that varies.\n\n"
+    )
+    sys.stdout.write(table() + "\n")
