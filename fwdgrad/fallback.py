@@ -10,6 +10,9 @@
    that has a backward formula, including ones PyTorch's forward AD lacks.
 3. Otherwise a ``NotImplementedError`` that names the op and shows
    ``fwdgrad.register_jvp``.
+
+Random ops (tagged ``nondeterministic_seeded``) skip 1 and 2: both run the op
+again, which would draw new random numbers.
 """
 
 import torch
@@ -21,6 +24,8 @@ _decompositions = torch._decomp.decomposition_table
 
 
 def rule_for(func):
+    if torch.Tag.nondeterministic_seeded in func.tags:
+        return _refuse_random(func)
     decomp = _decompositions.get(func)
     linear = linearized(func)
     if decomp is None:
@@ -62,6 +67,19 @@ def _through_decomposition(decomp, t, args, kwargs):
         return None
 
     return lower(out)
+
+
+def _refuse_random(func):
+    """A random op needs a rule: both fallbacks run the op again, which draws new
+    random numbers (a tangent that does not match the primal) and advances the
+    generator (later primals that differ from a plain call)."""
+
+    def random_op_rule(t, ans, *args, **kwargs):
+        raise _no_rule(
+            func, "it is random: linearizing it would run it again and draw new random numbers"
+        )
+
+    return random_op_rule
 
 
 def _float(x):

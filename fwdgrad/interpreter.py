@@ -418,6 +418,7 @@ def _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level):
             f"function's inputs (e.g. torch.zeros_like(x)) or use the out-of-place op."
         )
     functional = entry.functional
+    pargs = registry.fill_defaults(func, pargs)
     ans = functional(*pargs, **pkwargs)
     fentry = entry_for(functional)
     t = fentry.rule(registry.Tangents(targs, tkwargs), ans, *pargs, **pkwargs)

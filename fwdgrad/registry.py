@@ -256,6 +256,19 @@ def _like_storage(t, primal):
     return laid
 
 
+def fill_defaults(func, args):
+    """``args`` with ``func``'s omitted positional defaults filled in.
+
+    The dispatcher drops trailing arguments equal to their defaults, but the
+    out-of-place variant may have no default there (``bernoulli_.float``'s
+    ``p=0.5`` against ``bernoulli.p``'s required ``p``).
+    """
+    pos = [a for a in func._schema.arguments if not a.kwarg_only]
+    if len(args) >= len(pos):
+        return args
+    return list(args) + [a.default_value for a in pos[len(args):]]
+
+
 def functional_variant(func):
     """The out-of-place overload matching an in-place (``foo_``) or ``out=`` overload."""
     schema = func._schema
@@ -266,7 +279,7 @@ def functional_variant(func):
         base = name[3:-2]
     packet = getattr(ns, base, None)
     if packet is None:
-        raise NotImplementedError(f"fwdgrad: no out-of-place variant of {func} to derive its JVP from")
+        return _functional_named(func, ns, base)
     want = [
         (a.name, str(a.type))
         for a in schema.arguments
@@ -286,6 +299,14 @@ def functional_variant(func):
         if cand is not None and (want_view or not any(r.alias_info is not None for r in cand._schema.returns)):
             if len(cand._schema.arguments) == len(want):
                 return cand
+    return _functional_named(func, ns, base)
+
+
+def _functional_named(func, ns, base):
+    """``foo_functional``, the variant some in-place ops have (``normal_``)."""
+    packet = getattr(ns, base + "_functional", None)
+    if packet is not None and func._overloadname in packet.overloads():
+        return getattr(packet, func._overloadname)
     raise NotImplementedError(f"fwdgrad: no out-of-place variant of {func} to derive its JVP from")
 
 

@@ -246,6 +246,50 @@ def _dropout_jvp(t, ans, x, p, train):
     return t[0] * mask * (1.0 / (1.0 - p)), None
 
 
+# Random ops: the tangent is built from the draw the primal made (``ans`` or a
+# noise buffer), never from a new one.  Pathwise derivatives, as for dropout.
+def_zero(aten.poisson.default, *aten_ops("rand_like.generator", "randn_like.generator"))
+
+
+@defrule(aten.rrelu_with_noise.default)
+def _rrelu_with_noise_jvp(t, ans, x, noise, lower=0.125, upper=1.0 / 3.0, training=False, generator=None):
+    if t[0] is None:
+        return None
+    if training:  # the kernel has written each element's slope into noise
+        return t[0] * noise
+    return torch.where(x >= 0, t[0], t[0] * ((lower + upper) / 2))
+
+
+@defrule(*aten_ops("rrelu_with_noise_functional"))
+def _rrelu_with_noise_functional_jvp(t, ans, x, noise, lower=0.125, upper=1.0 / 3.0, training=False, generator=None):
+    out, noise_out = ans
+    if t[0] is None:
+        return None, None
+    if training:
+        return t[0] * noise_out, None
+    return torch.where(x >= 0, t[0], t[0] * ((lower + upper) / 2)), None
+
+
+def _normal_noise(ans, mean, std):
+    """The standard normal draw ``z`` behind ``ans = mean + std * z`` (0 where std is 0)."""
+    z = (ans - mean) / std
+    return torch.where(std == 0, 0.0, z) if isinstance(std, torch.Tensor) else z
+
+
+@defrule(aten.normal.Tensor_float, aten.normal.float_Tensor, aten.normal.Tensor_Tensor)
+def _normal_jvp(t, ans, mean, std=1.0, *, generator=None):
+    out = t[0]
+    if len(t) > 1 and t[1] is not None:
+        c = _normal_noise(ans, mean, std) * t[1]
+        out = c if out is None else out + c
+    return out
+
+
+@defrule(aten._standard_gamma.default)
+def _standard_gamma_jvp(t, ans, alpha, generator=None):
+    return t[0] * aten._standard_gamma_grad.default(alpha, ans)
+
+
 # ---- binary arithmetic -------------------------------------------------------
 
 
@@ -444,7 +488,7 @@ def _addcmul_jvp(t, ans, s, a, b, value=1):
 @defrule(aten.addcdiv.default)
 def _addcdiv_jvp(t, ans, s, a, b, value=1):
     out = t[0]
-    if t[1] is not None:
+    if len(t) > 1 and t[1] is not None:
         c = t[1] / b * value
         out = c if out is None else out + c
     if t[2] is not None:
