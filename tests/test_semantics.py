@@ -466,3 +466,23 @@ def test_has_aux():
     r, dr, aux2 = fwdgrad.forward_grad(f, has_aux=True)(x, v)
     torch.testing.assert_close(dr, ref_t)
     assert type(aux2["hidden"]) is torch.Tensor
+
+
+# ---- regressions found by tests/test_fuzz.py ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: torch.ops.aten.add.Scalar(x, 1.5),
+        lambda x: torch.ops.aten.sub.Scalar(x, 1.5, 2),
+        lambda x: torch.ops.aten.fmod.Scalar(x * 3, 1.5),
+        lambda x: torch.ops.aten.remainder.Scalar(x * 3, 1.5),
+    ],
+    ids=["add.Scalar", "sub.Scalar", "fmod.Scalar", "remainder.Scalar"],
+)
+def test_scalar_overloads_are_affine_not_linear(f):
+    """``x + c`` has tangent ``t``, not ``t + c`` (autograd's silu double backward
+    reaches ``add.Scalar``)."""
+    x, v = _x(5), _x(5, seed=1)
+    check_against_oracles(f, x, v)

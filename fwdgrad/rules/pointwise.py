@@ -320,8 +320,14 @@ def _rsub_jvp(t, ans, x, y, alpha=1):
     return _sub_jvp((t[1], t[0]), ans, y, x, alpha)
 
 
-def_linear(aten.add.Scalar)
-def_linear(aten.sub.Scalar)
+# x + c, x - c, fmod(x, c), remainder(x, c) are affine in x, not linear:
+# the tangent passes through unchanged.
+def _identity(g, ans, *args, **kwargs):
+    return g
+
+
+def_elementwise(aten.add.Scalar, _identity)
+def_elementwise(aten.sub.Scalar, _identity)
 def_elementwise(aten.rsub.Scalar, lambda g, ans, x, y, alpha=1: -g * alpha)
 def_multilinear(aten.mul.Tensor, 0, 1)
 
@@ -373,13 +379,13 @@ def_elementwise(
     lambda g, ans, x, y: g,
     lambda g, ans, x, y: -g * (x / y).trunc(),
 )
-def_linear(aten.fmod.Scalar)
+def_elementwise(aten.fmod.Scalar, _identity)
 def_elementwise(
     aten.remainder.Tensor,
     lambda g, ans, x, y: g,
     lambda g, ans, x, y: -g * (x / y).floor(),
 )
-def_linear(aten.remainder.Scalar)
+def_elementwise(aten.remainder.Scalar, _identity)
 def_elementwise(aten.remainder.Scalar_Tensor, None, lambda g, ans, x, y: -g * (x / y).floor())
 
 
