@@ -92,13 +92,18 @@ def _var_mean_jvp(t, ans, x, dim=None, *, correction=None, keepdim=False):
 
 @defrule(aten.std.correction)
 def _std_jvp(t, ans, x, dim=None, *, correction=None, keepdim=False):
-    return _var_tangent(t[0], x, dim, correction, keepdim) / (2 * ans)
+    return _std_from_var(_var_tangent(t[0], x, dim, correction, keepdim), ans)
+
+
+def _std_from_var(var_t, std):
+    """d std = d var / (2 std), and 0 where std is 0 (PyTorch's convention; e.g. one element)."""
+    return (var_t / (2 * std)).masked_fill(std == 0, 0)
 
 
 @defrule(aten.std_mean.correction)
 def _std_mean_jvp(t, ans, x, dim=None, *, correction=None, keepdim=False):
     v, m = _var_mean_jvp(t, ans, x, dim, correction=correction, keepdim=keepdim)
-    return v / (2 * ans[0]), m
+    return _std_from_var(v, ans[0]), m
 
 
 @defrule(aten.logsumexp.default)
