@@ -134,7 +134,10 @@ def def_linear(op, *argnums):
 
     if argnums == (0,):
         def rule(t, ans, x, *args, **kwargs):
-            return op(t[0], *args, **kwargs)
+            t0 = t[0]
+            if isinstance(t0, list):  # cat, stack: zeros for the zero tangents in the list
+                t0 = [zeros_for(a) if g is None else g for a, g in zip(x, t0)]
+            return op(t0, *args, **kwargs)
     else:
         def rule(t, ans, *args, **kwargs):
             args = list(args)

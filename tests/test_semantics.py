@@ -486,3 +486,17 @@ def test_scalar_overloads_are_affine_not_linear(f):
     reaches ``add.Scalar``)."""
     x, v = _x(5), _x(5, seed=1)
     check_against_oracles(f, x, v)
+
+
+def test_std_of_a_single_element_has_zero_tangent():
+    """std's tangent is var's / (2 std): 0/0 where std is 0, which PyTorch defines as 0."""
+    x, v = _x(3, 4), _x(3, 4, seed=1)
+    check_against_oracles(lambda x: x.unsqueeze(0).std(0, correction=0), x, v)
+    check_against_oracles(lambda x: torch.std_mean(x.unsqueeze(0), 0, correction=0)[0], x, v)
+
+
+def test_cat_of_constant_and_dual():
+    """A list argument of a linear op with some zero tangents (prod's double backward)."""
+    x, v = _x(3, 4), _x(3, 4, seed=1)
+    check_against_oracles(lambda x: torch.cat([x.detach(), x.sin()]), x, v)
+    check_against_oracles(lambda x: torch.stack([torch.ones_like(x), x]), x, v)
