@@ -1,6 +1,8 @@
 """Exception safety: whatever ``func`` raises comes out unchanged (the same
 object), and afterwards plain torch runs untouched with no dual left alive."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -22,18 +24,18 @@ def _(x):
     return torch.empty_like(x)
 
 
-RULE_ERROR = {}
+# The error under test.  Functions read it from here rather than closing over
+# it, so that dropping it here drops the last reference the test holds.
+ERROR = {}
 
 
 @fwdgrad.register_jvp(torch.ops.fwdgrad_exceptions.scale.default)
 def _scale_jvp(tangents, ans, x):
-    raise RULE_ERROR["error"]
+    raise ERROR["error"]
 
 
 class FailingBackward(torch.autograd.Function):
     """Identity forward whose backward raises the error under test."""
-
-    error = None
 
     @staticmethod
     def forward(ctx, x):
@@ -41,58 +43,40 @@ class FailingBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        raise FailingBackward.error
+        raise ERROR["error"]
 
 
-def _raise_at_start(error):
-    def f(x):
-        raise error
-
-    return f
+def _raise_at_start(x):
+    raise ERROR["error"]
 
 
-def _raise_after_views_and_inplace(error):
-    def f(x):
-        y = x.clone()
-        v = y[1:]
-        v.mul_(x[:-1].sin())
-        with torch.no_grad():
-            _ = y.exp()
-        raise error
-
-    return f
+def _raise_after_views_and_inplace(x):
+    y = x.clone()
+    v = y[1:]
+    v.mul_(x[:-1].sin())
+    with torch.no_grad():
+        _ = y.exp()
+    raise ERROR["error"]
 
 
-def _raise_inside_a_rule(error):
-    def f(x):
-        RULE_ERROR["error"] = error
-        return scale(x.sin())
-
-    return f
+def _raise_inside_a_rule(x):
+    return scale(x.sin())
 
 
-def _raise_in_backward(error):
+def _raise_in_backward(x):
     """Forward over reverse: the error comes from inside torch.autograd.grad."""
-
-    def f(x):
-        FailingBackward.error = error
-        with torch.enable_grad():
-            x = x.requires_grad_()
-            loss = FailingBackward.apply(x.tanh()).sum()
-            return torch.autograd.grad(loss, x, create_graph=True)[0]
-
-    return f
+    with torch.enable_grad():
+        x = x.requires_grad_()
+        loss = FailingBackward.apply(x.tanh()).sum()
+        return torch.autograd.grad(loss, x, create_graph=True)[0]
 
 
-def _raise_in_nested_transform(error):
-    def f(x):
-        def inner(y):
-            z = (y * x).cos()
-            raise error
+def _raise_in_nested_transform(x):
+    def inner(y):
+        z = (y * x).cos()
+        raise ERROR["error"]
 
-        return fwdgrad.jvp(inner, (x,), (torch.ones_like(x),))[1]
-
-    return f
+    return fwdgrad.jvp(inner, (x,), (torch.ones_like(x),))[1]
 
 
 WHERE = {
@@ -111,34 +95,65 @@ ERRORS = {
 }
 
 
+SEEN = []  # weak references to the duals f receives
+
+
+def _call(transform, f, x, v, error):
+    """Run the transform on ``f``, which raises ``error``; return what came out."""
+    ERROR["error"] = error
+    del error
+
+    def tracked(x):
+        SEEN.append(weakref.ref(x))
+        return f(x)
+
+    try:
+        if transform == "jvp":
+            fwdgrad.jvp(tracked, (x,), (v,))
+        else:
+            fwdgrad.forward_grad(tracked)(x, v)
+    except BaseException as e:  # noqa: BLE001 - that is the point
+        return e
+    return None
+
+
+def _forget_errors():
+    ERROR.clear()
+
+
 @pytest.mark.parametrize("error_name", list(ERRORS))
 @pytest.mark.parametrize("where", list(WHERE))
 @pytest.mark.parametrize("transform", ["jvp", "forward_grad"])
 def test_exception_propagates_unchanged_and_leaves_nothing(transform, where, error_name):
     error = ERRORS[error_name]()
-    f = WHERE[where](error)
     x = torch.linspace(0.1, 1.0, 5, dtype=torch.float64)
     v = torch.ones_like(x)
-    with NoNewDuals():
-        caught = None
-        try:
-            if transform == "jvp":
-                fwdgrad.jvp(f, (x,), (v,))
-            else:
-                fwdgrad.forward_grad(f)(x, v)
-        except BaseException as e:  # noqa: BLE001 - that is the point
-            caught = e
-        assert caught is error, f"got {type(caught).__name__}: {caught!r}"
-        # Drop every reference to the error (its traceback's frames hold the
-        # duals; f's closure holds the error) before counting duals.
-        caught = error = f = None
-        RULE_ERROR.clear()
-        FailingBackward.error = None
+    SEEN.clear()
+    caught = _call(transform, WHERE[where], x, v, error)
+    assert caught is error, f"got {type(caught).__name__}: {caught!r}"
+    # Once the error is dropped (its traceback's frames hold the duals), the
+    # duals die by reference counting alone: nothing else holds them.
+    caught = error = None
+    _forget_errors()
+    assert SEEN and all(r() is None for r in SEEN), "a dual outlived the error"
     assert_plain_torch()
     assert not x.requires_grad and x._base is None
     # The transforms work again afterwards.
     out, t = fwdgrad.jvp(torch.sin, (x,), (v,))
     torch.testing.assert_close(t, x.cos())
+
+
+def test_no_dual_outlives_any_exception():
+    """The same, counting every live dual after a full garbage collection."""
+    x = torch.linspace(0.1, 1.0, 5, dtype=torch.float64)
+    with NoNewDuals():
+        for where in WHERE.values():
+            for make_error in ERRORS.values():
+                error = make_error()
+                assert _call("jvp", where, x, torch.ones_like(x), error) is error
+        error = None
+        _forget_errors()
+        SEEN.clear()
 
 
 @pytest.mark.parametrize("inner", ["enable_grad", "no_grad", "inference_mode"])
