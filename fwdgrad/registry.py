@@ -128,33 +128,43 @@ def _sum_tangents(out, c):
 def def_linear(op, *argnums):
     """The op is linear in ``argnums`` (default: the first argument): apply it to the tangents.
 
-    Zero tangents among several linear arguments become expanded zeros.
+    Zero tangents among several linear arguments, or within a list argument
+    (``cat``), become expanded zeros that cost no memory.
     """
     argnums = argnums or (0,)
+    for o in _as_list(op):
+        RULES[o] = _linear_rule(o, argnums)
 
-    if argnums == (0,):
+
+def _takes_list(op, i):
+    args = op._schema.arguments
+    return i < len(args) and isinstance(args[i].type, torch.ListType)
+
+
+def _linear_rule(op, argnums):
+    if argnums == (0,) and not _takes_list(op, 0):
         def rule(t, ans, x, *args, **kwargs):
             return op(t[0], *args, **kwargs)
-    else:
-        def rule(t, ans, *args, **kwargs):
-            args = list(args)
-            for i in argnums:
-                if i >= len(args):
-                    continue
-                ti = t[i]
-                if isinstance(args[i], (list, tuple)):
-                    if ti is None:
-                        ti = [None] * len(args[i])
-                    args[i] = [
-                        (zeros_for(a) if g is None else g) if isinstance(a, torch.Tensor) else a
-                        for a, g in zip(args[i], ti)
-                    ]
-                elif isinstance(args[i], torch.Tensor):
-                    args[i] = zeros_for(args[i]) if ti is None else ti
-            return op(*args, **kwargs)
 
-    for o in _as_list(op):
-        RULES[o] = rule
+        return rule
+
+    def rule(t, ans, *args, **kwargs):
+        args = list(args)
+        for i in argnums:
+            if i >= len(args):
+                continue
+            ti = t[i]
+            if isinstance(args[i], (list, tuple)):
+                if ti is None:
+                    ti = [None] * len(args[i])
+                args[i] = [
+                    (zeros_for(a) if g is None else g) if isinstance(a, torch.Tensor) else a
+                    for a, g in zip(args[i], ti)
+                ]
+            elif isinstance(args[i], torch.Tensor):
+                args[i] = zeros_for(args[i]) if ti is None else ti
+        return op(*args, **kwargs)
+
     return rule
 
 

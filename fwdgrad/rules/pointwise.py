@@ -17,6 +17,11 @@ def _unary(op, fn):
     def_elementwise(op, fn)
 
 
+def _identity(g, ans, *args, **kwargs):
+    """The contribution of an argument whose partial derivative is 1."""
+    return g
+
+
 # ---- linear unary ops ------------------------------------------------------
 for _op in (
     aten.neg.default,
@@ -78,8 +83,10 @@ _unary(aten.special_i0e.default, lambda g, ans, x: g * (torch.special.i1e(x) - x
 _unary(aten.special_i1.default, lambda g, ans, x: g * (torch.i0(x) - torch.where(x == 0, 0.5, ans / x)))
 _unary(
     aten.special_i1e.default,
-    lambda g, ans, x: g * (torch.special.i0e(x) - ans * (x.sgn() + torch.where(x == 0, 0.0, 1 / x).to(ans.dtype)) + torch.where(x == 0, 0.5, 0.0).to(ans.dtype)),
+    # i1e'(x) = i0e(x) - i1e(x) (sgn(x) + 1/x), with the limit 1/2 at 0
+    lambda g, ans, x: g * torch.where(x == 0, 0.5, torch.special.i0e(x) - ans * (x.sgn() + 1 / x)),
 )
+_unary(aten.special_ndtr.default, lambda g, ans, x: g * (-0.5 * x * x).exp() * (1 / math.sqrt(2 * math.pi)))
 _unary(aten.special_ndtri.default, lambda g, ans, x: g * math.sqrt(2 * math.pi) * (ans * ans / 2).exp())
 _unary(aten.special_log_ndtr.default, lambda g, ans, x: g * (-(x * x) / 2 - ans).exp() / math.sqrt(2 * math.pi))
 _unary(aten.special_erfcx.default, lambda g, ans, x: g * (2 * x * ans - 2 / math.sqrt(math.pi)))
@@ -120,7 +127,6 @@ def_zero(
     aten.round.decimals,
     aten.trunc.default,
     aten.heaviside.default,
-    aten.nextafter.default,
     aten.div.Tensor_mode,
     aten.div.Scalar_mode,
     aten.floor_divide.default,
@@ -156,6 +162,49 @@ def_zero(
 )
 
 def_linear(aten.fill.Tensor, 1)
+
+
+# ---- sampling ----------------------------------------------------------------
+# The pathwise (reparameterisation) derivative: the draw z = (ans - mean) / std is
+# held fixed, as the same seed would reproduce it.  (PyTorch's own formula treats
+# normal as constant in mean and std; finite differences at a fixed seed agree
+# with this one.)
+
+
+def _standard_draw(ans, mean, std):
+    return torch.where(std == 0, 0.0, (ans - mean) / std)
+
+
+@defrule(aten.normal.Tensor_Tensor)
+def _normal_tt_jvp(t, ans, mean, std, *, generator=None):
+    out = t[0]
+    if t[1] is not None:
+        c = t[1] * _standard_draw(ans, mean, std)
+        out = c if out is None else out + c
+    return out
+
+
+@defrule(aten.normal.Tensor_float)
+def _normal_tf_jvp(t, ans, mean, std=1.0, *, generator=None):
+    return t[0]
+
+
+@defrule(aten.normal.float_Tensor)
+def _normal_ft_jvp(t, ans, mean, std, *, generator=None):
+    return t[1] * _standard_draw(ans, mean, std)
+
+
+@defrule(aten.rrelu_with_noise.default)
+def _rrelu_jvp(t, ans, x, noise, lower=0.125, upper=1.0 / 3.0, training=False, generator=None):
+    if training:
+        return t[0] * noise  # the kernel wrote each element's slope (1 where x >= 0) into noise
+    return t[0] * torch.where(x >= 0, 1.0, (lower + upper) / 2).to(t[0].dtype)
+
+
+@defrule(aten.rrelu_with_noise_functional.default)
+def _rrelu_functional_jvp(t, ans, x, noise, lower=0.125, upper=1.0 / 3.0, training=False, generator=None):
+    out, noise_out = ans
+    return _rrelu_jvp(t, out, x, noise_out, lower, upper, training), None
 
 
 @defrule(aten.copy.default)
@@ -236,6 +285,12 @@ def _nan_to_num_jvp(t, ans, x, nan=None, posinf=None, neginf=None):
     return torch.where(x.isfinite(), t[0], 0.0).to(t[0].dtype)
 
 
+@defrule(aten.frexp.Tensor)
+def _frexp_jvp(t, ans, x):
+    mantissa, exponent = ans  # x = mantissa * 2**exponent, exponent locally constant
+    return t[0] * (-exponent).to(mantissa.dtype).exp2(), None
+
+
 @defrule(aten.native_dropout.default)
 def _dropout_jvp(t, ans, x, p, train):
     out, mask = ans
@@ -276,8 +331,9 @@ def _rsub_jvp(t, ans, x, y, alpha=1):
     return _sub_jvp((t[1], t[0]), ans, y, x, alpha)
 
 
-def_linear(aten.add.Scalar)
-def_linear(aten.sub.Scalar)
+# ``x + c`` and ``x - c`` are affine, not linear: the tangent passes through unchanged.
+for _op in (aten.add.Scalar, aten.sub.Scalar):
+    def_elementwise(_op, _identity)
 def_elementwise(aten.rsub.Scalar, lambda g, ans, x, y, alpha=1: -g * alpha)
 def_multilinear(aten.mul.Tensor, 0, 1)
 
@@ -329,13 +385,15 @@ def_elementwise(
     lambda g, ans, x, y: g,
     lambda g, ans, x, y: -g * (x / y).trunc(),
 )
-def_linear(aten.fmod.Scalar)
+def_elementwise(aten.fmod.Scalar, _identity)
+# nextafter(x, y) moves x by one ulp towards y: the derivative is 1 in x and 0 in y.
+def_elementwise(aten.nextafter.default, _identity)
 def_elementwise(
     aten.remainder.Tensor,
     lambda g, ans, x, y: g,
     lambda g, ans, x, y: -g * (x / y).floor(),
 )
-def_linear(aten.remainder.Scalar)
+def_elementwise(aten.remainder.Scalar, _identity)
 def_elementwise(aten.remainder.Scalar_Tensor, None, lambda g, ans, x, y: -g * (x / y).floor())
 
 

@@ -100,7 +100,10 @@ for _op in (
     aten.mean.default,
     aten.mean.dim,
     aten.trace.default,
-    aten.complex.default,
+    # Layout conversions.
+    aten._to_sparse.default,
+    aten._to_sparse.sparse_dim,
+    aten._to_dense.default,
 ):
     try:
         def_linear(_op)
