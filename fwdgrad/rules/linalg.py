@@ -8,13 +8,18 @@ results", 2008).
 
 import torch
 
-from ..registry import def_multilinear, defrule
+from ..registry import def_linear, def_multilinear, defrule
 
 aten = torch.ops.aten
 
 for _op in (aten.mm.default, aten.bmm.default, aten.mv.default, aten.dot.default,
-            aten.vdot.default):
+            aten.vdot.default, aten.linalg_cross.default):
     def_multilinear(_op, 0, 1)
+def_multilinear(aten._trilinear.default, 0, 1, 2)
+
+# Discrete Fourier transforms are (real-)linear maps.
+for _op in (aten._fft_c2c.default, aten._fft_r2c.default, aten._fft_c2r.default):
+    def_linear(_op)
 
 
 def _add_scaled(out, c, scale):

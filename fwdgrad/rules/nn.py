@@ -245,6 +245,37 @@ for _op in (
     def_linear(_op)
 
 
+def _grid_sampler_jvp(backward):
+    """Linear in the input; along the grid, each output point moves with its own
+    sample location.  The derivative of every output channel with respect to its
+    two (three) grid coordinates comes from ATen's grid-sampler backward with
+    channels folded into the batch and a unit output gradient, so every padding
+    and interpolation mode is handled as ATen handles it."""
+    forward = {aten.grid_sampler_2d_backward.default: aten.grid_sampler_2d.default,
+               aten.grid_sampler_3d_backward.default: aten.grid_sampler_3d.default}[backward]
+
+    def rule(t, ans, x, grid, interpolation_mode, padding_mode, align_corners):
+        out = None
+        if t[0] is not None:
+            out = forward(t[0], grid, interpolation_mode, padding_mode, align_corners)
+        if t[1] is not None and interpolation_mode != 1:  # nearest: piecewise constant
+            n, c = x.shape[:2]
+            per_channel = x.reshape(n * c, 1, *x.shape[2:])
+            grids = grid.repeat_interleave(c, 0)
+            ones = torch.ones((n * c, 1) + ans.shape[2:], dtype=ans.dtype, device=ans.device)
+            jac = backward(ones, per_channel, grids, interpolation_mode, padding_mode, align_corners,
+                           [False, True])[1]
+            c_out = (jac * t[1].repeat_interleave(c, 0)).sum(-1).reshape(ans.shape)
+            out = c_out if out is None else out + c_out
+        return out
+
+    return rule
+
+
+defrule(aten.grid_sampler_2d.default)(_grid_sampler_jvp(aten.grid_sampler_2d_backward.default))
+defrule(aten.grid_sampler_3d.default)(_grid_sampler_jvp(aten.grid_sampler_3d_backward.default))
+
+
 # ---- attention ----------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ for _op in (
     aten.neg.default,
     aten.clone.default,
     aten.conj_physical.default,
+    aten._conj_physical.default,
     aten._conj.default,
     aten.lift_fresh_copy.default,
     aten.lift_fresh.default,
@@ -90,6 +91,11 @@ _unary(aten.special_ndtr.default, lambda g, ans, x: g * (-0.5 * x * x).exp() * (
 _unary(aten.special_ndtri.default, lambda g, ans, x: g * math.sqrt(2 * math.pi) * (ans * ans / 2).exp())
 _unary(aten.special_log_ndtr.default, lambda g, ans, x: g * (-(x * x) / 2 - ans).exp() / math.sqrt(2 * math.pi))
 _unary(aten.special_erfcx.default, lambda g, ans, x: g * (2 * x * ans - 2 / math.sqrt(math.pi)))
+_unary(aten.special_entr.default, lambda g, ans, x: -g * (x.log() + 1))
+def_elementwise(
+    aten.mvlgamma.default,
+    lambda g, ans, x, p: g * sum((x - 0.5 * i).digamma() for i in range(p)),
+)
 _unary(aten.frac.default, lambda g, ans, x: g)
 _unary(aten.sinc.default, lambda g, ans, x: g * torch.where(
     x == 0, 0.0, ((math.pi * x).cos() * math.pi * x - (math.pi * x).sin()) / (math.pi * x * x)
@@ -233,6 +239,30 @@ _unary(
 _unary(aten.silu.default, lambda g, ans, x: g * (lambda s: s * (1 + x * (1 - s)))(x.sigmoid()))
 _unary(aten.mish.default, lambda g, ans, x: g * (lambda tsp, s: tsp + x * s * (1 - tsp * tsp))(
     torch.nn.functional.softplus(x).tanh(), x.sigmoid()))
+
+
+def_elementwise(aten.hardshrink.default, lambda g, ans, x, lambd=0.5: g * (x.abs() > lambd))
+def_elementwise(aten.softshrink.default, lambda g, ans, x, lambd=0.5: g * (x.abs() > lambd))
+
+
+@defrule(aten.glu.default)
+def _glu_jvp(t, ans, x, dim=-1):
+    a, b = x.chunk(2, dim)
+    ta, tb = t[0].chunk(2, dim)
+    s = b.sigmoid()
+    return s * (ta + a * (1 - s) * tb)
+
+
+@defrule(aten._prelu_kernel.default)
+def _prelu_jvp(t, ans, x, w):
+    positive = x > 0
+    out = None
+    if t[0] is not None:
+        out = torch.where(positive, t[0], w * t[0])
+    if t[1] is not None:
+        c = torch.where(positive, 0.0, x * t[1])
+        out = c if out is None else out + c
+    return out
 
 
 def _gelu_jvp(g, ans, x, approximate="none"):
@@ -541,6 +571,18 @@ def _masked_fill_tensor_jvp(t, ans, x, mask, value):
     tx = t[0] if t[0] is not None else torch.zeros_like(ans)
     tv = t[2] if t[2] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
     return torch.where(mask, tv, tx)
+
+
+def_elementwise(
+    aten.ldexp.Tensor,
+    lambda g, ans, x, e: torch.ldexp(g, e),
+    lambda g, ans, x, e: g * ans * math.log(2.0),
+)
+def_elementwise(
+    aten.polar.default,
+    lambda g, ans, r, theta: g * torch.polar(torch.ones_like(r), theta),
+    lambda g, ans, r, theta: g * 1j * ans,
+)
 
 
 # ---- clamps ------------------------------------------------------------------

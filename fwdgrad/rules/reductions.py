@@ -176,6 +176,12 @@ def _log_softmax_jvp(t, ans, x, dim, half_to_float):
     return g - (ans.exp() * g).sum(dim, keepdim=True)
 
 
+@defrule(aten._safe_softmax.default)
+def _safe_softmax_jvp(t, ans, x, dim, dtype=None):
+    # rows that are all -inf give 0 and, like softmax's formula with ans = 0, a zero tangent
+    return _softmax_jvp(t, ans, x, dim, dtype is not None and dtype != x.dtype)
+
+
 @defrule(aten.nansum.default)
 def _nansum_jvp(t, ans, x, dim=None, keepdim=False, *, dtype=None):
     g = t[0].masked_fill(x.isnan(), 0)
@@ -282,6 +288,27 @@ def _norm_dim_dtype_jvp(t, ans, x, p, dim, keepdim, *, dtype):
 @defrule(aten.norm.ScalarOpt_dtype)
 def _norm_dtype_jvp(t, ans, x, p, *, dtype):
     return _vector_norm_jvp(t, ans, x, 2 if p is None else p, dtype=dtype)
+
+
+@defrule(aten.dist.default)
+def _dist_jvp(t, ans, x, y, p=2):
+    tx, ty = t[0], t[1]
+    d = tx if ty is None else (-ty if tx is None else tx - ty)
+    return _vector_norm_jvp((d,), ans, x - y, p)
+
+
+@defrule(aten.renorm.default)
+def _renorm_jvp(t, ans, x, p, dim, maxnorm):
+    """Each slice along ``dim`` whose p-norm exceeds maxnorm is scaled by
+    maxnorm / (norm + 1e-7) (ATen's constant)."""
+    g = t[0]
+    dims = [d for d in range(x.dim()) if d != dim % x.dim()]
+    norm = torch.linalg.vector_norm(x, p, dims, keepdim=True)
+    over = norm > maxnorm
+    scale = torch.where(over, maxnorm / (norm + 1e-7), 1.0)
+    dnorm = _vector_norm_jvp((g,), norm, x, p, dims, True)
+    dscale = torch.where(over, -maxnorm / (norm + 1e-7).square() * dnorm, 0.0)
+    return g * scale + x * dscale
 
 
 # ---- segment reductions -----------------------------------------------------------

@@ -9,7 +9,6 @@ indices.
 
 import torch
 
-from ..fallback import linearized
 from ..registry import def_linear, defrule
 
 aten = torch.ops.aten
@@ -62,6 +61,10 @@ for _op in (
     aten.alias_copy.default,
     aten.unfold_copy.default,
     aten.narrow_copy.default,
+    aten.squeeze_copy.default,
+    aten.unsafe_split.Tensor,
+    aten.unsafe_split_with_sizes.default,
+    aten.unsafe_chunk.default,
     # Shape ops that copy.
     aten.flip.default,
     aten.roll.default,
@@ -129,6 +132,12 @@ def_linear(aten.diagonal_scatter.default, 0, 1)
 def_linear(aten.as_strided_scatter.default, 0, 1)
 def_linear(aten.put.default, 0, 2)
 def_linear(aten.complex.default, 0, 1)
+def_linear(aten._unsafe_masked_index_put_accumulate.default, 0, 3)
+
+
+@defrule(aten._unsafe_masked_index.default)
+def _masked_index_jvp(t, ans, x, mask, indices, fill):
+    return aten._unsafe_masked_index.default(t[0], mask, indices, 0)
 
 
 @defrule(aten.constant_pad_nd.default)
@@ -237,17 +246,40 @@ def _median_all_jvp(t, ans, x):
 def _scatter_reduce_jvp(t, ans, x, dim, index, src, reduce, include_self=True):
     tx = t[0] if t[0] is not None else torch.zeros_like(x)
     ts = t[3] if t[3] is not None else torch.zeros_like(src)
+
+    def scatter(into, values, how):
+        # ``into`` is what a position keeps when no index reaches it (include_self=False)
+        return aten.scatter_reduce.two(into, dim, index, values, how, include_self=include_self)
+
     if reduce in ("sum", "mean"):
-        return aten.scatter_reduce.two(tx, dim, index, ts, reduce, include_self=include_self)
+        return scatter(tx, ts, reduce)
     if reduce in ("amax", "amin"):
         # Average the tangents of every element that attains the extreme.
-        picked_src = (src == ans.gather(dim, index)).to(tx.dtype)
-        picked_self = (x == ans).to(tx.dtype) if include_self else torch.zeros_like(tx)
-        num = aten.scatter_reduce.two(tx * picked_self, dim, index, ts * picked_src, "sum", include_self=True)
-        cnt = aten.scatter_reduce.two(picked_self, dim, index, picked_src, "sum", include_self=True)
-        return torch.where(cnt > 0, num / cnt.clamp_min(1), tx)
-    # prod: linearize through autograd's formula, which handles zeros.
-    return _scatter_reduce_linearized(t, ans, x, dim, index, src, reduce, include_self=include_self)
+        picked_src = src == ans.gather(dim, index)
+        picked_self = x == ans
+        count = scatter(picked_self.to(tx.dtype), picked_src.to(tx.dtype), "sum")
+        total = scatter(tx * picked_self, ts * picked_src, "sum")
+        return torch.where(count > 0, total / count.clamp_min(1), tx)
+    if reduce == "prod":
+        # Exact with zeros: with none, prod * sum(t / v); with one, t at that zero
+        # times the product of the others; with more, 0.
+        zero_x, zero_s = x == 0, src == 0
+        safe_x, safe_s = torch.where(zero_x, 1, x), torch.where(zero_s, 1, src)
+        n_zero = scatter(zero_x.to(tx.dtype), zero_s.to(tx.dtype), "sum")
+        others = scatter(safe_x, safe_s, "prod")
+        no_zero = scatter(tx / safe_x, ts / safe_s, "sum")
+        at_zero = scatter(tx * zero_x, ts * zero_s, "sum")
+        return others * torch.where(n_zero == 0, no_zero, torch.where(n_zero == 1, at_zero, 0))
+    raise NotImplementedError(f"fwdgrad: scatter_reduce with reduce={reduce!r} has no JVP rule")
 
 
-_scatter_reduce_linearized = linearized(aten.scatter_reduce.two)
+@defrule(aten.index_reduce.default)
+def _index_reduce_jvp(t, ans, x, dim, index, source, reduce, *, include_self=True):
+    """index_reduce is scatter_reduce with the index repeated across the source."""
+    dim = dim % max(x.dim(), 1)
+    shape = [1] * source.dim()
+    if source.dim():
+        shape[dim] = -1
+    full_index = index.reshape(shape).expand(source.shape)
+    return _scatter_reduce_jvp((t[0], None, None, t[3]), ans, x, dim, full_index, source, reduce,
+                               include_self)
