@@ -122,6 +122,9 @@ def zeros_for(x):
 
 
 def _sum_tangents(out, c):
+    """Add two tangents, either of which may be ``None`` (zero)."""
+    if c is None:
+        return out
     return c if out is None else out + c
 
 
@@ -170,8 +173,9 @@ def _linear_rule(op, argnums):
 
 def def_elementwise(op, *arg_rules):
     """HIPS-style ``defjvp``: ``arg_rules[i](g, ans, *args, **kwargs)`` is the
-    contribution of argument ``i`` with tangent ``g``; contributions are summed.
-    ``None`` marks a non-differentiable argument."""
+    contribution of argument ``i`` with tangent ``g`` (it may return ``None``
+    for zero); contributions are summed.  ``None`` in place of a rule marks a
+    non-differentiable argument."""
 
     def rule(t, ans, *args, **kwargs):
         out = None

@@ -385,6 +385,18 @@ def _qr_jvp(t, ans, a, mode="reduced"):
     return dq, dr1
 
 
+@defrule(aten.linalg_pinv.atol_rtol_tensor)
+def _pinv_jvp(t, ans, a, *, atol=None, rtol=None, hermitian=False):
+    """Where the rank is locally constant (Golub and Pereyra, 1973):
+    dA+ = -A+ dA A+ + A+ A+^H dA^H (I - A A+) + (I - A+ A) dA^H A+^H A+."""
+    p, da = ans, t[0]
+    dah = da.mH
+    out = -p @ da @ p
+    out = out + (p @ p.mH) @ (dah - dah @ a @ p)
+    out = out + (dah - p @ a @ dah) @ (p.mH @ p)
+    return out
+
+
 @defrule(aten.linalg_matrix_exp.default)
 def _matrix_exp_jvp(t, ans, a):
     """The upper right block of exp([[A, dA], [0, A]]) is the Frechet derivative."""

@@ -58,7 +58,7 @@ _unary(aten.acos.default, lambda g, ans, x: -g * (1 - x * x).rsqrt())
 _unary(aten.atan.default, lambda g, ans, x: g / (1 + x * x))
 _unary(aten.sinh.default, lambda g, ans, x: g * x.cosh())
 _unary(aten.cosh.default, lambda g, ans, x: g * x.sinh())
-_unary(aten.tanh.default, lambda g, ans, x: g * (1 - ans * ans).conj())
+_unary(aten.tanh.default, lambda g, ans, x: g * (1 - ans * ans))
 _unary(aten.asinh.default, lambda g, ans, x: g * (x * x + 1).rsqrt())
 _unary(aten.acosh.default, lambda g, ans, x: g * ((x - 1).rsqrt() * (x + 1).rsqrt()))
 _unary(aten.atanh.default, lambda g, ans, x: g / (1 - x * x))
@@ -72,7 +72,7 @@ _unary(aten.log1p.default, lambda g, ans, x: g / (x + 1))
 _unary(aten.sqrt.default, lambda g, ans, x: g / (2 * ans))
 _unary(aten.rsqrt.default, lambda g, ans, x: -0.5 * g * ans * ans * ans)
 _unary(aten.reciprocal.default, lambda g, ans, x: -g * ans * ans)
-_unary(aten.sigmoid.default, lambda g, ans, x: g * (ans * (1 - ans)).conj())
+_unary(aten.sigmoid.default, lambda g, ans, x: g * (ans * (1 - ans)))
 _unary(aten.erf.default, lambda g, ans, x: g * (2 / math.sqrt(math.pi)) * (-x * x).exp())
 _unary(aten.erfc.default, lambda g, ans, x: g * (-2 / math.sqrt(math.pi)) * (-x * x).exp())
 _unary(aten.erfinv.default, lambda g, ans, x: g * (math.sqrt(math.pi) / 2) * (ans * ans).exp())
@@ -102,7 +102,7 @@ _unary(aten.sinc.default, lambda g, ans, x: g * torch.where(
 ).to(g.dtype))
 _unary(aten.angle.default, lambda g, ans, x: (
     (g * x.conj()).imag / x.abs().square().clamp_min(torch.finfo(x.real.dtype).tiny)
-    if x.is_complex() else torch.zeros_like(g)
+    if x.is_complex() else None  # the angle of a real number is piecewise constant
 ))
 
 
@@ -117,7 +117,7 @@ _unary(aten.abs.default, _abs_jvp)
 
 def _sgn_jvp(g, ans, x):
     if not x.is_complex():
-        return torch.zeros_like(g)
+        return None
     a = x.abs()
     return torch.where(a == 0, 0.0, (g - (g * ans.conj()).real * ans) / a).to(g.dtype)
 
@@ -290,7 +290,7 @@ _unary(aten.celu.default, lambda g, ans, x, alpha=1.0: g * torch.where(x > 0, 1.
 
 def _softplus_jvp(g, ans, x, beta=1.0, threshold=20.0):
     z = x * beta
-    return g * torch.where(z > threshold, torch.ones_like(x), z.sigmoid())
+    return g * torch.where(z > threshold, 1.0, z.sigmoid())
 
 
 _unary(aten.softplus.default, _softplus_jvp)
@@ -327,7 +327,7 @@ def _dropout_jvp(t, ans, x, p, train):
     if train is False or p == 0:
         return t[0], None
     if p >= 1:
-        return torch.zeros_like(t[0]), None
+        return None, None
     return t[0] * mask * (1.0 / (1.0 - p)), None
 
 
@@ -380,9 +380,9 @@ def _div_jvp(t, ans, x, y):
 
 def _pow_base_term(g, x, e):
     if isinstance(e, torch.Tensor):
-        return g * torch.where(e == 0, 0.0, e * x.pow(e - 1)).to(g.dtype)
+        return g * torch.where(e == 0, 0.0, e * x.pow(e - 1))
     if e == 0:
-        return torch.zeros_like(g)
+        return None
     return g * e * x.pow(e - 1)
 
 
@@ -394,11 +394,16 @@ def_elementwise(
         torch.result_type(g, ans)
     ),
 )
-def_elementwise(
-    aten.pow.Scalar,
-    None,
-    lambda g, ans, s, e: g * ans * math.log(s) if not isinstance(s, complex) and s > 0 else g * ans * torch.log(torch.tensor(s, dtype=ans.dtype)),
-)
+def _pow_exponent_term(g, ans, s, e):
+    """d s**e / de = s**e log(s), taken as 0 where s = 0 and e >= 0 (as in ATen)."""
+    if isinstance(s, complex) or s < 0:
+        return g * ans * torch.log(torch.tensor(s, dtype=ans.dtype, device=ans.device))
+    if s == 0:
+        return g * torch.where(e.real >= 0, 0.0, float("-inf") * ans)
+    return g * ans * math.log(s)
+
+
+def_elementwise(aten.pow.Scalar, None, _pow_exponent_term)
 
 def_elementwise(
     aten.atan2.default,
@@ -427,46 +432,36 @@ def_elementwise(aten.remainder.Scalar, _identity)
 def_elementwise(aten.remainder.Scalar_Tensor, None, lambda g, ans, x, y: -g * (x / y).floor())
 
 
-def _select_jvp(pick_x):
+def _zero(ans):
+    """A zero-dimensional zero that broadcasts against ``ans`` (no memory)."""
+    return torch.zeros((), dtype=ans.dtype, device=ans.device)
+
+
+def _or_zero(g, ans):
+    return _zero(ans) if g is None else g
+
+
+def _pick_jvp(takes_x):
+    """The tangent of an elementwise choice between x and y; ties share it
+    equally, as in ATen."""
+
     def rule(t, ans, x, y):
-        tx, ty = t[0], t[1]
-        mask = pick_x(x, y)
-        if tx is None:
-            tx = torch.zeros_like(ty)
-        if ty is None:
-            ty = torch.zeros_like(tx)
-        # ties share the derivative equally, as PyTorch does
-        tie = x == y
-        return torch.where(tie, (tx + ty) / 2, torch.where(mask, tx, ty))
+        tx, ty = _or_zero(t[0], ans), _or_zero(t[1], ans)
+        return torch.where(x == y, (tx + ty) / 2, torch.where(takes_x(x, y), tx, ty))
 
     return rule
 
 
-defrule(aten.maximum.default)(_select_jvp(lambda x, y: x > y))
-defrule(aten.minimum.default)(_select_jvp(lambda x, y: x < y))
-
-
-def _fselect_jvp(pick_x):
-    def rule(t, ans, x, y):
-        tx, ty = t[0], t[1]
-        if tx is None:
-            tx = torch.zeros_like(ty)
-        if ty is None:
-            ty = torch.zeros_like(tx)
-        mask = pick_x(x, y) | y.isnan()
-        tie = x == y
-        return torch.where(tie, (tx + ty) / 2, torch.where(mask, tx, ty))
-
-    return rule
-
-
-defrule(aten.fmax.default)(_fselect_jvp(lambda x, y: x > y))
-defrule(aten.fmin.default)(_fselect_jvp(lambda x, y: x < y))
+defrule(aten.maximum.default)(_pick_jvp(lambda x, y: x > y))
+defrule(aten.minimum.default)(_pick_jvp(lambda x, y: x < y))
+# fmax and fmin ignore a NaN operand
+defrule(aten.fmax.default)(_pick_jvp(lambda x, y: (x > y) | y.isnan()))
+defrule(aten.fmin.default)(_pick_jvp(lambda x, y: (x < y) | y.isnan()))
 
 def_elementwise(
     aten.copysign.Tensor,
     lambda g, ans, x, y: g * torch.where(x == 0, 0.0, ans / x).to(g.dtype),
-    lambda g, ans, x, y: torch.zeros_like(g),
+    None,  # piecewise constant in the sign source
 )
 def_elementwise(aten.copysign.Scalar, lambda g, ans, x, y: g * torch.where(x == 0, 0.0, ans / x).to(g.dtype))
 
@@ -487,7 +482,8 @@ def_elementwise(
 )
 def_elementwise(
     aten.xlogy.Scalar_Other,
-    lambda g, ans, x, y: g * (0.0 if y != y else math.log(y) if y > 0 else float("nan")) * (x != 0),
+    lambda g, ans, x, y: g * (0.0 if y != y else math.log(y) if y > 0 else float("-inf") if y == 0
+                              else float("nan")) * (x != 0),
 )
 def_elementwise(
     aten.xlogy.Scalar_Self,
@@ -543,12 +539,7 @@ def _addcdiv_jvp(t, ans, s, a, b, value=1):
 
 @defrule(aten.where.self)
 def _where_jvp(t, ans, cond, x, y):
-    tx, ty = t[1], t[2]
-    if tx is None:
-        tx = torch.zeros((), dtype=ans.dtype, device=ans.device)
-    if ty is None:
-        ty = torch.zeros((), dtype=ans.dtype, device=ans.device)
-    return torch.where(cond, tx, ty)
+    return torch.where(cond, _or_zero(t[1], ans), _or_zero(t[2], ans))
 
 
 @defrule(aten.where.ScalarOther)
@@ -568,9 +559,7 @@ def _masked_fill_scalar_jvp(t, ans, x, mask, value):
 
 @defrule(aten.masked_fill.Tensor)
 def _masked_fill_tensor_jvp(t, ans, x, mask, value):
-    tx = t[0] if t[0] is not None else torch.zeros_like(ans)
-    tv = t[2] if t[2] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
-    return torch.where(mask, tv, tx)
+    return torch.where(mask, _or_zero(t[2], ans), _or_zero(t[0], ans))
 
 
 def_elementwise(
@@ -590,12 +579,11 @@ def_elementwise(
 
 @defrule(aten.clamp.default)
 def _clamp_jvp(t, ans, x, min=None, max=None):
-    keep = torch.ones_like(x, dtype=torch.bool)
-    if min is not None:
-        keep = keep & (x >= min)
-    if max is not None:
-        keep = keep & (x <= max)
-    return t[0] * keep
+    if min is None:
+        return t[0] * (x <= max)
+    if max is None:
+        return t[0] * (x >= min)
+    return t[0] * ((x >= min) & (x <= max))
 
 
 @defrule(aten.clamp_min.default)
@@ -610,16 +598,18 @@ def _clamp_max_jvp(t, ans, x, max):
 
 @defrule(aten.clamp.Tensor)
 def _clamp_tensor_jvp(t, ans, x, min=None, max=None):
-    tx = t[0] if t[0] is not None else torch.zeros_like(ans)
-    out = tx
+    """clamp(x, min, max) = minimum(maximum(x, min), max): the tangent of whichever
+    argument supplies the value (max where min > max, as in the primal); at a
+    tie with a bound the tangent of x."""
+    tmin = t[1] if len(t) > 1 else None
+    tmax = t[2] if len(t) > 2 else None
+    out = _or_zero(t[0], ans)
+    low = x
     if min is not None:
-        tmin = t[1] if t[1] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
-        out = torch.where(x >= min, out, tmin)
+        out = torch.where(x < min, _or_zero(tmin, ans), out)
+        low = torch.maximum(x, min)
     if max is not None:
-        tmax = t[2] if len(t) > 2 and t[2] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
-        out = torch.where(x <= max if min is None else (x <= max) | (min > max), out, tmax)
-        if min is not None:
-            out = torch.where(min > max, tmax, out)
+        out = torch.where(low > max, _or_zero(tmax, ans), out)
     return out
 
 

@@ -9,7 +9,7 @@ indices.
 
 import torch
 
-from ..registry import def_linear, defrule
+from ..registry import def_linear, defrule, zeros_for
 
 aten = torch.ops.aten
 
@@ -157,67 +157,39 @@ def _index_fill_jvp(t, ans, x, dim, index, value):
 
 @defrule(aten.index_fill.int_Tensor)
 def _index_fill_tensor_jvp(t, ans, x, dim, index, value):
-    tx = t[0] if t[0] is not None else torch.zeros_like(ans)
+    tx = t[0] if t[0] is not None else zeros_for(ans)
     tv = t[3] if t[3] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
     return aten.index_fill.int_Tensor(tx, dim, index, tv)
 
 
-def _gather_values(tx, dim, indices, keepdim=True):
-    if not keepdim:
-        indices = indices.unsqueeze(dim)
-        return tx.gather(dim, indices).squeeze(dim)
-    return tx.gather(dim, indices)
+@defrule(aten.sort.default)
+def _sort_jvp(t, ans, x, dim=-1, descending=False):
+    return (t[0] if x.dim() == 0 else t[0].gather(dim, ans[1])), None
 
 
-@defrule(aten.sort.default, aten.sort.stable)
-def _sort_jvp(t, ans, x, *args, **kwargs):
-    values, indices = ans
-    dim = kwargs.get("dim", args[0] if args and isinstance(args[0], int) else -1)
-    if args and not isinstance(args[0], int) and len(args) >= 2:  # sort.stable(self, *, stable, dim, descending)
-        dim = args[1]
-    if x.dim() == 0:
-        return t[0], None
-    return t[0].gather(dim, indices), None
+@defrule(aten.sort.stable)
+def _sort_stable_jvp(t, ans, x, *, stable=None, dim=-1, descending=False):
+    return _sort_jvp(t, ans, x, dim)
 
 
 @defrule(aten.topk.default)
 def _topk_jvp(t, ans, x, k, dim=-1, largest=True, sorted=True):
-    values, indices = ans
+    return _sort_jvp(t, ans, x, dim)
+
+
+@defrule(aten.max.dim, aten.min.dim, aten.median.dim, aten.nanmedian.dim, aten.mode.default)
+def _select_along_jvp(t, ans, x, dim=-1, keepdim=False):
+    """Ops that pick one element per slice and return its index: gather the tangent there."""
     if x.dim() == 0:
         return t[0], None
-    return t[0].gather(dim, indices), None
+    indices = ans[1] if keepdim else ans[1].unsqueeze(dim)
+    picked = t[0].gather(dim, indices)
+    return (picked if keepdim else picked.squeeze(dim)), None
 
 
-def _dim_select_jvp(t, ans, x, dim, keepdim=False):
-    values, indices = ans
-    if x.dim() == 0:
-        return t[0], None
-    return _gather_values(t[0], dim, indices, keepdim), None
-
-
-for _op in (
-    aten.max.dim,
-    aten.min.dim,
-    aten.kthvalue.default,
-    aten.mode.default,
-    aten.median.dim,
-    aten.nanmedian.dim,
-):
-    defrule(_op)(lambda t, ans, x, *a, _f=_op: _by_index(t, ans, x, _f, *a))
-
-
-def _by_index(t, ans, x, op, *args):
-    # (self, dim, keepdim) for max/min/median/mode; (self, k, dim, keepdim) for kthvalue
-    if op is aten.kthvalue.default:
-        dim = args[1] if len(args) > 1 else -1
-        keepdim = args[2] if len(args) > 2 else False
-    elif op is aten.mode.default:
-        dim = args[0] if args else -1
-        keepdim = args[1] if len(args) > 1 else False
-    else:
-        dim = args[0]
-        keepdim = args[1] if len(args) > 1 else False
-    return _dim_select_jvp(t, ans, x, dim, keepdim)
+@defrule(aten.kthvalue.default)
+def _kthvalue_jvp(t, ans, x, k, dim=-1, keepdim=False):
+    return _select_along_jvp(t, ans, x, dim, keepdim)
 
 
 @defrule(aten.cummax.default, aten.cummin.default)
@@ -229,23 +201,16 @@ def _cum_extreme_jvp(t, ans, x, dim):
 
 @defrule(aten.median.default, aten.nanmedian.default)
 def _median_all_jvp(t, ans, x):
-    # The median of all elements is one element; find where it sits.
-    flat = x.reshape(-1)
-    if x.numel() == 0:
-        return None
-    if ans.isnan():
-        idx = flat.isnan().nonzero()[0]
-    else:
-        sorted_idx = flat.sort(stable=True).indices
-        valid = (~flat.isnan()).sum() if x.is_floating_point() else flat.numel()
-        idx = sorted_idx[(valid - 1) // 2]
-    return t[0].reshape(-1)[idx].reshape(())
+    # The tangent averaged over the elements equal to the median (ATen's convention).
+    from .reductions import _extreme_jvp
+
+    return _extreme_jvp(t[0], x, ans, list(range(x.dim())), False)
 
 
 @defrule(aten.scatter_reduce.two)
 def _scatter_reduce_jvp(t, ans, x, dim, index, src, reduce, include_self=True):
-    tx = t[0] if t[0] is not None else torch.zeros_like(x)
-    ts = t[3] if t[3] is not None else torch.zeros_like(src)
+    tx = t[0] if t[0] is not None else zeros_for(x)
+    ts = t[3] if t[3] is not None else zeros_for(src)
 
     def scatter(into, values, how):
         # ``into`` is what a position keeps when no index reaches it (include_self=False)
