@@ -193,52 +193,25 @@ defrule(
     aten.adaptive_max_pool3d.default,
     aten.fractional_max_pool3d.default,
 )(_pool_with_indices(3))
-defrule(aten.max_pool1d_with_indices.default, aten.adaptive_max_pool1d.default)(_pool_with_indices(1))
-
-
-@defrule(aten.max_pool2d.default)
-def _max_pool2d_jvp(t, ans, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
-    _, indices = aten.max_pool2d_with_indices.default(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return _gather_spatial(t[0], indices, 2)
-
-
-@defrule(aten.max_pool3d.default)
-def _max_pool3d_jvp(t, ans, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
-    _, indices = aten.max_pool3d_with_indices.default(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return _gather_spatial(t[0], indices, 3)
 
 
 for _op in (
-    aten.avg_pool1d.default,
     aten.avg_pool2d.default,
     aten.avg_pool3d.default,
     aten._adaptive_avg_pool2d.default,
     aten._adaptive_avg_pool3d.default,
-    aten.adaptive_avg_pool1d.default,
     aten.upsample_nearest1d.default,
     aten.upsample_nearest2d.default,
     aten.upsample_nearest3d.default,
-    aten.upsample_nearest1d.vec,
-    aten.upsample_nearest2d.vec,
-    aten.upsample_nearest3d.vec,
     aten._upsample_nearest_exact1d.default,
     aten._upsample_nearest_exact2d.default,
     aten._upsample_nearest_exact3d.default,
-    aten._upsample_nearest_exact1d.vec,
-    aten._upsample_nearest_exact2d.vec,
-    aten._upsample_nearest_exact3d.vec,
     aten.upsample_linear1d.default,
     aten.upsample_bilinear2d.default,
     aten.upsample_trilinear3d.default,
     aten.upsample_bicubic2d.default,
-    aten.upsample_linear1d.vec,
-    aten.upsample_bilinear2d.vec,
-    aten.upsample_trilinear3d.vec,
-    aten.upsample_bicubic2d.vec,
     aten._upsample_bilinear2d_aa.default,
     aten._upsample_bicubic2d_aa.default,
-    aten._upsample_bilinear2d_aa.vec,
-    aten._upsample_bicubic2d_aa.vec,
     aten.max_unpool2d.default,
     aten.max_unpool3d.default,
 ):

@@ -26,15 +26,11 @@ def _identity(g, ans, *args, **kwargs):
 for _op in (
     aten.neg.default,
     aten.clone.default,
-    aten.conj_physical.default,
     aten._conj_physical.default,
     aten._conj.default,
     aten.lift_fresh_copy.default,
     aten.lift_fresh.default,
     aten._to_copy.default,
-    aten.positive.default,
-    aten.resolve_conj.default,
-    aten.resolve_neg.default,
     aten._neg_view.default,
     aten.deg2rad.default,
     aten.rad2deg.default,
@@ -45,9 +41,6 @@ def_linear(aten.mul.Scalar)
 def_linear(aten.div.Scalar)
 def_linear(aten.view_as_real.default)
 def_linear(aten.view_as_complex.default)
-def_linear(aten.real.default)
-def_linear(aten.imag.default)
-def_linear(aten.conj.default)
 
 # ---- unary math --------------------------------------------------------------
 _unary(aten.sin.default, lambda g, ans, x: g * x.cos())
@@ -87,7 +80,6 @@ _unary(
     # i1e'(x) = i0e(x) - i1e(x) (sgn(x) + 1/x), with the limit 1/2 at 0
     lambda g, ans, x: g * torch.where(x == 0, 0.5, torch.special.i0e(x) - ans * (x.sgn() + 1 / x)),
 )
-_unary(aten.special_ndtr.default, lambda g, ans, x: g * (-0.5 * x * x).exp() * (1 / math.sqrt(2 * math.pi)))
 _unary(aten.special_ndtri.default, lambda g, ans, x: g * math.sqrt(2 * math.pi) * (ans * ans / 2).exp())
 _unary(aten.special_log_ndtr.default, lambda g, ans, x: g * (-(x * x) / 2 - ans).exp() / math.sqrt(2 * math.pi))
 _unary(aten.special_erfcx.default, lambda g, ans, x: g * (2 * x * ans - 2 / math.sqrt(math.pi)))
@@ -540,16 +532,6 @@ def _addcdiv_jvp(t, ans, s, a, b, value=1):
 @defrule(aten.where.self)
 def _where_jvp(t, ans, cond, x, y):
     return torch.where(cond, _or_zero(t[1], ans), _or_zero(t[2], ans))
-
-
-@defrule(aten.where.ScalarOther)
-def _where_so_jvp(t, ans, cond, x, y):
-    return torch.where(cond, t[1], 0.0)
-
-
-@defrule(aten.where.ScalarSelf)
-def _where_ss_jvp(t, ans, cond, x, y):
-    return torch.where(cond, 0.0, t[2])
 
 
 @defrule(aten.masked_fill.Scalar)

@@ -90,28 +90,14 @@ def _std_from_var(dvar, std):
     return torch.where(std == 0, 0.0, dvar / (2 * std))
 
 
-def _correction(unbiased):
-    return 1 if unbiased else 0
-
-
 @defrule(aten.var.correction)
 def _var_jvp(t, ans, x, dim=None, *, correction=None, keepdim=False):
     return _var_tangent(t[0], x, dim, correction, keepdim)
 
 
-@defrule(aten.var.dim)
-def _var_dim_jvp(t, ans, x, dim=None, unbiased=True, keepdim=False):
-    return _var_tangent(t[0], x, dim, _correction(unbiased), keepdim)
-
-
 @defrule(aten.std.correction)
 def _std_jvp(t, ans, x, dim=None, *, correction=None, keepdim=False):
     return _std_from_var(_var_tangent(t[0], x, dim, correction, keepdim), ans)
-
-
-@defrule(aten.std.dim)
-def _std_dim_jvp(t, ans, x, dim=None, unbiased=True, keepdim=False):
-    return _std_from_var(_var_tangent(t[0], x, dim, _correction(unbiased), keepdim), ans)
 
 
 def _mean_tangent(g, x, dim, keepdim):

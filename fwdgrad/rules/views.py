@@ -18,7 +18,6 @@ for _op in (
     aten.view.default,
     aten._unsafe_view.default,
     aten._reshape_alias.default,
-    aten.reshape.default,
     aten.expand.default,
     aten.permute.default,
     aten.transpose.int,
@@ -35,12 +34,8 @@ for _op in (
     aten.split.Tensor,
     aten.split_with_sizes.default,
     aten.unbind.int,
-    aten.chunk.default,
-    aten.narrow.default,
     aten.alias.default,
     aten.detach.default,
-    aten.movedim.int,
-    aten.unflatten.int,
     aten.view.dtype,
     # Copying variants of views.
     aten.view_copy.default,
@@ -64,7 +59,6 @@ for _op in (
     aten.squeeze_copy.default,
     aten.unsafe_split.Tensor,
     aten.unsafe_split_with_sizes.default,
-    aten.unsafe_chunk.default,
     # Shape ops that copy.
     aten.flip.default,
     aten.roll.default,
@@ -73,19 +67,15 @@ for _op in (
     aten.tril.default,
     aten.triu.default,
     aten.diag_embed.default,
-    aten.diag.default,
-    aten.contiguous.default,
     aten.reflection_pad1d.default,
     aten.reflection_pad2d.default,
     aten.reflection_pad3d.default,
     aten.replication_pad1d.default,
     aten.replication_pad2d.default,
     aten.replication_pad3d.default,
-    aten._pad_circular.default,
     aten.pixel_shuffle.default,
     aten.pixel_unshuffle.default,
     aten.channel_shuffle.default,
-    aten.native_channel_shuffle.default,
     aten.im2col.default,
     aten.col2im.default,
     # Indexing and gathering.
@@ -95,8 +85,6 @@ for _op in (
     aten.take.default,
     aten.masked_select.default,
     aten.embedding.default,
-    aten.repeat_interleave.self_int,
-    aten.repeat_interleave.self_Tensor,
     aten.cumsum.default,
     aten.sum.default,
     aten.sum.dim_IntList,
@@ -115,8 +103,6 @@ for _op in (
 
 def_linear(aten.cat.default, 0)
 def_linear(aten.stack.default, 0)
-def_linear(aten.hstack.default, 0)
-def_linear(aten.vstack.default, 0)
 def_linear(aten.block_diag.default, 0)
 def_linear(aten.index_put.default, 0, 2)
 def_linear(aten._unsafe_index_put.default, 0, 2)
@@ -150,6 +136,24 @@ def _scatter_value_jvp(t, ans, x, dim, index, value):
     return t[0].scatter(dim, index, 0)
 
 
+@defrule(aten.scatter.reduce)
+def _scatter_reduce_legacy_jvp(t, ans, x, dim, index, src, *, reduce):
+    """scatter with reduce="add" or "multiply" (the older API of scatter_reduce)."""
+    if reduce == "add":
+        return aten.scatter.reduce(_or_zeros(t[0], x), dim, index, _or_zeros(t[3], src), reduce="add")
+    return _scatter_reduce_jvp(t, ans, x, dim, index, src, "prod", True)
+
+
+@defrule(aten.scatter.value_reduce)
+def _scatter_value_reduce_jvp(t, ans, x, dim, index, value, *, reduce):
+    # linear in x: adding a constant, or scaling the chosen elements by it
+    return t[0] if reduce == "add" else aten.scatter.value_reduce(t[0], dim, index, value, reduce=reduce)
+
+
+def _or_zeros(g, like):
+    return zeros_for(like) if g is None else g
+
+
 @defrule(aten.index_fill.int_Scalar)
 def _index_fill_jvp(t, ans, x, dim, index, value):
     return t[0].index_fill(dim, index, 0)
@@ -157,9 +161,8 @@ def _index_fill_jvp(t, ans, x, dim, index, value):
 
 @defrule(aten.index_fill.int_Tensor)
 def _index_fill_tensor_jvp(t, ans, x, dim, index, value):
-    tx = t[0] if t[0] is not None else zeros_for(ans)
     tv = t[3] if t[3] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
-    return aten.index_fill.int_Tensor(tx, dim, index, tv)
+    return aten.index_fill.int_Tensor(_or_zeros(t[0], ans), dim, index, tv)
 
 
 @defrule(aten.sort.default)
@@ -209,8 +212,7 @@ def _median_all_jvp(t, ans, x):
 
 @defrule(aten.scatter_reduce.two)
 def _scatter_reduce_jvp(t, ans, x, dim, index, src, reduce, include_self=True):
-    tx = t[0] if t[0] is not None else zeros_for(x)
-    ts = t[3] if t[3] is not None else zeros_for(src)
+    tx, ts = _or_zeros(t[0], x), _or_zeros(t[3], src)
 
     def scatter(into, values, how):
         # ``into`` is what a position keeps when no index reaches it (include_self=False)
