@@ -269,13 +269,7 @@ def _attention_probs(q, k, lse, attn_mask, is_causal, scale):
 
 @defrule(aten._scaled_dot_product_flash_attention_for_cpu.default)
 def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
-    out, lse = ans
-    if dropout_p:
-        raise NotImplementedError(
-            "fwdgrad: the JVP of scaled_dot_product_attention with dropout_p > 0 needs the "
-            "dropout mask, which the fused CPU kernel does not return; use dropout_p=0 "
-            "(e.g. model.eval()) inside the transform"
-        )
+    out, lse = ans  # (the kernel itself rejects dropout_p > 0; F.sdpa then takes the math path)
     tq, tk, tv = t[0], t[1], t[2]
     tmask = t.kw.get("attn_mask")
     if scale is None:
@@ -354,9 +348,10 @@ def _embedding_bag_jvp(t, ans, weight, indices, offsets, scale_grad_by_freq=Fals
     dout = None
     if mode == 2:  # max
         if tw is not None:
+            # the tangent of the row that won each column; an empty bag is 0
             cols = torch.arange(weight.shape[1], device=weight.device).expand_as(max_indices)
-            valid = max_indices >= 0
-            dout = torch.where(valid, tw[max_indices.clamp_min(0), cols], 0.0).to(tw.dtype)
+            valid = (max_indices >= 0) & (bag_size > 0).unsqueeze(-1)
+            dout = torch.where(valid, tw[max_indices.clamp_min(0), cols], 0.0)
         return dout, None, None, None
     if tw is not None:
         dout = aten._embedding_bag.default(

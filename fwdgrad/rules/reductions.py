@@ -322,8 +322,10 @@ def _segment_reduce_jvp(t, ans, data, reduce, *, lengths=None, indices=None, off
         return aten.segment_reduce.default(v, "sum", lengths=lengths, axis=axis, unsafe=True, initial=initial)
 
     if reduce in ("sum", "mean"):
-        # affine in data with constant weights: the same reduction of g, with initial 0
-        return aten.segment_reduce.default(g, reduce, lengths=lengths, axis=axis, unsafe=True, initial=0)
+        # affine in data with constant weights: the same reduction of g, with initial
+        # 0 (an empty segment's mean stays NaN without one, as in the primal)
+        return aten.segment_reduce.default(g, reduce, lengths=lengths, axis=axis, unsafe=True,
+                                           initial=None if initial is None else 0)
     if reduce in ("max", "min"):
         picked = data == ans.gather(axis, _segment_ids(data, lengths, axis))
         count = segsum(picked.to(g.dtype))
