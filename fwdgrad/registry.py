@@ -217,6 +217,23 @@ def zero_rule(t, ans, *args, **kwargs):
     return None
 
 
+def curvature_term(forward, rule, g, primals, tangents):
+    """For a backward op ``J(x)^T g`` of ``forward``, the part of its tangent that
+    comes from ``x`` moving along ``tangents``: the Hessian-vector product
+    grad_x <g, J(x) dx>, from reverse mode through fwdgrad's own ``rule`` for
+    ``forward``.  Used where ATen has no double backward to linearize.
+
+    Returns one gradient per primal (``None`` where it does not depend on it).
+    """
+    with torch.enable_grad():
+        xs = [p.detach().requires_grad_() for p in primals]
+        jdx = rule(Tangents(tangents), forward(*xs), *xs)
+        if jdx is None:
+            return [None] * len(xs)
+        inner = (g.conj() * jdx).real.sum() if jdx.is_complex() else (g * jdx).sum()
+        return torch.autograd.grad(inner, xs, allow_unused=True)
+
+
 def aten_ops(*names):
     """The aten overloads named ``"packet.overload"`` that exist in this torch build."""
     found = []

@@ -443,3 +443,42 @@ def test_svd_and_qr_match_torch_func(shape):
             _, ref = torch.func.jvp(f, (a,), (t,))
             for x, y in zip(_outputs(ours), _outputs(ref)):
                 torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+
+
+# ---- forward over reverse through ops whose backward ATen cannot differentiate ----------------
+
+
+def assert_gradient_jvp_matches_fd(f, *primals):
+    """The JVP of x -> grad f(x), taken by fwdgrad through autograd's backward ops."""
+
+    def grad_f(*xs):
+        xs = [x.requires_grad_() for x in xs]
+        return torch.autograd.grad(f(*xs), xs, create_graph=True)
+
+    gen = torch.Generator().manual_seed(0)
+    tangents = tuple(torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in primals)
+    _, ours = fwdgrad.jvp(grad_f, primals, tangents)
+    eps = 1e-6
+    plus = grad_f(*[(p + eps * t).detach() for p, t in zip(primals, tangents)])
+    minus = grad_f(*[(p - eps * t).detach() for p, t in zip(primals, tangents)])
+    for a, b, c in zip(ours, plus, minus):
+        ref = (b - c) / (2 * eps)
+        torch.testing.assert_close(a, ref, rtol=1e-6, atol=1e-6 * max(1.0, ref.abs().max().item()))
+
+
+def test_forward_over_reverse_through_distances_bags_and_segments():
+    for op in (aten._cdist_backward.default, aten._pdist_backward.default, aten._embedding_bag_backward.default,
+               aten._embedding_bag_per_sample_weights_backward.default, aten._segment_reduce_backward.default):
+        uses_rule(op)
+    for p, rows in ((1.5, 4), (2.0, 30), (3.0, 4)):
+        assert_gradient_jvp_matches_fd(lambda a, b: torch.cdist(a, b, p=p).sin().sum(), rand(rows, 3), rand(5, 3))
+    assert_gradient_jvp_matches_fd(lambda a: F.pdist(a, 1.5).sin().sum(), rand(5, 3))
+    idx, offsets = torch.tensor([0, 2, 1, 3, 3]), torch.tensor([0, 2])
+    assert_gradient_jvp_matches_fd(
+        lambda w, s: F.embedding_bag(idx, w, offsets, mode="sum", per_sample_weights=s).sin().sum(),
+        rand(5, 3), rand(5))
+    assert_gradient_jvp_matches_fd(lambda w: F.embedding_bag(idx, w, offsets, mode="max").sin().sum(), rand(5, 3))
+    lengths = torch.tensor([2, 3, 1])
+    for reduce in ("prod", "max", "mean"):
+        assert_gradient_jvp_matches_fd(
+            lambda d: torch.segment_reduce(d, reduce, lengths=lengths).sin().sum(), rand(6, 2, low=0.5, high=1.5))

@@ -8,7 +8,7 @@ part and the saved log-sum-exp to rebuild ``P`` for the rest).
 import torch
 import torch.nn.functional as F
 
-from ..registry import Tangents, def_linear, defrule
+from ..registry import Tangents, curvature_term, def_linear, def_multilinear, defrule
 from .reductions import _vector_norm_jvp
 
 aten = torch.ops.aten
@@ -335,6 +335,32 @@ def _pdist_jvp(t, ans, x, p=2.0):
     return _vector_norm_jvp(Tangents((t[0][i] - t[0][j],)), ans, x[i] - x[j], p, -1)
 
 
+# Their backward ops have no double backward in ATen; forward over reverse (hvp)
+# needs these.  Each is linear in the incoming gradient ``g``; the rest is the
+# curvature of the distance.
+
+
+@defrule(aten._cdist_backward.default)
+def _cdist_backward_jvp(t, ans, g, x1, x2, p, cdist):
+    # (the tangent of the ``cdist`` argument is implied by those of x1 and x2)
+    out = None if t[0] is None else aten._cdist_backward.default(t[0], x1, x2, p, cdist)
+    if t[1] is not None or t[2] is not None:
+        c = curvature_term(lambda a, b: aten._cdist_forward.default(a, b, p, None),
+                           lambda tt, d, a, b: _cdist_jvp(tt, d, a, b, p, None), g, (x1, x2), (t[1], t[2]))[0]
+        out = c if out is None else out + c
+    return out
+
+
+@defrule(aten._pdist_backward.default)
+def _pdist_backward_jvp(t, ans, g, x, p, pdist):
+    out = None if t[0] is None else aten._pdist_backward.default(t[0], x, p, pdist)
+    if t[1] is not None:
+        c = curvature_term(lambda a: aten._pdist_forward.default(a, p),
+                           lambda tt, d, a: _pdist_jvp(tt, d, a, p), g, (x,), (t[1],))[0]
+        out = c if out is None else out + c
+    return out
+
+
 # ---- embeddings ---------------------------------------------------------------
 
 
@@ -365,6 +391,13 @@ def _embedding_bag_jvp(t, ans, weight, indices, offsets, scale_grad_by_freq=Fals
         )[0]
         dout = c if dout is None else dout + c
     return dout, None, None, None
+
+
+# The embedding-bag backward ops do not see the weights: they are linear in the
+# gradient and in the per-sample weights separately.
+def_multilinear(aten._embedding_bag_backward.default, 0, 10)
+def_multilinear(aten._embedding_bag_dense_backward.default, 0, 8)
+def_multilinear(aten._embedding_bag_per_sample_weights_backward.default, 0, 1)
 
 
 # ---- losses -------------------------------------------------------------------

@@ -8,7 +8,7 @@ zero, ties share the tangent equally as in PyTorch).
 
 import torch
 
-from ..registry import defrule
+from ..registry import curvature_term, defrule
 
 aten = torch.ops.aten
 
@@ -338,3 +338,31 @@ def _segment_reduce_jvp(t, ans, data, reduce, *, lengths=None, indices=None, off
                                              initial=initial)
         return others * torch.where(n_zero == 0, segsum(g / safe), torch.where(n_zero == 1, segsum(g * zero), 0))
     raise NotImplementedError(f"fwdgrad: segment_reduce with reduce={reduce!r} has no JVP rule")
+
+
+@defrule(aten._segment_reduce_backward.default)
+def _segment_reduce_backward_jvp(t, ans, g, output, data, reduce, *, lengths=None, offsets=None, axis=0,
+                                 initial=None):
+    """Linear in the gradient; for sum, mean, max and min the data enter only
+    through a mask (constant almost everywhere), for prod through the product
+    of the others (its curvature; the zero-exact form of the prod rule is not
+    smooth at a zero, so data with zeros are refused rather than got wrong)."""
+    kw = dict(lengths=lengths, offsets=offsets, axis=axis, initial=initial)
+    out = None if t[0] is None else aten._segment_reduce_backward.default(t[0], output, data, reduce, **kw)
+    if reduce == "prod" and t[2] is not None:
+        if bool((data == 0).any()):
+            raise NotImplementedError(
+                "fwdgrad: forward over reverse through segment_reduce(reduce='prod') with zeros in "
+                "the data is not supported")
+
+        def forward(d):
+            return aten.segment_reduce.default(d, "prod", lengths=lengths, offsets=offsets, axis=axis,
+                                               initial=initial)
+
+        def rule(tt, a, d):
+            return _segment_reduce_jvp(tt, a, d, "prod", lengths=lengths, offsets=offsets, axis=axis,
+                                       initial=initial)
+
+        c = curvature_term(forward, rule, g, (data,), (t[2],))[0]
+        out = c if out is None else out + c
+    return out
