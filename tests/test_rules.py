@@ -300,6 +300,18 @@ def test_products_are_exact_with_zeros():
         assert_jvp_matches_fd(f, x)
 
 
+def test_reverse_mode_through_the_prod_tangent_at_zeros():
+    x = rand(4, 5)
+    x[0, 1] = x[1, 1] = x[1, 3] = 0.0
+    t = rand(4, 5)
+    grads = []
+    for jvp in (fwdgrad.jvp, torch.func.jvp):
+        xr = x.clone().requires_grad_()
+        _, tan = jvp(lambda a: a.prod(1), (xr,), (t,))
+        grads.append(torch.autograd.grad(tan.sum(), xr)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_logcumsumexp_over_a_wide_range():
     x = rand(3, 6)
     x[0, :2] = -1e3  # exp underflows; a shift by the maximum would give 0 * inf

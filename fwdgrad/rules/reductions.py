@@ -179,16 +179,16 @@ def _nansum_jvp(t, ans, x, dim=None, keepdim=False, *, dtype=None):
 
 
 def _prod_tangent(g, x, dim, keepdim):
-    """d prod(x) along ``dim`` in the direction g, exact with zeros: with no zero
-    in a slice it is prod(x) * sum(g / x); with one zero, g at that zero times
-    the product of the others; with two or more, 0."""
-    zero = x == 0
-    safe = torch.where(zero, 1, x)
-    n_zero = zero.sum(dim, keepdim=keepdim)
-    others = safe.prod(dim, keepdim=keepdim)
-    no_zero = (g / safe).sum(dim, keepdim=keepdim)
-    at_zero = (g * zero).sum(dim, keepdim=keepdim)
-    return others * torch.where(n_zero == 0, no_zero, torch.where(n_zero == 1, at_zero, 0))
+    """sum_k g_k prod_{j != k} x_j along ``dim``, the product of the others being
+    the product of the elements before and after k: exact with zeros, no
+    division, and a polynomial (so reverse mode through the tangent is right at
+    zeros too)."""
+    if x.shape[dim] == 0:
+        return g.sum(dim, keepdim=keepdim)  # an empty product is the constant 1
+    ones = torch.ones_like(x.narrow(dim, 0, 1))
+    before = torch.cat([ones, x.narrow(dim, 0, x.shape[dim] - 1)], dim).cumprod(dim)
+    after = torch.cat([x.narrow(dim, 1, x.shape[dim] - 1), ones], dim).flip(dim).cumprod(dim).flip(dim)
+    return (g * before * after).sum(dim, keepdim=keepdim)
 
 
 @defrule(aten.prod.default)
