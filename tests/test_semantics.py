@@ -405,7 +405,7 @@ def test_forward_grad_none_tangent_is_zero_and_kwargs_pass_through():
     assert torch.equal(r, f(x, y, 3.0, power=3, offset=off))
     ref_r, ref_dr = torch.func.jvp(lambda x: f(x, y, 3.0, power=3, offset=off), (x,), (dx,))
     torch.testing.assert_close(dr, ref_dr)
-    # A keyword tensor is a constant: it gets no tangent even if it requires grad.
+    # All tangents None: a zero tangent, and the keyword tensor is a constant.
     r2, dr2 = df(x, None, y, None, 3.0, None, offset=off)
     assert torch.equal(dr2, torch.zeros_like(x))
 
