@@ -1,3 +1,3 @@
 """fwdgrad's JVP rules, one module per op family.  Importing registers them."""
 
-from . import linalg, nn, pointwise, reductions, views  # noqa: F401
+from . import backward, linalg, nn, pointwise, reductions, views  # noqa: F401
