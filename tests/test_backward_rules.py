@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import fwdgrad
 from fwdgrad import registry
+from fwdgrad.rules import backward as backward_rules
 
 aten = torch.ops.aten
 D = torch.float64
@@ -120,8 +121,16 @@ def _gradient_differences(f, args, tangents, eps=1e-6):
     return tuple((p - m) / (2 * eps) for p, m in zip(gradient(1), gradient(-1)))
 
 
+@pytest.fixture(params=["whole", "sliced"])
+def slicing(request, monkeypatch):
+    """Large tensors are processed in slices; tiny slices exercise that path on small cases."""
+    if request.param == "sliced":
+        monkeypatch.setattr(backward_rules, "_SLICE", 5)
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_backward_rule_matches_double_backward(name):
+def test_backward_rule_matches_double_backward(name, slicing):
     op, f, xs, ws = CASES[name]
     torch.manual_seed(0)
     x, w = _randn(*xs), _randn(*ws)
@@ -139,7 +148,7 @@ def test_backward_rule_matches_double_backward(name):
         torch.testing.assert_close(a, b)
 
 
-def test_dropout_backward_rule():
+def test_dropout_backward_rule(slicing):
     # F.dropout on CPU is a multiplication by a mask; the fused op has its own backward.
     f = lambda x, w: _loss(aten.native_dropout.default(x * w, 0.4, True)[0])  # noqa: E731
     x, w, vx, vw = _randn(5, 4), _randn(4), _randn(5, 4), _randn(4)
@@ -151,3 +160,30 @@ def test_dropout_backward_rule():
     assert calls
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_batch_norm_backward_with_running_statistics_tangents(slicing):
+    # Running statistics cannot require grad, but they can carry a tangent.
+    def f(x, w, rm, rv):
+        return _loss(F.batch_norm(x, rm, rv, w, w.sin(), training=False))
+
+    def gradient(x, w, rm, rv):
+        return fwdgrad.grad(f, argnums=(0, 1))(x, w, rm, rv)
+
+    torch.manual_seed(0)
+    args = (_randn(4, 3, 2, 2), _randn(3), _randn(3), torch.rand(3, dtype=D) + 0.5)
+    tangents = tuple(torch.randn_like(a) for a in args)
+    with spy_rule(aten.native_batch_norm_backward.default) as calls:
+        _, ours = fwdgrad.jvp(gradient, args, tangents)
+    assert calls
+    eps = 1e-6
+
+    def plain_gradient(sign):
+        x, w, rm, rv = (a + sign * eps * t for a, t in zip(args, tangents))
+        x.requires_grad_()
+        w.requires_grad_()
+        return torch.autograd.grad(f(x, w, rm, rv), (x, w))
+
+    expected = [(p - m) / (2 * eps) for p, m in zip(plain_gradient(1), plain_gradient(-1))]
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

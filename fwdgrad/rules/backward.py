@@ -113,19 +113,92 @@ _linear_in_grad_unless(aten.nll_loss2d_backward.default, 3, 6)
 _linear_in_grad_unless(aten._embedding_bag_dense_backward.default, 8)
 
 
-# ---- activations: go * f'(x), tangent dgo * f'(x) + go * f''(x) * dx ------------
+# ---- memory: elementwise terms computed in slices -----------------------------------
+#
+# A backward op's tangent is usually ``op(dgo, ...)`` plus an elementwise
+# expression in several full-size tensors.  Evaluated whole, that expression's
+# temporaries (three or four tensors the size of an activation) set the peak
+# memory of ``hvp``.  When nothing records autograd on the result, it is
+# evaluated over slices along the first dimension and added in place, so its
+# temporaries are the size of a slice.
+
+_SLICE = 1 << 16  # elements per slice
+
+
+def _records(tensors):
+    """Whether autograd records ops on these (reverse mode over the rule)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in tensors
+    )
+
+
+def _sliceable(out, like, args):
+    from ..interpreter import Dual
+
+    if like.dim() == 0 or like.numel() <= _SLICE or _records(args):
+        return False
+    if out is not None and (out.shape != like.shape or out.requires_grad or isinstance(out, Dual)):
+        return False
+    return not any(isinstance(a, Dual) for a in args)
+
+
+def _accumulate(out, fn, like, *args):
+    """``out + fn(*args)`` for an elementwise, broadcasting ``fn`` whose result has
+    ``like``'s shape.  ``out`` (``None`` for zero) must be a fresh tensor the
+    caller owns: it is updated in place when the work is sliced."""
+    if not _sliceable(out, like, args):
+        term = fn(*args)
+        return term if out is None else out + term
+    fresh = out is None
+    if fresh:
+        out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    if out.is_contiguous() and all(
+        not isinstance(a, torch.Tensor) or (a.shape == like.shape and a.is_contiguous()) for a in args
+    ):
+        # Same shape and layout everywhere: slice the flat views.
+        target = out.view(-1)
+        args = [a.view(-1) if isinstance(a, torch.Tensor) else a for a in args]
+        step = _SLICE
+    else:
+        # Broadcasting arguments (per-row statistics): slice whole rows.
+        target = out
+        step = max(1, _SLICE // max(1, like.numel() // like.shape[0]))
+    rows = target.shape[0]
+
+    def part(a, i, k):
+        if isinstance(a, torch.Tensor) and a.dim() == target.dim() and a.shape[0] == rows:
+            return a.narrow(0, i, k)
+        return a  # broadcast along the first dimension
+
+    for i in range(0, rows, step):
+        k = min(step, rows - i)
+        piece = fn(*(part(a, i, k) for a in args))
+        if fresh:
+            target.narrow(0, i, k).copy_(piece)
+        else:
+            target.narrow(0, i, k).add_(piece)
+    return out
 
 
 def _activation(op, second, saved_arg=1):
-    """``op(go, saved, *rest)`` computes ``go * f'(..)``; ``second(go, saved, *rest)`` is
-    ``go`` times the derivative of ``f'`` with respect to the saved tensor."""
+    """``op(go, *args)`` computes ``go * f'(saved)``; ``second(go, *args)`` is ``go``
+    times the derivative of ``f'`` with respect to the saved tensor ``args[saved_arg - 1]``.
+    The tangent is ``op(dgo, *args) + second(go, *args) * dsaved``."""
+    i = saved_arg - 1
 
     def rule(t, ans, go, *args, **kwargs):
         out = None if t[0] is None else op(t[0], *args, **kwargs)
         ds = t[saved_arg]
-        if ds is not None:
-            out = _add(out, second(go, *args, **kwargs) * ds)
-        return out
+        if ds is None:
+            return out
+        saved = args[i]
+
+        def term(go_, saved_, ds_):
+            a = list(args)
+            a[i] = saved_
+            return second(go_, *a, **kwargs) * ds_
+
+        return _accumulate(out, term, saved, go, saved, ds)
 
     defrule(op)(rule)
 
@@ -371,83 +444,216 @@ def _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd):
     xc = x - mean
     dxhat = None
     if dx is not None or dmean is not None:
-        dxc = _difference(dx, dmean, x)
-        dxhat = dxc * rstd
+        dxhat = _difference(dx, dmean, x) * rstd
     if drstd is not None:
         dxhat = _add(dxhat, xc * drstd)
     return xc * rstd, dxhat
 
 
-def _param_grad_tangents(go, dgo, xhat, dxhat, dims, shape, output_mask):
+def _param_grad_tangents(go, dgo, xhat, dxhat, dims, output_mask):
     """Tangents of ``grad_weight = sum(go * xhat)`` and ``grad_bias = sum(go)`` over ``dims``."""
     dgw = dgb = None
     if output_mask[1]:
         dgw = _add(_mul(dgo, xhat), _mul(go, dxhat))
         if dgw is not None:
-            dgw = _sum(dgw, dims).reshape(shape)
+            dgw = dgw.sum(dims)
     if output_mask[2] and dgo is not None:
-        dgb = _sum(dgo, dims).reshape(shape)
+        dgb = dgo.sum(dims)
     return dgw, dgb
 
 
-def _sum(x, dims):
-    return x.sum(dims) if dims else x  # sum([]) would reduce every dimension
-
-
-def _weighted(go, dgo, w, dw, wshape):
-    """``G = go * w`` and its tangent, with ``w`` reshaped to broadcast (``None`` means 1)."""
+def _weighted(go, dgo, w, dw):
+    """``G = go * w`` and its tangent (``w`` broadcasts; ``None`` means 1)."""
     if w is None:
         return go, dgo
-    wb = w.reshape(wshape)
-    dG = _mul(dgo, wb)
+    dG = _mul(dgo, w)
     if dw is not None:
-        dG = _add(dG, go * dw.reshape(wshape))
-    return go * wb, dG
+        dG = _add(dG, go * dw)
+    return go * w, dG
+
+
+def _in_row_slices(piece, rows, row_numel, row_args):
+    """``piece(*row_args)``, run on slices of the leading dimension when that is safe.
+
+    ``piece`` returns the input gradient's tangent (rows of the result) and
+    parameter-gradient tangents (sums over rows, added up across slices).
+    """
+    from ..interpreter import Dual
+
+    present = [a for a in row_args if a is not None]
+    if (rows <= 1 or rows * row_numel <= _SLICE or _records(present)
+            or any(isinstance(a, Dual) for a in present)):
+        return piece(*row_args)
+    step = max(1, _SLICE // max(1, row_numel))
+    first = sums = None
+    for i in range(0, rows, step):
+        k = min(step, rows - i)
+        outs = piece(*(None if a is None else a.narrow(0, i, k) for a in row_args))
+        if outs[0] is not None:
+            if first is None:
+                first = outs[0].new_empty((rows,) + tuple(outs[0].shape[1:]))
+            first.narrow(0, i, k).copy_(outs[0])
+        sums = list(outs[1:]) if sums is None else [_add(a, b) for a, b in zip(sums, outs[1:])]
+    return (first, *sums)
 
 
 @defrule(aten.native_layer_norm_backward.default)
 def _layer_norm_backward_jvp(t, ans, go, x, normalized_shape, mean, rstd, w, b, output_mask):
     dgo, dx, dmean, drstd, dw = t[0], t[1], t[3], t[4], t[5]
-    axis = x.dim() - len(normalized_shape)
-    stat_dims = list(range(axis, x.dim()))
-    batch_dims = list(range(axis))
-    xhat, dxhat = _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd)
-    di = None
-    if output_mask[0]:
-        G, dG = _weighted(go, dgo, w, dw, list(normalized_shape))
-        di = _normalized_grad_tangent(G, dG, xhat, dxhat, rstd, drstd, stat_dims)
-    dgw, dgb = _param_grad_tangents(go, dgo, xhat, dxhat, batch_dims, list(normalized_shape), output_mask)
-    return di, dgw, dgb
+    features = 1
+    for n in normalized_shape:
+        features *= n
+    rows = x.numel() // max(1, features)
+
+    def as_rows(a, width):
+        return None if a is None else a.reshape(rows, width)
+
+    wf = None if w is None else w.reshape(features)
+    dwf = None if dw is None else dw.reshape(features)
+
+    def piece(go, dgo, x, dx, mean, dmean, rstd, drstd):
+        xhat, dxhat = _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd)
+        di = None
+        if output_mask[0]:
+            G, dG = _weighted(go, dgo, wf, dwf)
+            di = _normalized_grad_tangent(G, dG, xhat, dxhat, rstd, drstd, [1])
+        return (di, *_param_grad_tangents(go, dgo, xhat, dxhat, [0], output_mask))
+
+    di, dgw, dgb = _in_row_slices(piece, rows, features, [
+        as_rows(go, features), as_rows(dgo, features), as_rows(x, features), as_rows(dx, features),
+        as_rows(mean, 1), as_rows(dmean, 1), as_rows(rstd, 1), as_rows(drstd, 1),
+    ])
+    shape = list(normalized_shape)
+    return (
+        None if di is None else di.reshape(x.shape),
+        None if dgw is None else dgw.reshape(shape),
+        None if dgb is None else dgb.reshape(shape),
+    )
+
+
+@defrule(aten.native_group_norm_backward.default)
+def _group_norm_backward_jvp(t, ans, go, x, mean, rstd, w, N, C, HxW, group, output_mask):
+    dgo, dx, dmean, drstd, dw = t[0], t[1], t[2], t[3], t[4]
+    per_group = C // group
+    # Layout (N, group, channels per group, HxW): statistics over dims (2, 3),
+    # affine parameters per (group, channel), parameter sums over dims (0, 3).
+    wg = None if w is None else w.reshape(group, per_group, 1)
+    dwg = None if dw is None else dw.reshape(group, per_group, 1)
+
+    def layout(a):
+        return None if a is None else a.reshape(N, group, per_group, -1)
+
+    def stats(a):
+        return None if a is None else a.reshape(N, group, 1, 1)
+
+    def piece(go, dgo, x, dx, mean, dmean, rstd, drstd):
+        xhat, dxhat = _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd)
+        di = None
+        if output_mask[0]:
+            G, dG = _weighted(go, dgo, wg, dwg)
+            di = _normalized_grad_tangent(G, dG, xhat, dxhat, rstd, drstd, [2, 3])
+        return (di, *_param_grad_tangents(go, dgo, xhat, dxhat, [0, 3], output_mask))
+
+    di, dgw, dgb = _in_row_slices(piece, N, x.numel() // max(1, N), [
+        layout(go), layout(dgo), layout(x), layout(dx), stats(mean), stats(dmean), stats(rstd), stats(drstd),
+    ])
+    return (
+        None if di is None else di.reshape(x.shape),
+        None if dgw is None else dgw.reshape(C),
+        None if dgb is None else dgb.reshape(C),
+    )
 
 
 def _channel_shape(x):
     return [1, -1] + [1] * (x.dim() - 2)
 
 
+def _channel_sums(g, x, mean, invstd):
+    """Per channel ``(sum(g * (x - mean) * invstd), sum(g))``, from the batch-norm
+    backward kernel (its weight and bias gradients), so no temporary the size of ``x``."""
+    _, gw, gb = aten.native_batch_norm_backward.default(
+        g, x, None, None, None, mean, invstd, True, 0.0, [False, True, True]
+    )
+    return gw, gb
+
+
 def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps, output_mask):
-    """Shared by the batch-norm backward overloads; ``t`` indexed as in native_batch_norm_backward."""
+    """Shared by the batch-norm backward overloads; ``t`` indexed as in native_batch_norm_backward.
+
+    Every term of the tangent is a full-size tensor (``go``, ``dgo``, ``x``,
+    ``dx``) times a per-channel coefficient, so the tangent of the input
+    gradient is built in place in one tensor, and the sums it needs come from
+    the kernel.  With ``mu``/``rho`` the mean and inverse standard deviation
+    used (batch statistics in training, running ones otherwise), ``xhat = (x -
+    mu) rho``, ``b = mean(go xhat)``, ``a = mean(go)`` and ``w`` the weight:
+
+    * training: ``gi = rho w (go - a - xhat b)``;
+    * evaluation: ``gi = rho w go``;
+    * ``grad_weight = sum(go xhat)``, ``grad_bias = sum(go)``.
+    """
     dgo, dx, dw, drm, drv, dsm, dsi = t[0], t[1], t[2], t[3], t[4], t[5], t[6]
     shape = _channel_shape(x)
-    dims = [0] + list(range(2, x.dim()))
+    count = x.numel() // x.shape[1]
     if train:
-        mean, rstd = save_mean.reshape(shape), save_invstd.reshape(shape)
-        dmean = None if dsm is None else dsm.reshape(shape)
-        drstd = None if dsi is None else dsi.reshape(shape)
+        mu, rho, dmu, drho = save_mean, save_invstd, dsm, dsi
     else:
-        rstd_flat = (rv + eps).rsqrt()
-        mean, rstd = rm.reshape(shape), rstd_flat.reshape(shape)
-        dmean = None if drm is None else drm.reshape(shape)
-        drstd = None if drv is None else (-0.5 * rstd_flat ** 3 * drv).reshape(shape)
-    xhat, dxhat = _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd)
-    di = None
+        mu, rho, dmu = rm, (rv + eps).rsqrt(), drm
+        drho = None if drv is None else -0.5 * rho ** 3 * drv
+    wv = w if w is not None else torch.ones_like(rho)
+    # The terms linear in dgo are the op itself applied to dgo.
+    if dgo is not None:
+        di, dgw, dgb = aten.native_batch_norm_backward.default(
+            dgo, x, w, rm, rv, save_mean, save_invstd, train, eps, output_mask
+        )
+        di = di if output_mask[0] else None
+        dgw = dgw if output_mask[1] else None
+        dgb = dgb if output_mask[2] else None
+    else:
+        di = dgw = dgb = None
+    d_rho_w = _add(_mul(drho, wv), _mul(rho, dw))  # tangent of rho * w
+    if d_rho_w is None and dx is None and dmu is None:
+        return di, dgw, dgb
+    sum_go_xhat, sum_go = _channel_sums(go, x, mu, rho)
+    # m3 = mean(go * dxhat), dxhat = (dx - dmu) rho + (x - mu) drho.
+    m3 = None
+    if dx is not None:
+        m3 = rho * _channel_sums(go, dx, torch.zeros_like(mu), torch.ones_like(rho))[0]
+    if dmu is not None:
+        m3 = _add(m3, -rho * dmu * sum_go)
+    if drho is not None:
+        m3 = _add(m3, drho * sum_go_xhat / rho)
+    if m3 is not None:
+        if output_mask[1]:
+            dgw = _add(dgw, m3)
+        m3 = m3 / count
     if output_mask[0]:
-        G, dG = _weighted(go, dgo, w, dw, shape)
+        # di += c_go * go + c_dx * dx + c_x * x + c_1, coefficients per channel.
+        c_go, c_dx, c_x, c_1 = d_rho_w, None, None, None
         if train:
-            di = _normalized_grad_tangent(G, dG, xhat, dxhat, rstd, drstd, dims)
-        else:
-            # Fixed statistics: gi = G * rstd.
-            di = _add(_mul(dG, rstd), _mul(G, drstd))
-    dgw, dgb = _param_grad_tangents(go, dgo, xhat, dxhat, dims, [-1], output_mask)
+            a, b = sum_go / count, sum_go_xhat / count
+            if d_rho_w is not None:
+                c_x = -d_rho_w * rho * b
+                c_1 = d_rho_w * (mu * rho * b - a)
+            rwb = rho * wv * b
+            if dx is not None:
+                c_dx = -rho * rwb
+            if dmu is not None:
+                c_1 = _add(c_1, rho * rwb * dmu)
+            if drho is not None:
+                c_x = _add(c_x, -rwb * drho)
+                c_1 = _add(c_1, rwb * drho * mu)
+            if m3 is not None:
+                c_x = _add(c_x, -rho * rho * wv * m3)
+                c_1 = _add(c_1, rho * rho * wv * m3 * mu)
+        terms = [(go, c_go), (dx, c_dx), (x, c_x)]
+        for full, coef in terms:
+            if coef is None:
+                continue
+            coef = coef.reshape(shape)
+            di = full * coef if di is None else di.addcmul_(full, coef)
+        if c_1 is not None:
+            c_1 = c_1.reshape(shape)
+            di = c_1.expand(x.shape).clone() if di is None else di.add_(c_1)
     return di, dgw, dgb
 
 
@@ -458,38 +664,8 @@ def _native_batch_norm_backward_jvp(t, ans, go, x, w, rm, rv, save_mean, save_in
 
 @defrule(aten.batch_norm_backward.default)
 def _batch_norm_backward_jvp(t, ans, go, x, w, rm, rv, save_mean, save_var, update, eps, output_mask, reserve):
-    # Same argument positions as native_batch_norm_backward for the first seven.
+    # The first seven arguments sit where native_batch_norm_backward has them.
     return _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_var, update, eps, output_mask)
-
-
-@defrule(aten.native_group_norm_backward.default)
-def _group_norm_backward_jvp(t, ans, go, x, mean, rstd, w, N, C, HxW, group, output_mask):
-    dgo, dx, dmean, drstd, dw = t[0], t[1], t[2], t[3], t[4]
-    stat = (N, group, -1)  # statistics per (sample, group)
-    chan = (N, C, -1)  # affine parameters per channel
-
-    def grouped(a):
-        return None if a is None else a.reshape(stat)
-
-    xhat, dxhat = _normalized_input_tangent(
-        x.reshape(stat), grouped(dx), mean.reshape(N, group, 1),
-        None if dmean is None else dmean.reshape(N, group, 1),
-        rstd.reshape(N, group, 1), None if drstd is None else drstd.reshape(N, group, 1),
-    )
-    di = None
-    if output_mask[0]:
-        G, dG = _weighted(go.reshape(chan), None if dgo is None else dgo.reshape(chan), w, dw, (1, C, 1))
-        di = _normalized_grad_tangent(
-            G.reshape(stat), grouped(dG), xhat, dxhat, rstd.reshape(N, group, 1),
-            None if drstd is None else drstd.reshape(N, group, 1), [2],
-        )
-        if di is not None:
-            di = di.reshape(x.shape)
-    dgw, dgb = _param_grad_tangents(
-        go.reshape(chan), None if dgo is None else dgo.reshape(chan), xhat.reshape(chan),
-        None if dxhat is None else dxhat.reshape(chan), [0, 2], [-1], output_mask,
-    )
-    return di, dgw, dgb
 
 
 # ---- attention ----------------------------------------------------------------------
