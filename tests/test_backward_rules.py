@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import fwdgrad
 from fwdgrad import registry
-from fwdgrad.rules import backward as backward_rules
+from fwdgrad import slicing
 
 aten = torch.ops.aten
 D = torch.float64
@@ -122,15 +122,15 @@ def _gradient_differences(f, args, tangents, eps=1e-6):
 
 
 @pytest.fixture(params=["whole", "sliced"])
-def slicing(request, monkeypatch):
+def slice_mode(request, monkeypatch):
     """Large tensors are processed in slices; tiny slices exercise that path on small cases."""
     if request.param == "sliced":
-        monkeypatch.setattr(backward_rules, "_SLICE", 5)
+        monkeypatch.setattr(slicing, "SLICE", 5)
     return request.param
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_backward_rule_matches_double_backward(name, slicing):
+def test_backward_rule_matches_double_backward(name, slice_mode):
     op, f, xs, ws = CASES[name]
     torch.manual_seed(0)
     x, w = _randn(*xs), _randn(*ws)
@@ -148,7 +148,7 @@ def test_backward_rule_matches_double_backward(name, slicing):
         torch.testing.assert_close(a, b)
 
 
-def test_dropout_backward_rule(slicing):
+def test_dropout_backward_rule(slice_mode):
     # F.dropout on CPU is a multiplication by a mask; the fused op has its own backward.
     f = lambda x, w: _loss(aten.native_dropout.default(x * w, 0.4, True)[0])  # noqa: E731
     x, w, vx, vw = _randn(5, 4), _randn(4), _randn(5, 4), _randn(4)
@@ -162,7 +162,7 @@ def test_dropout_backward_rule(slicing):
         torch.testing.assert_close(a, b)
 
 
-def test_batch_norm_backward_with_running_statistics_tangents(slicing):
+def test_batch_norm_backward_with_running_statistics_tangents(slice_mode):
     # Running statistics cannot require grad, but they can carry a tangent.
     def f(x, w, rm, rv):
         return _loss(F.batch_norm(x, rm, rv, w, w.sin(), training=False))

@@ -10,7 +10,9 @@ tangent is the op applied to ``dgo`` plus, for ops whose saved values enter
 nonlinearly, ``go`` times the derivative of the local Jacobian (a second
 derivative of the forward function).  Saved values that act only through a
 mask, an index or a shape (``relu``'s input, max-pool indices) contribute
-nothing almost everywhere.  Names: ``go`` the incoming gradient, ``d*`` a
+nothing almost everywhere.  The elementwise parts are evaluated in slices
+(``fwdgrad/slicing.py``) so that their temporaries do not set the peak memory
+of ``hvp``.  Names: ``go`` the incoming gradient, ``d*`` a
 tangent, ``t`` the tangents of the op's arguments, ``ans`` its outputs.
 """
 
@@ -19,8 +21,9 @@ import math
 import torch
 
 from ..fallback import rule_for
+from ..slicing import accumulate, in_row_slices
 from ..registry import aten_ops, defrule
-from .nn import _attention_probs
+from .nn import _attention_probs, _channel_shape, _plus, _times, channel_sums, per_channel_sum
 
 aten = torch.ops.aten
 
@@ -113,73 +116,6 @@ _linear_in_grad_unless(aten.nll_loss2d_backward.default, 3, 6)
 _linear_in_grad_unless(aten._embedding_bag_dense_backward.default, 8)
 
 
-# ---- memory: elementwise terms computed in slices -----------------------------------
-#
-# A backward op's tangent is usually ``op(dgo, ...)`` plus an elementwise
-# expression in several full-size tensors.  Evaluated whole, that expression's
-# temporaries (three or four tensors the size of an activation) set the peak
-# memory of ``hvp``.  When nothing records autograd on the result, it is
-# evaluated over slices along the first dimension and added in place, so its
-# temporaries are the size of a slice.
-
-_SLICE = 1 << 16  # elements per slice
-
-
-def _records(tensors):
-    """Whether autograd records ops on these (reverse mode over the rule)."""
-    return torch.is_grad_enabled() and any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in tensors
-    )
-
-
-def _sliceable(out, like, args):
-    from ..interpreter import Dual
-
-    if like.dim() == 0 or like.numel() <= _SLICE or _records(args):
-        return False
-    if out is not None and (out.shape != like.shape or out.requires_grad or isinstance(out, Dual)):
-        return False
-    return not any(isinstance(a, Dual) for a in args)
-
-
-def _accumulate(out, fn, like, *args):
-    """``out + fn(*args)`` for an elementwise, broadcasting ``fn`` whose result has
-    ``like``'s shape.  ``out`` (``None`` for zero) must be a fresh tensor the
-    caller owns: it is updated in place when the work is sliced."""
-    if not _sliceable(out, like, args):
-        term = fn(*args)
-        return term if out is None else out + term
-    fresh = out is None
-    if fresh:
-        out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    if out.is_contiguous() and all(
-        not isinstance(a, torch.Tensor) or (a.shape == like.shape and a.is_contiguous()) for a in args
-    ):
-        # Same shape and layout everywhere: slice the flat views.
-        target = out.view(-1)
-        args = [a.view(-1) if isinstance(a, torch.Tensor) else a for a in args]
-        step = _SLICE
-    else:
-        # Broadcasting arguments (per-row statistics): slice whole rows.
-        target = out
-        step = max(1, _SLICE // max(1, like.numel() // like.shape[0]))
-    rows = target.shape[0]
-
-    def part(a, i, k):
-        if isinstance(a, torch.Tensor) and a.dim() == target.dim() and a.shape[0] == rows:
-            return a.narrow(0, i, k)
-        return a  # broadcast along the first dimension
-
-    for i in range(0, rows, step):
-        k = min(step, rows - i)
-        piece = fn(*(part(a, i, k) for a in args))
-        if fresh:
-            target.narrow(0, i, k).copy_(piece)
-        else:
-            target.narrow(0, i, k).add_(piece)
-    return out
-
-
 def _activation(op, second, saved_arg=1):
     """``op(go, *args)`` computes ``go * f'(saved)``; ``second(go, *args)`` is ``go``
     times the derivative of ``f'`` with respect to the saved tensor ``args[saved_arg - 1]``.
@@ -198,7 +134,7 @@ def _activation(op, second, saved_arg=1):
             a[i] = saved_
             return second(go_, *a, **kwargs) * ds_
 
-        return _accumulate(out, term, saved, go, saved, ds)
+        return accumulate(out, term, saved, go, saved, ds)
 
     defrule(op)(rule)
 
@@ -472,31 +408,6 @@ def _weighted(go, dgo, w, dw):
     return go * w, dG
 
 
-def _in_row_slices(piece, rows, row_numel, row_args):
-    """``piece(*row_args)``, run on slices of the leading dimension when that is safe.
-
-    ``piece`` returns the input gradient's tangent (rows of the result) and
-    parameter-gradient tangents (sums over rows, added up across slices).
-    """
-    from ..interpreter import Dual
-
-    present = [a for a in row_args if a is not None]
-    if (rows <= 1 or rows * row_numel <= _SLICE or _records(present)
-            or any(isinstance(a, Dual) for a in present)):
-        return piece(*row_args)
-    step = max(1, _SLICE // max(1, row_numel))
-    first = sums = None
-    for i in range(0, rows, step):
-        k = min(step, rows - i)
-        outs = piece(*(None if a is None else a.narrow(0, i, k) for a in row_args))
-        if outs[0] is not None:
-            if first is None:
-                first = outs[0].new_empty((rows,) + tuple(outs[0].shape[1:]))
-            first.narrow(0, i, k).copy_(outs[0])
-        sums = list(outs[1:]) if sums is None else [_add(a, b) for a, b in zip(sums, outs[1:])]
-    return (first, *sums)
-
-
 @defrule(aten.native_layer_norm_backward.default)
 def _layer_norm_backward_jvp(t, ans, go, x, normalized_shape, mean, rstd, w, b, output_mask):
     dgo, dx, dmean, drstd, dw = t[0], t[1], t[3], t[4], t[5]
@@ -519,7 +430,7 @@ def _layer_norm_backward_jvp(t, ans, go, x, normalized_shape, mean, rstd, w, b, 
             di = _normalized_grad_tangent(G, dG, xhat, dxhat, rstd, drstd, [1])
         return (di, *_param_grad_tangents(go, dgo, xhat, dxhat, [0], output_mask))
 
-    di, dgw, dgb = _in_row_slices(piece, rows, features, [
+    di, dgw, dgb = in_row_slices(piece, rows, features, [
         as_rows(go, features), as_rows(dgo, features), as_rows(x, features), as_rows(dx, features),
         as_rows(mean, 1), as_rows(dmean, 1), as_rows(rstd, 1), as_rows(drstd, 1),
     ])
@@ -554,7 +465,7 @@ def _group_norm_backward_jvp(t, ans, go, x, mean, rstd, w, N, C, HxW, group, out
             di = _normalized_grad_tangent(G, dG, xhat, dxhat, rstd, drstd, [2, 3])
         return (di, *_param_grad_tangents(go, dgo, xhat, dxhat, [0, 3], output_mask))
 
-    di, dgw, dgb = _in_row_slices(piece, N, x.numel() // max(1, N), [
+    di, dgw, dgb = in_row_slices(piece, N, x.numel() // max(1, N), [
         layout(go), layout(dgo), layout(x), layout(dx), stats(mean), stats(dmean), stats(rstd), stats(drstd),
     ])
     return (
@@ -564,32 +475,19 @@ def _group_norm_backward_jvp(t, ans, go, x, mean, rstd, w, N, C, HxW, group, out
     )
 
 
-def _channel_shape(x):
-    return [1, -1] + [1] * (x.dim() - 2)
-
-
-def _channel_sums(g, x, mean, invstd):
-    """Per channel ``(sum(g * (x - mean) * invstd), sum(g))``, from the batch-norm
-    backward kernel (its weight and bias gradients), so no temporary the size of ``x``."""
-    _, gw, gb = aten.native_batch_norm_backward.default(
-        g, x, None, None, None, mean, invstd, True, 0.0, [False, True, True]
-    )
-    return gw, gb
-
-
 def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps, output_mask):
     """Shared by the batch-norm backward overloads; ``t`` indexed as in native_batch_norm_backward.
 
-    Every term of the tangent is a full-size tensor (``go``, ``dgo``, ``x``,
-    ``dx``) times a per-channel coefficient, so the tangent of the input
-    gradient is built in place in one tensor, and the sums it needs come from
-    the kernel.  With ``mu``/``rho`` the mean and inverse standard deviation
-    used (batch statistics in training, running ones otherwise), ``xhat = (x -
-    mu) rho``, ``b = mean(go xhat)``, ``a = mean(go)`` and ``w`` the weight:
+    With ``mu``/``rho`` the mean and inverse standard deviation used (batch
+    statistics in training, running ones otherwise), ``xhat = (x - mu) rho``,
+    ``w`` the weight, ``a = mean(go)`` and ``b = mean(go xhat)``:
 
-    * training: ``gi = rho w (go - a - xhat b)``;
-    * evaluation: ``gi = rho w go``;
+    * training: ``gi = rho w (go - a - xhat b)``;  evaluation: ``gi = rho w go``;
     * ``grad_weight = sum(go xhat)``, ``grad_bias = sum(go)``.
+
+    Every term of the tangent of ``gi`` is a full-size tensor (``dgo``, ``go``,
+    ``dx``, ``x - mu``) times a per-channel coefficient, and the channel sums
+    come from the kernel, so the tangent is built in place in one tensor.
     """
     dgo, dx, dw, drm, drv, dsm, dsi = t[0], t[1], t[2], t[3], t[4], t[5], t[6]
     shape = _channel_shape(x)
@@ -600,60 +498,44 @@ def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps
         mu, rho, dmu = rm, (rv + eps).rsqrt(), drm
         drho = None if drv is None else -0.5 * rho ** 3 * drv
     wv = w if w is not None else torch.ones_like(rho)
-    # The terms linear in dgo are the op itself applied to dgo.
+    d_rho_w = _plus(_times(drho, wv), _times(rho, dw))  # tangent of rho * w
+    sum_go_xhat, sum_go = channel_sums(go, x, mu, rho)
+    # S1 = sum(dgo xhat), S2 = sum(dgo); m3 = sum(go dxhat), dxhat = (dx - dmu) rho + (x - mu) drho.
+    s1 = s2 = m3 = None
     if dgo is not None:
-        di, dgw, dgb = aten.native_batch_norm_backward.default(
-            dgo, x, w, rm, rv, save_mean, save_invstd, train, eps, output_mask
-        )
-        di = di if output_mask[0] else None
-        dgw = dgw if output_mask[1] else None
-        dgb = dgb if output_mask[2] else None
-    else:
-        di = dgw = dgb = None
-    d_rho_w = _add(_mul(drho, wv), _mul(rho, dw))  # tangent of rho * w
-    if d_rho_w is None and dx is None and dmu is None:
-        return di, dgw, dgb
-    sum_go_xhat, sum_go = _channel_sums(go, x, mu, rho)
-    # m3 = mean(go * dxhat), dxhat = (dx - dmu) rho + (x - mu) drho.
-    m3 = None
+        s1, s2 = channel_sums(dgo, x, mu, rho)
     if dx is not None:
-        m3 = rho * _channel_sums(go, dx, torch.zeros_like(mu), torch.ones_like(rho))[0]
+        m3 = rho * channel_sums(go, dx, torch.zeros_like(mu), torch.ones_like(rho))[0]
     if dmu is not None:
-        m3 = _add(m3, -rho * dmu * sum_go)
+        m3 = _plus(m3, -rho * dmu * sum_go)
     if drho is not None:
-        m3 = _add(m3, drho * sum_go_xhat / rho)
-    if m3 is not None:
-        if output_mask[1]:
-            dgw = _add(dgw, m3)
-        m3 = m3 / count
+        m3 = _plus(m3, drho * sum_go_xhat / rho)
+    dgw = _plus(s1, m3) if output_mask[1] else None
+    dgb = s2 if output_mask[2] else None
+    di = None
     if output_mask[0]:
-        # di += c_go * go + c_dx * dx + c_x * x + c_1, coefficients per channel.
+        rw = rho * wv
+        c_dgo = None if dgo is None else rw
         c_go, c_dx, c_x, c_1 = d_rho_w, None, None, None
         if train:
             a, b = sum_go / count, sum_go_xhat / count
+            # d(rho w) (go - a - xhat b) + rho w (dgo - mean(dgo) - xhat mean(dgo xhat))
+            #   - rho w (b dxhat + xhat mean(go dxhat)), with the mean's terms cancelled.
             if d_rho_w is not None:
                 c_x = -d_rho_w * rho * b
-                c_1 = d_rho_w * (mu * rho * b - a)
-            rwb = rho * wv * b
+                c_1 = -d_rho_w * a
+            if dgo is not None:
+                c_x = _plus(c_x, -rw * rho * s1 / count)
+                c_1 = _plus(c_1, -rw * s2 / count)
             if dx is not None:
-                c_dx = -rho * rwb
+                c_dx = -rw * rho * b
             if dmu is not None:
-                c_1 = _add(c_1, rho * rwb * dmu)
+                c_1 = _plus(c_1, rw * rho * b * dmu)
             if drho is not None:
-                c_x = _add(c_x, -rwb * drho)
-                c_1 = _add(c_1, rwb * drho * mu)
+                c_x = _plus(c_x, -rw * b * drho)
             if m3 is not None:
-                c_x = _add(c_x, -rho * rho * wv * m3)
-                c_1 = _add(c_1, rho * rho * wv * m3 * mu)
-        terms = [(go, c_go), (dx, c_dx), (x, c_x)]
-        for full, coef in terms:
-            if coef is None:
-                continue
-            coef = coef.reshape(shape)
-            di = full * coef if di is None else di.addcmul_(full, coef)
-        if c_1 is not None:
-            c_1 = c_1.reshape(shape)
-            di = c_1.expand(x.shape).clone() if di is None else di.add_(c_1)
+                c_x = _plus(c_x, -rw * rho * m3 / count)
+        di = per_channel_sum(shape, [(dgo, c_dgo), (go, c_go), (dx, c_dx)], (x, mu, c_x), c_1)
     return di, dgw, dgb
 
 

@@ -78,34 +78,77 @@ def _channel_shape(x):
     return [1, -1] + [1] * (x.dim() - 2)
 
 
+def per_channel_sum(shape, terms, centered=None, const=None):
+    """``sum(full * coef) [+ (x - mu) * c] [+ const]`` with per-channel coefficients
+    (reshaped to ``shape``), built in place in one tensor: batch-norm tangents
+    need no other temporary the size of the input.  ``centered = (x, mu, c)``
+    keeps ``x - mu`` together, so a large mean does not cancel."""
+    out = None
+    if centered is not None and centered[2] is not None:
+        x, mu, c = centered
+        out = (x - mu.reshape(shape)).mul_(c.reshape(shape))
+    for full, coef in terms:
+        if full is None or coef is None:
+            continue
+        coef = coef.reshape(shape)
+        out = full * coef if out is None else out.addcmul_(full, coef)
+    if const is not None:
+        const = const.reshape(shape)
+        out = const if out is None else out.add_(const)
+    return out
+
+
+def _times(a, b):
+    return None if a is None or b is None else a * b
+
+
+def _plus(a, b):
+    return a if b is None else (b if a is None else a + b)
+
+
+def channel_sums(g, x, mu, rho):
+    """Per channel ``(sum(g * (x - mu) * rho), sum(g))``: the weight and bias gradients
+    of the batch-norm backward kernel, so no temporary the size of ``x``."""
+    _, gw, gb = aten.native_batch_norm_backward.default(
+        g, x, None, None, None, mu, rho, True, 0.0, [False, True, True]
+    )
+    return gw, gb
+
+
 def _batch_norm_train(t, x, w, b, mean_out, invstd_out, tx, tw, tb):
-    dims = [0] + list(range(2, x.dim()))
+    # With batch statistics mu, rho (per channel) and xhat = (x - mu) rho:
+    # dxhat = rho (dx - m1 - xhat m2), m1 = mean(dx), m2 = mean(xhat dx), and
+    # dout = w dxhat + xhat dw + db: per-channel coefficients on dx and x - mu.
     shape = _channel_shape(x)
-    mean = mean_out.reshape(shape)
-    rstd = invstd_out.reshape(shape)
+    mu, rho = mean_out, invstd_out
+    wv = w if w is not None else torch.ones_like(rho)
+    c_x = _times(rho, tw)
+    c_1 = tb
+    c_dx = dmean = drstd = None
     if tx is not None:
-        xhat, dxhat, dmean, drstd = _normalized_tangent(x, tx, mean, rstd, dims)
-        dmean, drstd = dmean.reshape(-1), drstd.reshape(-1)
-    else:
-        xhat, dxhat, dmean, drstd = (x - mean) * rstd, None, None, None
-    return _affine_tangent(xhat, dxhat, w, tw, tb, shape), dmean, drstd
+        count = x.numel() // x.shape[1]
+        sum_xhat_dx, sum_dx = channel_sums(tx, x, mu, rho)
+        m1, m2 = sum_dx / count, sum_xhat_dx / count
+        dmean, drstd = m1, -rho * rho * m2
+        c_dx = wv * rho
+        c_x = _plus(c_x, -wv * rho * rho * m2)
+        c_1 = _plus(c_1, -wv * rho * m1)
+    dout = per_channel_sum(shape, [(tx, c_dx)], (x, mu, c_x), c_1)
+    return dout, dmean, drstd
 
 
 def _batch_norm_eval(x, w, rm, rv, eps, tx, tw, tb, trm, trv):
+    # out = (x - rm) rho w + b with rho = (rv + eps)^-1/2 fixed per channel.
     shape = _channel_shape(x)
-    rstd = (rv + eps).rsqrt().reshape(shape)
-    xc = x - rm.reshape(shape)
-    xhat = xc * rstd
-    dxhat = None
-    if tx is not None:
-        dxhat = tx * rstd
+    rho = (rv + eps).rsqrt()
+    wv = w if w is not None else torch.ones_like(rho)
+    drho = None if trv is None else -0.5 * rho ** 3 * trv
+    d_rho_w = _plus(_times(rho, tw), _times(wv, drho))  # tangent of rho * w
+    c_1 = tb
     if trm is not None:
-        c = -trm.reshape(shape) * rstd
-        dxhat = c if dxhat is None else dxhat + c
-    if trv is not None:
-        c = -0.5 * xc * rstd * rstd * rstd * trv.reshape(shape)
-        dxhat = c if dxhat is None else dxhat + c
-    return _affine_tangent(xhat, dxhat, w, tw, tb, shape)
+        c_1 = _plus(c_1, -wv * rho * trm)
+    c_dx = None if tx is None else wv * rho
+    return per_channel_sum(shape, [(tx, c_dx)], (x, rm, d_rho_w), c_1)
 
 
 def _batch_norm(t, ans, x, w, b, rm, rv, training, eps, trm=None, trv=None):
