@@ -6,10 +6,12 @@ set size (``/proc/self/clear_refs``), runs the computation again and reports
 the growth of the peak over the resident size just before the call, so the
 interpreter, torch itself and the model's parameters are not counted.  glibc's
 mmap threshold is fixed (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors
-leave the resident set instead of being kept for reuse.
+leave the resident set instead of being kept for reuse.  Times come from one
+more subprocess per model with default allocator settings, one thread, the
+methods interleaved round by round; the minimum over rounds is reported.
 
     python benchmarks/hvp_memory.py            # both models, all methods
-    python benchmarks/hvp_memory.py --model cnn --repeat 5
+    python benchmarks/hvp_memory.py --model cnn --rounds 10
 
 Methods:
 
@@ -142,7 +144,7 @@ def _reset_peak():
         f.write("5")
 
 
-def measure(model_name, method, repeat):
+def measure_memory(model_name, method):
     import torch
 
     torch.set_num_threads(1)
@@ -154,55 +156,71 @@ def measure(model_name, method, repeat):
     _reset_peak()
     out = call()
     _, peak = _rss_kib()
-    del out
-    gc.collect()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = call()
-        times.append(time.perf_counter() - t0)
-        del out
-    times.sort()
-    return {"peak_mib": (peak - rss0) / 1024, "time_s": times[len(times) // 2]}
+    return {"peak_mib": (peak - rss0) / 1024}
+
+
+def measure_time(model_name, methods, rounds):
+    """Minimum time per call of each method, the methods interleaved round by round
+    so that load from other processes affects them alike."""
+    import torch
+
+    torch.set_num_threads(1)
+    calls = {m: make_call(model_name, m) for m in methods}
+    for call in calls.values():
+        call()  # warm-up
+    times = {m: [] for m in methods}
+    for _ in range(rounds):
+        for m, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[m].append(time.perf_counter() - t0)
+    return {m: min(ts) for m, ts in times.items()}
+
+
+def _child(env, *args):
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, env=env,
+    )
+    if proc.returncode:
+        print(f"{' '.join(args)} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, action="append")
     parser.add_argument("--method", choices=METHODS, action="append")
-    parser.add_argument("--repeat", type=int, default=5, help="timed calls per measurement (median)")
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (minimum is reported)")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--time-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1], args.repeat)))
+    if args.memory_child:
+        print(json.dumps(measure_memory(*args.memory_child)))
+        return
+    if args.time_child:
+        print(json.dumps(measure_time(args.time_child[0], args.time_child[1:], args.rounds)))
         return
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
     # glibc keeps freed memory resident and raises its mmap threshold after
     # frees; a fixed threshold makes resident memory follow live tensors.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
+    # (Timing runs with the default allocator settings.)
+    mem_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    methods = args.method or METHODS
+    if "grad" not in methods:
+        methods = ["grad"] + methods
     for model_name in args.model or MODELS:
-        results = {}
-        for method in args.method or METHODS:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", model_name, method, "--repeat", str(args.repeat)],
-                capture_output=True, text=True, env=env,
-            )
-            if proc.returncode:
-                print(f"{model_name} / {method} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-        base = results.get("grad")
-        print(f"\n{model_name}: peak memory above the pre-call resident size, and median time")
+        memory = {m: _child(mem_env, "--memory-child", model_name, m) for m in methods}
+        times = _child(env, "--time-child", model_name, *methods, "--rounds", str(args.rounds)) or {}
+        base_mem = memory["grad"]["peak_mib"] if memory.get("grad") else float("nan")
+        base_time = times.get("grad", float("nan"))
+        print(f"\n{model_name}: peak memory above the pre-call resident size; minimum time of {args.rounds} interleaved rounds")
         print(f"{'method':<26} {'peak MiB':>9} {'x grad':>7} {'time ms':>9} {'x grad':>7}")
-        for method, r in results.items():
-            mem_ratio = r["peak_mib"] / base["peak_mib"] if base else float("nan")
-            time_ratio = r["time_s"] / base["time_s"] if base else float("nan")
-            print(
-                f"{method:<26} {r['peak_mib']:>9.1f} {mem_ratio:>7.2f} "
-                f"{1000 * r['time_s']:>9.1f} {time_ratio:>7.2f}"
-            )
+        for m in methods:
+            peak = memory[m]["peak_mib"] if memory.get(m) else float("nan")
+            t = times.get(m, float("nan"))
+            print(f"{m:<26} {peak:>9.1f} {peak / base_mem:>7.2f} {1000 * t:>9.1f} {t / base_time:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .interpreter import Dual, new_level, tangent_of
-from .transforms import check_callable, split_aux
+from .transforms import check_callable, check_outside_functorch, split_aux
 
 _aten_detach = torch.ops.aten.detach.default
 
@@ -347,6 +347,7 @@ def _storage_ptr(t):
 
 def _forward_over_reverse(loss, params, v, name):
     check_callable(loss, name, "loss")
+    check_outside_functorch(name)
     keys, p_leaves, v_leaves, rebuild = _flatten_params(params, v, name)
     if isinstance(params, (list, tuple)):
         pure_args = p_leaves

@@ -22,6 +22,22 @@ def check_callable(func, name, what="func"):
         raise TypeError(f"{name}: {what} must be callable, got {type(func).__name__}")
 
 
+def check_outside_functorch(name):
+    """Refuse to start a transform inside a torch.func transform (grad, jacrev, vmap).
+
+    functorch's wrappers cannot see the tangents that fwdgrad's duals carry in
+    ``__torch_dispatch__``: ``torch.func.grad`` of a function calling
+    ``fwdgrad.jvp`` would be silently wrong.  The other order works.
+    """
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError(
+            f"{name}: fwdgrad's forward-mode transforms cannot run inside a torch.func "
+            f"transform (torch.func.grad, jacrev, vmap, ...), whose wrappers do not see "
+            f"fwdgrad's tangents.  Nest them the other way round (e.g. "
+            f"fwdgrad.jvp(torch.func.grad(f), ...)), or use fwdgrad.grad for the reverse part."
+        )
+
+
 def _describe(path):
     return "".join(str(k) for k in path)
 
@@ -130,6 +146,7 @@ def jvp(func, primals, tangents, *, has_aux=False):
     """
     name = "jvp"
     check_callable(func, name)
+    check_outside_functorch(name)
     if not isinstance(primals, (tuple, list)):
         raise TypeError(f"{name}: primals must be a tuple of func's positional arguments, got {type(primals).__name__}")
     if not isinstance(tangents, (tuple, list)):
@@ -170,6 +187,7 @@ def forward_grad(func, *, has_aux=False):
             raise TypeError(
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
+        check_outside_functorch(name)
         level = new_level()
         args = []
         for i in range(0, len(pairs), 2):
