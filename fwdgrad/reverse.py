@@ -327,7 +327,19 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
         else:
             gs.append(g)
             hvs.append(None)
-    return value, gs, hvs
+    # Results carry no graph (a loss that captures tensors requiring grad would
+    # give the value one); lower-level tangents, if any, stay.
+    return (
+        _no_graph(value),
+        [_no_graph(g) for g in gs],
+        [_no_graph(h) for h in hvs],
+    )
+
+
+def _no_graph(t):
+    if t is not None and t.requires_grad:
+        return detach_keeping_tangents(t)
+    return t
 
 
 def _own(t, like, foreign):
@@ -388,7 +400,7 @@ def _in_closure(loss, keys, params, duals, level, name):
     swapped = []
     try:
         for p, d in zip(params, duals):
-            torch.utils.swap_tensors(p, d)
+            _swap(p, d)
             swapped.append((p, d))
         return _loss_and_grads(loss, (), params, level, name)
     except BaseException as e:
@@ -402,13 +414,46 @@ def _in_closure(loss, keys, params, duals, level, name):
             _swap_back(p, d, name)
 
 
+def _poisoned(grad_outputs):
+    raise RuntimeError(
+        "fwdgrad.hvp: this graph used a parameter while hvp had turned it into a dual "
+        "(closure form); it cannot be differentiated after hvp returned"
+    )
+
+
+def _swap(t1, t2):
+    """Exchange the contents of two tensor objects, keeping their identities.
+
+    Like ``torch.utils.swap_tensors``, but weak references are allowed: a weak
+    reference to a parameter (``nn.LSTM`` keeps them) goes on pointing at the
+    same object, which is what the temporary swap of the closure form needs.
+    """
+    for t in (t1, t2):
+        if t._use_count() > 1:
+            # A leaf may also be held by its AccumulateGrad node (a graph that
+            # outlives the call): that node must not run on the swapped tensor.
+            if t._use_count() == 2 and t.is_leaf:
+                node = torch.autograd.graph.get_gradient_edge(t).node
+                if t._use_count() == 2:
+                    node.register_prehook(lambda grad_outputs: _poisoned(grad_outputs))
+                    continue
+            raise RuntimeError(
+                f"a tensor to swap has {t._use_count()} references from C++ (a live graph?)"
+            )
+    for attr in ("__class__", "__dict__"):
+        tmp = getattr(t1, attr)
+        setattr(t1, attr, getattr(t2, attr))
+        setattr(t2, attr, tmp)
+    torch._C._swap_tensor_impl(t1, t2)
+
+
 def _swap_back(p, d, name):
     try:
-        torch.utils.swap_tensors(p, d)
+        _swap(p, d)
     except RuntimeError:
         gc.collect()
         try:
-            torch.utils.swap_tensors(p, d)
+            _swap(p, d)
         except RuntimeError as e:
             raise RuntimeError(
                 f"{name}: could not restore a parameter after the closure ran, because a "
