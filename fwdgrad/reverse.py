@@ -410,8 +410,14 @@ def _in_closure(loss, keys, params, duals, level, name):
         gc.collect()
         raise
     finally:
+        failed = []
         for p, d in reversed(swapped):
-            _swap_back(p, d, name)
+            try:
+                _swap_back(p, d, name)
+            except RuntimeError as e:
+                failed.append(e)  # restore the others before reporting
+        if failed:
+            raise failed[0]
 
 
 def _poisoned(grad_outputs):

@@ -36,6 +36,22 @@ def _conv_jvp(t, ans, x, w, b, stride, padding, dilation, transposed, output_pad
 # ---- normalisation ------------------------------------------------------------
 
 
+def _visible_stats(x, mean, rstd, dims, eps):
+    """``mean`` and ``rstd`` as reverse mode must see them.
+
+    PyTorch marks a normalisation kernel's mean and rstd outputs as not
+    differentiable, so a tangent built from them would be treated by autograd
+    as if the statistics did not depend on ``x``.  When reverse mode will
+    differentiate the tangent (``x`` requires grad), recompute them with
+    differentiable ops.
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return mean, rstd
+    m = x.mean(dims, keepdim=True)
+    r = (x.var(dims, correction=0, keepdim=True) + eps).rsqrt()
+    return m.reshape(mean.shape), r.reshape(rstd.shape)
+
+
 def _normalized_tangent(x, tx, mean, rstd, dims):
     """Tangents of ``xhat = (x - mean) * rstd`` and of ``rstd`` for statistics over ``dims``."""
     xhat = (x - mean) * rstd
@@ -64,6 +80,7 @@ def _layer_norm_jvp(t, ans, x, normalized_shape, w, b, eps):
     out, mean, rstd = ans
     axis = x.dim() - len(normalized_shape)
     dims = list(range(axis, x.dim()))
+    mean, rstd = _visible_stats(x, mean, rstd, dims, eps)
     tx = t[0]
     if tx is not None:
         xhat, dxhat, dmean, drstd = _normalized_tangent(x, tx, mean, rstd, dims)
@@ -108,7 +125,12 @@ def _plus(a, b):
 
 def channel_sums(g, x, mu, rho):
     """Per channel ``(sum(g * (x - mu) * rho), sum(g))``: the weight and bias gradients
-    of the batch-norm backward kernel, so no temporary the size of ``x``."""
+    of the batch-norm backward kernel, so no temporary the size of ``x``.  Under
+    reverse mode (the kernel's own derivative does not cover this use) plain ops."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in (g, x, mu, rho)):
+        shape = _channel_shape(x)
+        dims = [0] + list(range(2, x.dim()))
+        return (g * (x - mu.reshape(shape)) * rho.reshape(shape)).sum(dims), g.sum(dims)
     _, gw, gb = aten.native_batch_norm_backward.default(
         g, x, None, None, None, mu, rho, True, 0.0, [False, True, True]
     )
@@ -154,6 +176,8 @@ def _batch_norm_eval(x, w, rm, rv, eps, tx, tw, tb, trm, trv):
 def _batch_norm(t, ans, x, w, b, rm, rv, training, eps, trm=None, trv=None):
     out, save_mean, save_invstd = ans[0], ans[1], ans[2]
     if training:
+        dims = [0] + list(range(2, x.dim()))
+        save_mean, save_invstd = _visible_stats(x, save_mean, save_invstd, dims, eps)
         dout, dmean, drstd = _batch_norm_train(t, x, w, b, save_mean, save_invstd, t[0], t[1], t[2])
         return dout, dmean, drstd
     return _batch_norm_eval(x, w, rm, rv, eps, t[0], t[1], t[2], trm, trv), None, None
@@ -195,7 +219,7 @@ def _group_norm_jvp(t, ans, x, w, b, N, C, HxW, group, eps):
     out, mean, rstd = ans
     shape = _channel_shape(x)
     xg = x.reshape(N, group, -1)
-    m, r = mean.reshape(N, group, 1), rstd.reshape(N, group, 1)
+    m, r = _visible_stats(xg, mean.reshape(N, group, 1), rstd.reshape(N, group, 1), [2], eps)
     if t[0] is not None:
         xhat, dxhat, dmean, drstd = _normalized_tangent(xg, t[0].reshape(N, group, -1), m, r, [2])
         dxhat = dxhat.reshape(x.shape)
@@ -300,7 +324,10 @@ def _attention_probs(q, k, lse, attn_mask, is_causal, scale):
         L, S = q.shape[-2], k.shape[-2]
         causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~causal, float("-inf"))
-    p = (s - lse.unsqueeze(-1)).exp()
+    if lse is None:  # differentiable in q and k for reverse mode (the kernel's lse is not)
+        p = s.softmax(-1)
+    else:
+        p = (s - lse.unsqueeze(-1)).exp()
     return p.nan_to_num(0.0)
 
 
@@ -325,7 +352,10 @@ def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=
         )[0]
     dlse = None
     if tq is not None or tk is not None or tmask is not None:
-        p = _attention_probs(q, k, lse, attn_mask, is_causal, scale)
+        visible = torch.is_grad_enabled() and any(
+            a is not None and a.requires_grad for a in (q, k, attn_mask)
+        )
+        p = _attention_probs(q, k, None if visible else lse, attn_mask, is_causal, scale)
         ds = None
         if tq is not None:
             ds = (tq @ k.transpose(-2, -1)) * scale
