@@ -12,39 +12,54 @@ from ..registry import def_multilinear, defrule
 
 aten = torch.ops.aten
 
-for _op in (aten.dot.default, aten.vdot.default):
+for _op in (aten.mm.default, aten.bmm.default, aten.mv.default, aten.dot.default,
+            aten.vdot.default):
     def_multilinear(_op, 0, 1)
 
+# Accumulating a second product into the first in place (``out.addmm_(a, b)``)
+# makes one output-sized tensor instead of three; a product's output is not
+# saved by its backward, so this is safe under autograd too.
+_ACCUMULATE = {
+    torch.mm: torch.Tensor.addmm_,
+    torch.bmm: torch.Tensor.baddbmm_,
+    torch.mv: torch.Tensor.addmv_,
+    torch.outer: torch.Tensor.addr_,
+}
 
-def _product_rule(product, accumulate):
-    """``ta @ b + a @ tb`` for a matrix product, the second term accumulated into
-    the first in place (``addmm_`` and friends) so that only one output-sized
-    tensor is made.  A product's output is not saved by its backward, so the
-    in-place update is safe under autograd too."""
+
+def _accumulate_product(out, product, a, b):
+    """``out += product(a, b)``, in place; ``out`` is a fresh tensor of the output's shape."""
+    if out is None:
+        return product(a, b)
+    accumulate = _ACCUMULATE.get(product)
+    return accumulate(out, a, b) if accumulate is not None else out.add_(product(a, b))
+
+
+def _product_rule(product):
+    """``ta @ b + a @ tb`` for a matrix product, built in one tensor."""
 
     def rule(t, ans, a, b):
         out = None
         if t[0] is not None:
             out = product(t[0], b)
         if t[1] is not None:
-            out = product(a, t[1]) if out is None else accumulate(out, a, t[1])
+            out = _accumulate_product(out, product, a, t[1])
         return out
 
     return rule
 
 
-defrule(aten.mm.default)(_product_rule(torch.mm, lambda out, a, b: out.addmm_(a, b)))
-defrule(aten.bmm.default)(_product_rule(torch.bmm, lambda out, a, b: out.baddbmm_(a, b)))
-defrule(aten.mv.default)(_product_rule(torch.mv, lambda out, a, b: out.addmv_(a, b)))
+for _op, _product in ((aten.mm.default, torch.mm), (aten.bmm.default, torch.bmm), (aten.mv.default, torch.mv)):
+    defrule(_op)(_product_rule(_product))
 
 
-def _affine_product(product, accumulate):
+def _affine_product(product):
     """Rules for ``beta * self + alpha * product(a, b)`` ops (addmm, baddbmm, addmv, addr, addbmm).
 
-    The products' tangents are accumulated in place into one fresh tensor,
-    then the tangent of ``self`` is added to it (it may broadcast).
+    The products' tangents are accumulated in place into one fresh tensor of
+    the output's shape, which then takes the (broadcasting) tangent of ``self``.
     """
-    pair = _product_rule(product, accumulate)
+    pair = _product_rule(product)
 
     def rule(t, ans, s, a, b, *, beta=1, alpha=1):
         out = pair((t[1], t[2]), None, a, b)
@@ -53,28 +68,23 @@ def _affine_product(product, accumulate):
         if t[0] is not None and beta != 0:
             if out is None:
                 return t[0] if beta == 1 else t[0] * beta
-            if out.shape == ans.shape:
-                out.add_(t[0], alpha=beta)
-            else:
-                out = out + t[0] * beta
+            out.add_(t[0], alpha=beta)
         return out
 
     return rule
 
 
-_addmm_rule = defrule(aten.addmm.default)(_affine_product(torch.mm, lambda out, a, b: out.addmm_(a, b)))
-defrule(aten.baddbmm.default)(_affine_product(torch.bmm, lambda out, a, b: out.baddbmm_(a, b)))
-defrule(aten.addmv.default)(_affine_product(torch.mv, lambda out, a, b: out.addmv_(a, b)))
-defrule(aten.addr.default)(_affine_product(torch.outer, lambda out, a, b: out.addr_(a, b)))
-defrule(aten.addbmm.default)(
-    _affine_product(lambda a, b: torch.bmm(a, b).sum(0), lambda out, a, b: out.addbmm_(a, b))
-)
+_addmm_tangent = _affine_product(torch.mm)
+defrule(aten.addmm.default)(_addmm_tangent)
+defrule(aten.baddbmm.default)(_affine_product(torch.bmm))
+defrule(aten.addmv.default)(_affine_product(torch.mv))
+defrule(aten.addr.default)(_affine_product(torch.outer))
+defrule(aten.addbmm.default)(_affine_product(lambda a, b: torch.bmm(a, b).sum(0)))
 
 
 @defrule(aten._addmm_activation.default)
 def _addmm_activation_jvp(t, ans, s, a, b, *, beta=1, alpha=1, use_gelu=False):
-    # The activation's output has the pre-activation's shape.
-    pre = _addmm_rule(t, ans, s, a, b, beta=beta, alpha=alpha)
+    pre = _addmm_tangent(t, None, s, a, b, beta=beta, alpha=alpha)
     if pre is None:
         return None
     if use_gelu:
