@@ -339,13 +339,6 @@ def _view(func, entry, args, kwargs, pargs, pkwargs, targs, any_t, level):
         # Autograd's internal detach of saved outputs: keep the tangent, and keep
         # the inner autograd history (an alias, not a detach, underneath).
         ans = torch.ops.aten.alias.default(pargs[0])
-        if isinstance(base, Dual) and base._level == level:
-            # A root sharing the base's tangent, not a view record pointing back
-            # at the base: autograd's graph (in C++, out of reach of Python's
-            # garbage collector) holds this saved output, and the base holds the
-            # graph, so a back reference would be a cycle that is never freed
-            # when the graph is dropped without a backward pass.
-            return Dual(ans, targs[0], level)
     else:
         ans = func(*pargs, **pkwargs)
     if not (isinstance(base, Dual) and base._level == level):
