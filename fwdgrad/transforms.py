@@ -17,11 +17,6 @@ def _is_float(x):
     return x.is_floating_point() or x.is_complex()
 
 
-def check_callable(func, name, what="func"):
-    if not callable(func):
-        raise TypeError(f"{name}: {what} must be callable, got {type(func).__name__}")
-
-
 def check_outside_functorch(name):
     """Refuse to start a transform inside a torch.func transform (grad, jacrev, vmap).
 
@@ -36,6 +31,11 @@ def check_outside_functorch(name):
             f"fwdgrad's tangents.  Nest them the other way round (e.g. "
             f"fwdgrad.jvp(torch.func.grad(f), ...)), or use fwdgrad.grad for the reverse part."
         )
+
+
+def check_callable(func, name, what="func"):
+    if not callable(func):
+        raise TypeError(f"{name}: {what} must be callable, got {type(func).__name__}")
 
 
 def _describe(path):
