@@ -4,7 +4,8 @@ A tangent formula such as ``go * pdf(x) * (2 - x * x) * dx`` builds three or
 four temporaries the size of an activation before the result exists.  In a
 forward-over-reverse pass those temporaries, not the saved values, set the
 peak memory.  When nothing records autograd on the result (no reverse mode
-over the rule) and the tensors are plain, the formula is evaluated over slices
+over the rule), no tracer watches (``in_place_ok``) and the tensors are plain,
+the formula is evaluated over slices
 of ``SLICE`` elements along the first dimension (or the flattened tensor) and
 written into one output, so the temporaries are slice-sized.  Slices of 64K
 elements also keep the temporaries in cache, so this is not slower.
@@ -15,6 +16,14 @@ import torch
 from . import registry
 
 SLICE = 1 << 16  # elements per slice
+
+
+def in_place_ok(tensors=()):
+    """Whether memory tricks (in-place updates of fresh temporaries, slices) may be
+    used: nothing records autograd on these tensors, and no dispatch mode (a
+    tracer such as make_fx or jacfwd's recorder) watches, which would see the
+    in-place writes as mutations of recorded values."""
+    return torch._C._len_torch_dispatch_stack() == 0 and not records(tensors)
 
 
 def records(tensors):
@@ -38,7 +47,7 @@ def accumulate(out, fn, like, *args):
     if (
         like.dim() == 0
         or like.numel() <= SLICE
-        or records(tensors)
+        or not in_place_ok(tensors)
         or not _plain(tensors + ([out] if out is not None else []))
         or (out is not None and (out.shape != like.shape or out.requires_grad))
     ):
@@ -80,7 +89,7 @@ def in_row_slices(piece, rows, row_numel, row_args):
     any number of sums over rows (added up across slices).
     """
     present = [a for a in row_args if a is not None]
-    if rows <= 1 or rows * row_numel <= SLICE or records(present) or not _plain(present):
+    if rows <= 1 or rows * row_numel <= SLICE or not in_place_ok(present) or not _plain(present):
         return piece(*row_args)
     step = max(1, SLICE // max(1, row_numel))
     first = sums = None
@@ -112,7 +121,7 @@ def sliced_unary(rule):
             or x.numel() <= SLICE
             or not (g.shape == ans.shape == x.shape)
             or not (g.is_contiguous() and ans.is_contiguous() and x.is_contiguous())
-            or records((g, ans, x))
+            or not in_place_ok((g, ans, x))
             or not _plain((g, ans, x))
         ):
             return rule(t, ans, x, *args, **kwargs)

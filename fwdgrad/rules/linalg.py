@@ -9,6 +9,7 @@ results", 2008).
 import torch
 
 from ..registry import def_multilinear, defrule
+from ..slicing import in_place_ok
 
 aten = torch.ops.aten
 
@@ -18,7 +19,8 @@ for _op in (aten.mm.default, aten.bmm.default, aten.mv.default, aten.dot.default
 
 # Accumulating a second product into the first in place (``out.addmm_(a, b)``)
 # makes one output-sized tensor instead of three; a product's output is not
-# saved by its backward, so this is safe under autograd too.
+# saved by its backward, so this is safe under autograd too (but not under a
+# tracer: see ``slicing.in_place_ok``).
 _ACCUMULATE = {
     torch.mm: torch.Tensor.addmm_,
     torch.bmm: torch.Tensor.baddbmm_,
@@ -31,6 +33,8 @@ def _accumulate_product(out, product, a, b):
     """``out += product(a, b)``, in place; ``out`` is a fresh tensor of the output's shape."""
     if out is None:
         return product(a, b)
+    if not in_place_ok():
+        return out + product(a, b)
     accumulate = _ACCUMULATE.get(product)
     return accumulate(out, a, b) if accumulate is not None else out.add_(product(a, b))
 
@@ -63,12 +67,13 @@ def _affine_product(product):
 
     def rule(t, ans, s, a, b, *, beta=1, alpha=1):
         out = pair((t[1], t[2]), None, a, b)
+        inplace = in_place_ok()
         if out is not None and alpha != 1:
-            out.mul_(alpha)
+            out = out.mul_(alpha) if inplace else out * alpha
         if t[0] is not None and beta != 0:
             if out is None:
                 return t[0] if beta == 1 else t[0] * beta
-            out.add_(t[0], alpha=beta)
+            out = out.add_(t[0], alpha=beta) if inplace else torch.add(out, t[0], alpha=beta)
         return out
 
     return rule

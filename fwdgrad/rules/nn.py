@@ -8,6 +8,7 @@ part and the saved log-sum-exp to rebuild ``P`` for the rest).
 import torch
 
 from ..registry import def_linear, defrule
+from ..slicing import in_place_ok
 
 aten = torch.ops.aten
 
@@ -100,18 +101,23 @@ def per_channel_sum(shape, terms, centered=None, const=None):
     (reshaped to ``shape``), built in place in one tensor: batch-norm tangents
     need no other temporary the size of the input.  ``centered = (x, mu, c)``
     keeps ``x - mu`` together, so a large mean does not cancel."""
+    inplace = in_place_ok()
     out = None
     if centered is not None and centered[2] is not None:
         x, mu, c = centered
-        out = (x - mu.reshape(shape)).mul_(c.reshape(shape))
+        out = x - mu.reshape(shape)
+        out = out.mul_(c.reshape(shape)) if inplace else out * c.reshape(shape)
     for full, coef in terms:
         if full is None or coef is None:
             continue
         coef = coef.reshape(shape)
-        out = full * coef if out is None else out.addcmul_(full, coef)
+        if out is None:
+            out = full * coef
+        else:
+            out = out.addcmul_(full, coef) if inplace else torch.addcmul(out, full, coef)
     if const is not None:
         const = const.reshape(shape)
-        out = const if out is None else out.add_(const)
+        out = const if out is None else (out.add_(const) if inplace else out + const)
     return out
 
 
