@@ -78,6 +78,10 @@ CASES = {
     "cross_entropy": (aten.nll_loss_backward.default, lambda x, w: F.cross_entropy(x * w, torch.tensor([0, 3, 1])), (3, 4), (4,)),
     "nll_weighted": (aten.nll_loss_backward.default, lambda x, w: F.nll_loss(torch.log_softmax(x * w, 1), torch.tensor([0, 3, 1]), weight=torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=D)), (3, 4), (4,)),
     "cross_entropy_2d": (aten.nll_loss2d_backward.default, lambda x, w: F.cross_entropy(x * w.view(1, 3, 1, 1), torch.tensor([[[0, 2], [1, 1]]])), (1, 3, 2, 2), (3,)),
+    "bce": (aten.binary_cross_entropy_backward.default, lambda x, w: F.binary_cross_entropy(torch.sigmoid(x * w), torch.sigmoid(x.cos())), (3, 4), (4,)),
+    "bce_weighted_sum": (aten.binary_cross_entropy_backward.default, lambda x, w: F.binary_cross_entropy(torch.sigmoid(x * w), torch.sigmoid(x.sin()), weight=torch.linspace(0.5, 2, 4, dtype=D), reduction="sum"), (3, 4), (4,)),
+    "embedding_bag": (aten._embedding_bag_backward.default, lambda x, w: _loss(F.embedding_bag(torch.tensor([0, 2, 1, 2]), x, torch.tensor([0, 1]), per_sample_weights=w, mode="sum")), (3, 4), (4,)),
+    "embedding_bag_mean": (aten._embedding_bag_backward.default, lambda x, w: _loss(F.embedding_bag(torch.tensor([0, 2, 1, 2]), x * w, torch.tensor([0, 1]), mode="mean")), (3, 4), (4,)),
     "mse": (aten.mse_loss_backward.default, lambda x, w: F.mse_loss((x * w).sin(), x.cos()), (3, 4), (4,)),
     "mse_sum": (aten.mse_loss_backward.default, lambda x, w: F.mse_loss((x * w).sin(), w.expand(3, 4), reduction="sum"), (3, 4), (4,)),
     "smooth_l1": (aten.smooth_l1_loss_backward.default, lambda x, w: F.smooth_l1_loss((x * w).sin(), x.cos(), beta=0.5), (3, 4), (4,)),
@@ -110,7 +114,7 @@ CASES = {
 
 
 # PyTorch has no double backward for these: central differences of the gradient instead.
-FINITE_DIFFERENCES = {"hardsigmoid"}
+FINITE_DIFFERENCES = {"hardsigmoid", "embedding_bag", "embedding_bag_mean"}
 
 
 def _gradient_differences(f, args, tangents, eps=1e-6):

@@ -113,7 +113,26 @@ def _linear_in_grad_unless(op, *weights):
 
 _linear_in_grad_unless(aten.nll_loss_backward.default, 3, 6)
 _linear_in_grad_unless(aten.nll_loss2d_backward.default, 3, 6)
-_linear_in_grad_unless(aten._embedding_bag_dense_backward.default, 8)
+
+
+def _bilinear_in_grad_and(op, j):
+    """``op`` is linear in its gradient and, separately, in argument ``j``
+    (embedding-bag gradients: ``grad[bag] * per_sample_weights[i]``)."""
+
+    def rule(t, ans, go, *args, **kwargs):
+        out = None if t[0] is None else op(t[0], *args, **kwargs)
+        if j < len(t) and t[j] is not None:
+            a = list(args)
+            a[j - 1] = t[j]
+            out = _add(out, op(go, *a, **kwargs))
+        return out
+
+    defrule(op)(rule)
+
+
+_bilinear_in_grad_and(aten._embedding_bag_backward.default, 10)
+_bilinear_in_grad_and(aten._embedding_bag_dense_backward.default, 8)
+_bilinear_in_grad_and(aten._embedding_bag_per_sample_weights_backward.default, 1)
 
 
 def _activation(op, second, saved_arg=1):
@@ -298,6 +317,34 @@ def _mse_backward_jvp(t, ans, go, x, y, reduction):
 def _mean_scale(x, reduction):
     """The factor a loss's reduction puts on each element's gradient (1/N for 'mean')."""
     return 1.0 / x.numel() if reduction == 1 else 1.0
+
+
+@defrule(aten.binary_cross_entropy_backward.default)
+def _bce_backward_jvp(t, ans, go, x, y, weight=None, reduction=1):
+    # gi = c * go * w * (x - y) / max(x (1 - x), 1e-12), c = 1/N for 'mean'.
+    if len(t) > 3 and t[3] is not None:
+        return _bce_backward_fallback(t, ans, go, x, y, weight, reduction)
+    out = None if t[0] is None else aten.binary_cross_entropy_backward.default(t[0], x, y, weight, reduction)
+    dx, dy = t[1], t[2]
+    if dx is None and dy is None:
+        return out
+    q = x * (1 - x)
+    clamped = q < 1e-12
+    q = q.clamp_min(1e-12)
+    scale = go * _mean_scale(x, reduction)
+    if weight is not None:
+        scale = scale * weight
+    term = None
+    if dx is not None:
+        # d/dx (x - y) / q = (q - (x - y)(1 - 2x)) / q^2 where q = x (1 - x) is not clamped.
+        dq = torch.where(clamped, 0.0, (1 - 2 * x) / q).to(x.dtype)
+        term = (1 - (x - y) * dq) / q * dx
+    if dy is not None:
+        term = _add(term, -dy / q)
+    return _add(out, scale * term)
+
+
+_bce_backward_fallback = rule_for(aten.binary_cross_entropy_backward.default)
 
 
 @defrule(aten.smooth_l1_loss_backward.default)
