@@ -191,3 +191,33 @@ def test_batch_norm_backward_with_running_statistics_tangents(slice_mode):
     expected = [(p - m) / (2 * eps) for p, m in zip(plain_gradient(1), plain_gradient(-1))]
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", ["causal", "float", "bool", "none"])
+def test_attention_backward_rule(mask, slice_mode):
+    # The fused CPU kernel has no double backward: the oracle uses PyTorch's math backend.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    bias = _randn(5, 5)
+    keep = torch.rand(5, 5) > 0.3
+    keep[:, 0] = True  # no fully masked row
+
+    def f(q, w):
+        k, v = (q * w).cos(), (q + w).sin()
+        kwargs = {
+            "causal": {"is_causal": True},
+            "float": {"attn_mask": bias},
+            "bool": {"attn_mask": keep},
+            "none": {},
+        }[mask]
+        return _loss(F.scaled_dot_product_attention(q, k, v, **kwargs))
+
+    q, w, vq, vw = _randn(2, 2, 5, 4), _randn(4), _randn(2, 2, 5, 4), _randn(4)
+    with sdpa_kernel([SDPBackend.MATH]):
+        _, expected = torch.autograd.functional.hvp(f, (q, w), (vq, vw))
+    with spy_rule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default) as calls:
+        _, ours = fwdgrad.jvp(fwdgrad.grad(f, argnums=(0, 1)), (q, w), (vq, vw))
+    assert calls
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b)
