@@ -115,24 +115,8 @@ _linear_in_grad_unless(aten.nll_loss_backward.default, 3, 6)
 _linear_in_grad_unless(aten.nll_loss2d_backward.default, 3, 6)
 
 
-def _bilinear_in_grad_and(op, j):
-    """``op`` is linear in its gradient and, separately, in argument ``j``
-    (embedding-bag gradients: ``grad[bag] * per_sample_weights[i]``)."""
-
-    def rule(t, ans, go, *args, **kwargs):
-        out = None if t[0] is None else op(t[0], *args, **kwargs)
-        if j < len(t) and t[j] is not None:
-            a = list(args)
-            a[j - 1] = t[j]
-            out = _add(out, op(go, *a, **kwargs))
-        return out
-
-    defrule(op)(rule)
-
-
-_bilinear_in_grad_and(aten._embedding_bag_backward.default, 10)
-_bilinear_in_grad_and(aten._embedding_bag_dense_backward.default, 8)
-_bilinear_in_grad_and(aten._embedding_bag_per_sample_weights_backward.default, 1)
+# The embedding-bag backward ops (bilinear in the gradient and the per-sample
+# weights) have their rules in nn.py.
 
 
 def _activation(op, second, saved_arg=1):
