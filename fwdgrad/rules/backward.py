@@ -75,7 +75,6 @@ for _op in aten_ops(
     "slice_backward",
     "diagonal_backward",
     "unfold_backward",
-    "index_select_backward",
     "reflection_pad1d_backward",
     "reflection_pad2d_backward",
     "reflection_pad3d_backward",
