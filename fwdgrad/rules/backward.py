@@ -21,9 +21,9 @@ import math
 import torch
 
 from ..fallback import rule_for
-from ..slicing import accumulate, in_row_slices
+from ..slicing import accumulate, in_place_ok, in_row_slices
 from ..registry import aten_ops, defrule
-from .nn import _attention_probs, _channel_shape, _plus, _times, channel_sums, per_channel_sum
+from .nn import _attention_probs, _channel_shape
 
 aten = torch.ops.aten
 
@@ -505,6 +505,45 @@ def _group_norm_backward_jvp(t, ans, go, x, mean, rstd, w, N, C, HxW, group, out
     )
 
 
+def per_channel_sum(shape, terms, centered=None, const=None):
+    """``sum(full * coef) [+ (x - mu) * c] [+ const]`` with per-channel coefficients
+    (reshaped to ``shape``), built in place in one tensor: batch-norm tangents
+    need no other temporary the size of the input.  ``centered = (x, mu, c)``
+    keeps ``x - mu`` together, so a large mean does not cancel."""
+    inplace = in_place_ok()
+    out = None
+    if centered is not None and centered[2] is not None:
+        x, mu, c = centered
+        out = x - mu.reshape(shape)
+        out = out.mul_(c.reshape(shape)) if inplace else out * c.reshape(shape)
+    for full, coef in terms:
+        if full is None or coef is None:
+            continue
+        coef = coef.reshape(shape)
+        if out is None:
+            out = full * coef
+        else:
+            out = out.addcmul_(full, coef) if inplace else torch.addcmul(out, full, coef)
+    if const is not None:
+        const = const.reshape(shape)
+        out = const if out is None else (out.add_(const) if inplace else out + const)
+    return out
+
+
+def channel_sums(g, x, mu, rho):
+    """Per channel ``(sum(g * (x - mu) * rho), sum(g))``: the weight and bias gradients
+    of the batch-norm backward kernel, so no temporary the size of ``x``.  Under
+    reverse mode (the kernel's own derivative does not cover this use) plain ops."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in (g, x, mu, rho)):
+        shape = _channel_shape(x)
+        dims = [0] + list(range(2, x.dim()))
+        return (g * (x - mu.reshape(shape)) * rho.reshape(shape)).sum(dims), g.sum(dims)
+    _, gw, gb = aten.native_batch_norm_backward.default(
+        g, x, None, None, None, mu, rho, True, 0.0, [False, True, True]
+    )
+    return gw, gb
+
+
 def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps, output_mask):
     """Shared by the batch-norm backward overloads; ``t`` indexed as in native_batch_norm_backward.
 
@@ -528,7 +567,7 @@ def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps
         mu, rho, dmu = rm, (rv + eps).rsqrt(), drm
         drho = None if drv is None else -0.5 * rho ** 3 * drv
     wv = w if w is not None else torch.ones_like(rho)
-    d_rho_w = _plus(_times(drho, wv), _times(rho, dw))  # tangent of rho * w
+    d_rho_w = _add(_mul(drho, wv), _mul(rho, dw))  # tangent of rho * w
     sum_go_xhat, sum_go = channel_sums(go, x, mu, rho)
     # S1 = sum(dgo xhat), S2 = sum(dgo); m3 = sum(go dxhat), dxhat = (dx - dmu) rho + (x - mu) drho.
     s1 = s2 = m3 = None
@@ -537,10 +576,10 @@ def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps
     if dx is not None:
         m3 = rho * channel_sums(go, dx, torch.zeros_like(mu), torch.ones_like(rho))[0]
     if dmu is not None:
-        m3 = _plus(m3, -rho * dmu * sum_go)
+        m3 = _add(m3, -rho * dmu * sum_go)
     if drho is not None:
-        m3 = _plus(m3, drho * sum_go_xhat / rho)
-    dgw = _plus(s1, m3) if output_mask[1] else None
+        m3 = _add(m3, drho * sum_go_xhat / rho)
+    dgw = _add(s1, m3) if output_mask[1] else None
     dgb = s2 if output_mask[2] else None
     di = None
     if output_mask[0]:
@@ -555,16 +594,16 @@ def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps
                 c_x = -d_rho_w * rho * b
                 c_1 = -d_rho_w * a
             if dgo is not None:
-                c_x = _plus(c_x, -rw * rho * s1 / count)
-                c_1 = _plus(c_1, -rw * s2 / count)
+                c_x = _add(c_x, -rw * rho * s1 / count)
+                c_1 = _add(c_1, -rw * s2 / count)
             if dx is not None:
                 c_dx = -rw * rho * b
             if dmu is not None:
-                c_1 = _plus(c_1, rw * rho * b * dmu)
+                c_1 = _add(c_1, rw * rho * b * dmu)
             if drho is not None:
-                c_x = _plus(c_x, -rw * b * drho)
+                c_x = _add(c_x, -rw * b * drho)
             if m3 is not None:
-                c_x = _plus(c_x, -rw * rho * m3 / count)
+                c_x = _add(c_x, -rw * rho * m3 / count)
         di = per_channel_sum(shape, [(dgo, c_dgo), (go, c_go), (dx, c_dx)], (x, mu, c_x), c_1)
     return di, dgw, dgb
 

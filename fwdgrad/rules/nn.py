@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import Tangents, curvature_term, def_linear, def_multilinear, defrule
-from ..slicing import in_place_ok
 from .reductions import _vector_norm_jvp
 
 aten = torch.ops.aten
@@ -39,22 +38,6 @@ def _conv_jvp(t, ans, x, w, b, stride, padding, dilation, transposed, output_pad
 # ---- normalisation ------------------------------------------------------------
 
 
-def _visible_stats(x, mean, rstd, dims, eps):
-    """``mean`` and ``rstd`` as reverse mode must see them.
-
-    PyTorch marks a normalisation kernel's mean and rstd outputs as not
-    differentiable, so a tangent built from them would be treated by autograd
-    as if the statistics did not depend on ``x``.  When reverse mode will
-    differentiate the tangent (``x`` requires grad), recompute them with
-    differentiable ops.
-    """
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return mean, rstd
-    m = x.mean(dims, keepdim=True)
-    r = (x.var(dims, correction=0, keepdim=True) + eps).rsqrt()
-    return m.reshape(mean.shape), r.reshape(rstd.shape)
-
-
 def _normalized_tangent(x, tx, mean, rstd, dims):
     """Tangents of ``xhat = (x - mean) * rstd`` and of ``rstd`` for statistics over ``dims``."""
     xhat = (x - mean) * rstd
@@ -65,12 +48,13 @@ def _normalized_tangent(x, tx, mean, rstd, dims):
     return xhat, dxhat, dmean, drstd
 
 
-def _affine_tangent(xhat, dxhat, w, tw, tb, shape):
+def _affine_tangent(dxhat, w, xhat, tw, tb, shape):
+    """Tangent of ``xhat * w + b`` given ``dxhat``; ``xhat()`` is computed only if ``w`` has a tangent."""
     out = None
     if dxhat is not None:
         out = dxhat if w is None else dxhat * w.reshape(shape)
     if tw is not None:
-        c = xhat * tw.reshape(shape)
+        c = xhat() * tw.reshape(shape)
         out = c if out is None else out + c
     if tb is not None:
         c = tb.reshape(shape)
@@ -78,19 +62,40 @@ def _affine_tangent(xhat, dxhat, w, tw, tb, shape):
     return out
 
 
+# The Jacobian of xhat = (x - mean) * rstd with respect to x, with the statistics
+# taken over n elements, is rstd (I - 1 1^T / n - xhat xhat^T / n): symmetric.  So
+# its JVP equals its VJP, and PyTorch's fused normalisation backward kernel
+# computes it in one pass.  Autograd differentiates that kernel correctly (its
+# double-backward formula), but it treats the forward kernel's mean and rstd
+# outputs as constants; the few terms below that use them directly take
+# differentiable statistics when reverse mode may differentiate them.
+
+
+def _visible_stats(x, mean, rstd, dims, eps):
+    """``mean`` and ``rstd`` as reverse mode must see them: recomputed with
+    differentiable ops when ``x`` requires grad, else the kernel's outputs."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return mean, rstd
+    m = x.mean(dims, keepdim=True)
+    r = (x.var(dims, correction=0, keepdim=True) + eps).rsqrt()
+    return m.reshape(mean.shape), r.reshape(rstd.shape)
+
+
 @defrule(aten.native_layer_norm.default)
 def _layer_norm_jvp(t, ans, x, normalized_shape, w, b, eps):
     out, mean, rstd = ans
-    axis = x.dim() - len(normalized_shape)
-    dims = list(range(axis, x.dim()))
-    mean, rstd = _visible_stats(x, mean, rstd, dims, eps)
-    tx = t[0]
+    tx, tw, tb = t[0], t[2], t[3]
+    dims = list(range(x.dim() - len(normalized_shape), x.dim()))
+    vmean, vrstd = _visible_stats(x, mean, rstd, dims, eps)
+    dxhat = dmean = drstd = None
     if tx is not None:
-        xhat, dxhat, dmean, drstd = _normalized_tangent(x, tx, mean, rstd, dims)
-    else:
-        xhat, dxhat, dmean, drstd = (x - mean) * rstd, None, None, None
-    shape = list(normalized_shape)
-    dout = _affine_tangent(xhat, dxhat, w, t[2], t[3], shape)
+        dxhat = aten.native_layer_norm_backward.default(
+            tx, x, normalized_shape, mean, rstd, None, None, [True, False, False]
+        )[0]
+        dmean = tx.mean(dims, keepdim=True)
+        # rstd = (var + eps)^(-1/2), d var = 2 mean((x - mean) tx)
+        drstd = -(vrstd * vrstd * vrstd) * ((x - vmean) * tx).mean(dims, keepdim=True)
+    dout = _affine_tangent(dxhat, w, lambda: (x - vmean) * vrstd, tw, tb, list(normalized_shape))
     return dout, dmean, drstd
 
 
@@ -98,95 +103,51 @@ def _channel_shape(x):
     return [1, -1] + [1] * (x.dim() - 2)
 
 
-def per_channel_sum(shape, terms, centered=None, const=None):
-    """``sum(full * coef) [+ (x - mu) * c] [+ const]`` with per-channel coefficients
-    (reshaped to ``shape``), built in place in one tensor: batch-norm tangents
-    need no other temporary the size of the input.  ``centered = (x, mu, c)``
-    keeps ``x - mu`` together, so a large mean does not cancel."""
-    inplace = in_place_ok()
-    out = None
-    if centered is not None and centered[2] is not None:
-        x, mu, c = centered
-        out = x - mu.reshape(shape)
-        out = out.mul_(c.reshape(shape)) if inplace else out * c.reshape(shape)
-    for full, coef in terms:
-        if full is None or coef is None:
-            continue
-        coef = coef.reshape(shape)
-        if out is None:
-            out = full * coef
-        else:
-            out = out.addcmul_(full, coef) if inplace else torch.addcmul(out, full, coef)
-    if const is not None:
-        const = const.reshape(shape)
-        out = const if out is None else (out.add_(const) if inplace else out + const)
-    return out
-
-
-def _times(a, b):
-    return None if a is None or b is None else a * b
-
-
-def _plus(a, b):
-    return a if b is None else (b if a is None else a + b)
-
-
-def channel_sums(g, x, mu, rho):
-    """Per channel ``(sum(g * (x - mu) * rho), sum(g))``: the weight and bias gradients
-    of the batch-norm backward kernel, so no temporary the size of ``x``.  Under
-    reverse mode (the kernel's own derivative does not cover this use) plain ops."""
-    if torch.is_grad_enabled() and any(a.requires_grad for a in (g, x, mu, rho)):
-        shape = _channel_shape(x)
-        dims = [0] + list(range(2, x.dim()))
-        return (g * (x - mu.reshape(shape)) * rho.reshape(shape)).sum(dims), g.sum(dims)
-    _, gw, gb = aten.native_batch_norm_backward.default(
-        g, x, None, None, None, mu, rho, True, 0.0, [False, True, True]
-    )
-    return gw, gb
-
-
-def _batch_norm_train(t, x, w, b, mean_out, invstd_out, tx, tw, tb):
-    # With batch statistics mu, rho (per channel) and xhat = (x - mu) rho:
-    # dxhat = rho (dx - m1 - xhat m2), m1 = mean(dx), m2 = mean(xhat dx), and
-    # dout = w dxhat + xhat dw + db: per-channel coefficients on dx and x - mu.
+def _batch_norm_train(x, w, save_mean, save_invstd, eps, tx, tw, tb):
     shape = _channel_shape(x)
-    mu, rho = mean_out, invstd_out
-    wv = w if w is not None else torch.ones_like(rho)
-    c_x = _times(rho, tw)
-    c_1 = tb
-    c_dx = dmean = drstd = None
+    dims = [0] + list(range(2, x.dim()))
+    vmean, vrstd = _visible_stats(x, save_mean.reshape(shape), save_invstd.reshape(shape), dims, eps)
+    dout = dmean = drstd = None
     if tx is not None:
-        count = x.numel() // x.shape[1]
-        sum_xhat_dx, sum_dx = channel_sums(tx, x, mu, rho)
-        m1, m2 = sum_dx / count, sum_xhat_dx / count
-        dmean, drstd = m1, -rho * rho * m2
-        c_dx = wv * rho
-        c_x = _plus(c_x, -wv * rho * rho * m2)
-        c_1 = _plus(c_1, -wv * rho * m1)
-    dout = per_channel_sum(shape, [(tx, c_dx)], (x, mu, c_x), c_1)
+        # The weight scales whole channels and the Jacobian acts within each
+        # channel, so they commute: the kernel's input gradient with weight w is
+        # w * dxhat, our tangent.  Its weight and bias gradients are sum(tx * xhat)
+        # and sum(tx) per channel: the statistics' tangents come for free.  (Its
+        # double-backward formula differentiates all three outputs, but only
+        # with a weight: pass ones when there is none.)
+        wk = w if w is not None else torch.ones_like(save_invstd)
+        dout, sum_t_xhat, sum_t = aten.native_batch_norm_backward.default(
+            tx, x, wk, None, None, save_mean, save_invstd, True, eps, [True, True, True]
+        )
+        n = x.numel() // x.shape[1]
+        dmean = sum_t / n
+        drstd = -vrstd.reshape(-1) * vrstd.reshape(-1) * sum_t_xhat / n
+
+    # dout already holds the weight: pass w=None so it is not applied twice.
+    dout = _affine_tangent(dout, None, lambda: (x - vmean) * vrstd, tw, tb, shape)
     return dout, dmean, drstd
 
 
 def _batch_norm_eval(x, w, rm, rv, eps, tx, tw, tb, trm, trv):
-    # out = (x - rm) rho w + b with rho = (rv + eps)^-1/2 fixed per channel.
     shape = _channel_shape(x)
-    rho = (rv + eps).rsqrt()
-    wv = w if w is not None else torch.ones_like(rho)
-    drho = None if trv is None else -0.5 * rho ** 3 * trv
-    d_rho_w = _plus(_times(rho, tw), _times(wv, drho))  # tangent of rho * w
-    c_1 = tb
+    rstd = (rv + eps).rsqrt().reshape(shape)
+    xc = x - rm.reshape(shape)
+    dxhat = None
+    if tx is not None:
+        dxhat = tx * rstd
     if trm is not None:
-        c_1 = _plus(c_1, -wv * rho * trm)
-    c_dx = None if tx is None else wv * rho
-    return per_channel_sum(shape, [(tx, c_dx)], (x, rm, d_rho_w), c_1)
+        c = -trm.reshape(shape) * rstd
+        dxhat = c if dxhat is None else dxhat + c
+    if trv is not None:
+        c = -0.5 * xc * rstd * rstd * rstd * trv.reshape(shape)
+        dxhat = c if dxhat is None else dxhat + c
+    return _affine_tangent(dxhat, w, lambda: xc * rstd, tw, tb, shape)
 
 
 def _batch_norm(t, ans, x, w, b, rm, rv, training, eps, trm=None, trv=None):
     out, save_mean, save_invstd = ans[0], ans[1], ans[2]
     if training:
-        dims = [0] + list(range(2, x.dim()))
-        save_mean, save_invstd = _visible_stats(x, save_mean, save_invstd, dims, eps)
-        dout, dmean, drstd = _batch_norm_train(t, x, w, b, save_mean, save_invstd, t[0], t[1], t[2])
+        dout, dmean, drstd = _batch_norm_train(x, w, save_mean, save_invstd, eps, t[0], t[1], t[2])
         return dout, dmean, drstd
     return _batch_norm_eval(x, w, rm, rv, eps, t[0], t[1], t[2], trm, trv), None, None
 
@@ -227,15 +188,14 @@ def _group_norm_jvp(t, ans, x, w, b, N, C, HxW, group, eps):
     out, mean, rstd = ans
     shape = _channel_shape(x)
     xg = x.reshape(N, group, -1)
-    m, r = _visible_stats(xg, mean.reshape(N, group, 1), rstd.reshape(N, group, 1), [2], eps)
+    m, r = mean.reshape(N, group, 1), rstd.reshape(N, group, 1)
     if t[0] is not None:
         xhat, dxhat, dmean, drstd = _normalized_tangent(xg, t[0].reshape(N, group, -1), m, r, [2])
         dxhat = dxhat.reshape(x.shape)
         dmean, drstd = dmean.reshape(N, group), drstd.reshape(N, group)
     else:
         xhat, dxhat, dmean, drstd = (xg - m) * r, None, None, None
-    xhat = xhat.reshape(x.shape)
-    return _affine_tangent(xhat, dxhat, w, t[1], t[2], shape), dmean, drstd
+    return _affine_tangent(dxhat, w, lambda: xhat.reshape(x.shape), t[1], t[2], shape), dmean, drstd
 
 
 # ---- pooling and resampling ---------------------------------------------------
