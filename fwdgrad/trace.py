@@ -1,0 +1,402 @@
+"""Recording a jvp as a ``torch.fx`` graph of plain aten ops.
+
+Underneath fwdgrad's dual tensors every primal and tangent computation is an
+aten op on plain tensors.  ``Recorder`` is a ``TorchDispatchMode`` that sees
+exactly those ops (it declines duals, so their ``__torch_dispatch__`` runs and
+sends the unwrapped ops back through the mode), runs each one for real and
+appends it to an fx graph.  The result is the primal-plus-tangent program,
+with readable ``.code``.
+
+While recording it notes what later users of the graph must know:
+
+- which nodes depend on a tangent input (the *tangent program*); the rest is
+  the primal program;
+- the primal values that the tangent program reads (*residuals*), kept so
+  that ``linearize`` and ``jacfwd`` can replay the tangent program alone,
+  without computing the primal again;
+- *value reads*: ops that move tensor values into Python (``.item()``,
+  ``bool(t)``, ``torch.equal``) or whose output shape depends on values
+  (``nonzero``, boolean indexing).  Python then branches on, or bakes in,
+  a value, so the graph is right at the traced inputs only;
+- *mutations* that vmap cannot batch (a tangent written in place into a
+  primal buffer) or that change a kept residual afterwards.  Such a recording
+  is redone through ``torch.func.functionalize`` (``functionalized``).
+
+Grad mode is part of the program: a change of ``torch.is_grad_enabled()``
+between ops is recorded as a ``torch._C._set_grad_enabled`` call.
+"""
+
+import inspect
+import operator
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
+
+_set_grad_enabled = torch._C._set_grad_enabled
+_plain_dispatch = torch.Tensor.__torch_dispatch__
+_READ_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+_mutates = {}
+
+
+def _mutated_args(func):
+    """Indices of the positional arguments that ``func`` writes in place (cached)."""
+    idx = _mutates.get(func)
+    if idx is None:
+        schema = getattr(func, "_schema", None)
+        idx = ()
+        if schema is not None:
+            idx = tuple(
+                i
+                for i, a in enumerate(schema.arguments)
+                if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only
+            )
+        _mutates[func] = idx
+    return idx
+
+
+def _op_name(func):
+    packet = getattr(func, "overloadpacket", None)
+    return packet.__name__ if packet is not None else getattr(func, "__name__", "op")
+
+
+def describe_read(func):
+    """How a value-reading op usually arises, for messages."""
+    name = str(func)
+    hints = {
+        "aten._local_scalar_dense.default": ".item(), float(t), bool(t) or `if t:`",
+        "aten.is_nonzero.default": "bool(t) or `if t:`",
+        "aten.equal.default": "torch.equal",
+    }
+    if name in hints:
+        return f"{name} ({hints[name]})"
+    if torch.Tag.dynamic_output_shape in getattr(func, "tags", ()):
+        return f"{name} (an output shape that depends on values, e.g. boolean indexing)"
+    return name
+
+
+class Recorder(TorchDispatchMode):
+    """Run aten ops on plain tensors and append each one to ``self.graph``.
+
+    Register the inputs with ``input`` before entering the mode.  A tensor the
+    recorder has not seen (a parameter or other tensor captured by the traced
+    function) becomes a ``get_attr`` constant that holds the tensor itself, by
+    reference, so in-place updates to it are seen when the graph is replayed.
+    """
+
+    def __init__(self, keep_residuals=False):
+        super().__init__()
+        self.graph = fx.Graph()
+        self.node_of = WeakTensorKeyDictionary()
+        self.tangent_nodes = set()
+        self.keep_residuals = keep_residuals
+        self.residuals = {}  # primal node -> (tensor, its _version when kept)
+        self.constants = {}  # attribute name -> tensor
+        self.constant_names = {}  # id(tensor) -> preferred name (parameter names)
+        self.reads = []  # (func, depends on a tangent)
+        self.unbatchable_mutation = None  # first tangent write into a primal tensor
+        self.inputs = []  # (node, tensor)
+        self.input_storages = {}  # StorageWeakRef -> index into self.inputs
+        self.snapshots = {}  # index into self.inputs -> value before its first mutation
+        self.grad_enabled = torch.is_grad_enabled()
+        self.initial_grad_enabled = self.grad_enabled
+
+    # -- inputs, constants and arguments ------------------------------------
+
+    def input(self, tensor, name, tangent=False):
+        node = self.graph.placeholder(name)
+        self.node_of[tensor] = node
+        if tangent:
+            self.tangent_nodes.add(node)
+        self.input_storages.setdefault(StorageWeakRef(tensor.untyped_storage()), len(self.inputs))
+        self.inputs.append((node, tensor))
+        return node
+
+    def _constant(self, tensor):
+        base = self.constant_names.get(id(tensor), "const")
+        name = base.replace(".", "_")
+        i = 0
+        while name in self.constants:
+            i += 1
+            name = f"{base.replace('.', '_')}_{i}"
+        self.constants[name] = tensor
+        self.input_storages.setdefault(StorageWeakRef(tensor.untyped_storage()), ("const", name))
+        node = self.graph.get_attr(name)
+        self.node_of[tensor] = node
+        return node
+
+    def node_for(self, tensor):
+        node = self.node_of.get(tensor)
+        return node if node is not None else self._constant(tensor)
+
+    def _arg(self, a, found):
+        if isinstance(a, torch.Tensor):
+            node = self.node_for(a)
+            found.append((node, a))
+            return node
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._arg(b, found) for b in a)
+        return a
+
+    # -- the dispatch hook ---------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in types:
+            if t.__torch_dispatch__ is not _plain_dispatch:
+                return NotImplemented  # a dual: let it unwrap itself and come back
+        kwargs = kwargs or {}
+        grad = torch.is_grad_enabled()
+        if grad != self.grad_enabled:
+            self.graph.call_function(_set_grad_enabled, (grad,))
+            self.grad_enabled = grad
+        found = []
+        nargs = tuple(self._arg(a, found) for a in args)
+        nkwargs = {k: self._arg(v, found) for k, v in kwargs.items()}
+        depends = any(n in self.tangent_nodes for n, _ in found)
+        mutated = _mutated_args(func)
+        if mutated:
+            self._before_mutation(func, [args[i] for i in mutated if i < len(args)], depends)
+        out = func(*args, **kwargs)
+        name = ("d" if depends else "") + _op_name(func)
+        node = self.graph.create_node("call_function", func, nargs, nkwargs, name=name)
+        if depends:
+            self.tangent_nodes.add(node)
+            if self.keep_residuals:
+                for n, t in found:
+                    if n not in self.tangent_nodes and n not in self.residuals:
+                        self.residuals[n] = (t, t._version)
+        if any(tag in func.tags for tag in _READ_TAGS) if hasattr(func, "tags") else False:
+            self.reads.append((func, depends))
+        self._bind_outputs(func, out, node, depends)
+        return out
+
+    def _bind_outputs(self, func, out, node, depends):
+        if isinstance(out, torch.Tensor):
+            self.node_of[out] = node
+        elif isinstance(out, (tuple, list)):
+            for i, o in enumerate(out):
+                if isinstance(o, torch.Tensor):
+                    item = self.graph.create_node(
+                        "call_function", operator.getitem, (node, i), name=node.name + "_" + str(i)
+                    )
+                    if depends:
+                        self.tangent_nodes.add(item)
+                    self.node_of[o] = item
+        elif out is not None and not any(tag in func.tags for tag in _READ_TAGS):
+            self.reads.append((func, depends))  # a Python value out of tensors
+
+    def _before_mutation(self, func, written, depends):
+        for w in written:
+            if not isinstance(w, torch.Tensor):
+                continue
+            node = self.node_of.get(w)
+            if depends and (node is None or node not in self.tangent_nodes):
+                if self.unbatchable_mutation is None:
+                    self.unbatchable_mutation = func
+            where = self.input_storages.get(StorageWeakRef(w.untyped_storage()))
+            if where is not None and where not in self.snapshots:
+                source = self.inputs[where][1] if isinstance(where, int) else self.constants[where[1]]
+                self.snapshots[where] = source.clone()
+
+    # -- finishing -----------------------------------------------------------
+
+    def finish(self, outputs):
+        """Close the graph with ``outputs`` (a flat list; non-tensors are baked in)."""
+        if self.grad_enabled != self.initial_grad_enabled:
+            self.graph.call_function(_set_grad_enabled, (self.initial_grad_enabled,))
+        nodes = [self.node_for(o) if isinstance(o, torch.Tensor) else o for o in outputs]
+        self.graph.output(tuple(nodes))
+        self.output_nodes = nodes
+        self.outputs = list(outputs)
+        return self
+
+    def value_reads(self, tangent_only=False):
+        return [f for f, dep in self.reads if dep or not tangent_only]
+
+    def stale_residuals(self):
+        """Whether a kept residual was written in place after it was kept."""
+        return any(t._version != v for t, v in self.residuals.values())
+
+    def module(self, graph=None):
+        """The recorded graph as a GraphModule (constants held by reference)."""
+        return fx.GraphModule(dict(self.constants), graph if graph is not None else self.graph)
+
+
+def record(body, inputs, names, is_tangent, keep_residuals=False, constant_names=None):
+    """Run ``body(*inputs)`` under a ``Recorder``; returns the finished recorder.
+
+    ``body`` must return a flat list or tuple of outputs.
+    """
+    rec = Recorder(keep_residuals=keep_residuals)
+    if constant_names:
+        rec.constant_names = constant_names
+    for t, name, tan in zip(inputs, names, is_tangent):
+        rec.input(t, name, tangent=tan)
+    with rec:
+        outputs = body(*inputs)
+    return rec.finish(list(outputs))
+
+
+def functionalized(rec, is_tangent, restore_rng):
+    """Record ``rec``'s program again, without mutations, through ``torch.func.functionalize``.
+
+    The replay runs on the input values from before the first recording
+    mutated them (its snapshots) and on the random-number state from before
+    it, so it computes the same values; the first recording's side effects
+    (e.g. BatchNorm running statistics) are not repeated.
+    """
+    gm = rec.module()
+    names = [n.name for n, _ in rec.inputs]
+    inputs = [rec.snapshots.get(i, t) for i, (_, t) in enumerate(rec.inputs)]
+    const_names = {}
+    for name, t in rec.constants.items():
+        if ("const", name) in rec.snapshots:
+            # Replay on a copy of a captured tensor that the program mutates.
+            gm.register_buffer(name, rec.snapshots[("const", name)], persistent=False)
+        const_names[id(getattr(gm, name))] = name
+    restore_rng()
+    pure = torch.func.functionalize(gm, remove="mutations_and_views")
+    again = record(
+        lambda *xs: pure(*xs), inputs, names, is_tangent, keep_residuals=True, constant_names=const_names
+    )
+    return again
+
+
+def tangent_module(rec, tangent_outputs):
+    """The tangent program alone: ``(module, residual values)``.
+
+    The module takes the residuals, then the tangent inputs, and returns the
+    outputs of ``rec`` at the indices ``tangent_outputs``.  A primal value
+    returned as a tangent (a materialised zero tangent) is a residual too.
+    """
+    graph = fx.Graph()
+    env = {}
+    residual_values = []
+
+    def residual(node, value):
+        if node not in env:
+            env[node] = graph.placeholder(node.name)
+            residual_values.append(value)
+
+    for node, (value, _) in rec.residuals.items():
+        residual(node, value)
+    wanted = [(rec.output_nodes[i], rec.outputs[i]) for i in tangent_outputs]
+    for node, value in wanted:
+        if isinstance(node, fx.Node) and node not in rec.tangent_nodes:
+            residual(node, value)
+    for node, _ in rec.inputs:
+        if node in rec.tangent_nodes:
+            env[node] = graph.placeholder(node.name)
+    for node in rec.graph.nodes:
+        if node.op == "call_function":
+            if node in rec.tangent_nodes:
+                env[node] = graph.node_copy(node, env.__getitem__)
+            elif node.target is _set_grad_enabled:
+                graph.node_copy(node, env.__getitem__)
+    graph.output(tuple(env[n] if isinstance(n, fx.Node) else n for n, _ in wanted))
+    graph.eliminate_dead_code()
+    used = []
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, residual_values):
+        if node.users:
+            used.append(value)
+        else:
+            graph.erase_node(node)  # read only by tangent ops that turned out dead
+    return fx.GraphModule({}, graph), used
+
+
+# --------------------------------------------------------------------------
+# The traced function: a jvp call with its arguments flattened to tensors.
+
+
+class FlatJvp:
+    """``func``'s jvp as a function of flat tensors: ``body(*tensor_leaves, *tangents)``.
+
+    ``args``/``kwargs`` are one call's arguments.  Their tensor leaves become
+    the body's inputs; a leaf whose index is in ``dual`` is wrapped as a dual
+    (with the tangent given for it, if its index is in ``tangent_idx``, else a
+    zero tangent); other leaves keep their values.  The body returns the flat
+    primal outputs, the flat tangent outputs, then the flat aux outputs; after
+    a run ``n_out``, ``out_spec`` and ``aux_spec`` describe them.
+    """
+
+    def __init__(self, func, args, kwargs, dual, tangent_idx, has_aux, name):
+        self.func = func
+        self.has_aux = has_aux
+        self.name = name
+        self.leaves, self.spec = pytree.tree_flatten((tuple(args), kwargs))
+        self.tensor_idx = [i for i, x in enumerate(self.leaves) if isinstance(x, torch.Tensor)]
+        self.dual = dual
+        self.tangent_idx = list(tangent_idx)
+        self.arg_names = _leaf_names(func, args, kwargs)
+
+    def __call__(self, *xs):
+        from .interpreter import Dual, new_level
+        from .transforms import drop_level, split_aux, split_outputs
+
+        n = len(self.tensor_idx)
+        level = new_level()
+        leaves = list(self.leaves)
+        tangents = dict(zip(self.tangent_idx, xs[n:]))
+        for i, p in zip(self.tensor_idx, xs[:n]):
+            leaves[i] = Dual(p, tangents.get(i), level, requires_grad=p.requires_grad) if i in self.dual else p
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        out = self.func(*args, **kwargs)
+        out, aux = split_aux(out, self.has_aux, self.name)
+        primal, tangent = split_outputs(out, level, self.name)
+        p_leaves, self.out_spec = pytree.tree_flatten(primal)
+        t_leaves = pytree.tree_flatten(tangent)[0]
+        aux_leaves, self.aux_spec = pytree.tree_flatten(drop_level(aux, level))
+        self.n_out = len(p_leaves)
+        return [*p_leaves, *t_leaves, *aux_leaves]
+
+    def input_names(self):
+        primal = [self.arg_names[i] for i in self.tensor_idx]
+        return primal + ["d" + self.arg_names[i] for i in self.tangent_idx]
+
+    def is_tangent(self):
+        return [False] * len(self.tensor_idx) + [True] * len(self.tangent_idx)
+
+    def record(self, primals, tangents, keep_residuals=False, constant_names=None):
+        return record(
+            self, [*primals, *tangents], self.input_names(), self.is_tangent(),
+            keep_residuals=keep_residuals, constant_names=constant_names,
+        )
+
+    def unflatten(self, outputs):
+        """``(primal_out, tangent_out, aux)`` from the body's flat outputs."""
+        n = self.n_out
+        if n == 1 and self.out_spec.is_leaf() and not self.has_aux:
+            return outputs[0], outputs[1], None
+        primal = pytree.tree_unflatten(outputs[:n], self.out_spec)
+        tangent = pytree.tree_unflatten(outputs[n:2 * n], self.out_spec)
+        aux = pytree.tree_unflatten(outputs[2 * n:], self.aux_spec) if self.has_aux else None
+        return primal, tangent, aux
+
+
+def _param_names(func, n):
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(func).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"arg{i}" for i in range(n)]
+
+
+def _leaf_names(func, args, kwargs):
+    """A readable name for each leaf of ``(args, kwargs)``: ``x``, ``params_w``, ``arg1_0``."""
+    names = []
+    bases = _param_names(func, len(args)) + list(kwargs)
+    for arg, base in zip([*args, *kwargs.values()], bases):
+        paths = pytree.tree_flatten_with_path(arg)[0]
+        for path, _ in paths:
+            parts = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+            names.append("_".join([base, *parts]))
+    return names

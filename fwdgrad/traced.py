@@ -1,0 +1,366 @@
+"""The traced mode: record a jvp once as an fx graph, replay it while the inputs match.
+
+``forward_grad(f, trace=True)`` and ``jvp(f, ..., trace=True)`` run through a
+``TracedJvp``.  The first call with a given input signature records the
+primal-plus-tangent program (``fwdgrad.trace``); later calls whose signature
+matches replay that graph, a straight line of aten calls with none of the
+interpreter's per-op work.  ``.code`` shows the program as Python; tangent
+values are named ``d...``.
+
+The signature (the guard) holds everything the recording may depend on:
+
+- the pytree structure of the arguments, and which leaves carry tangents;
+- every tensor's shape, strides, dtype, device and ``requires_grad``;
+- every non-tensor argument's value (by equality; identity if unhashable);
+- grad mode, inference mode and autocast;
+- the tensors ``f`` captures: tensors and ``nn.Module``\\ s directly in its
+  closure, its defaults or the globals it names, and, for a module (or a
+  bound method of one), every parameter and buffer by identity plus every
+  submodule's ``training`` flag.
+
+Captured tensors are graph constants held by reference, never copied, so an
+in-place update (``optimizer.step()``, ``load_state_dict``) is seen by the
+next replay, and replacing one (``model.weight = nn.Parameter(...)``) is a
+guard miss that records again.  Captures the guard cannot see (a tensor
+reached through an attribute of a plain object, or built inside ``f`` from
+Python data that is not an argument) are baked in as they were when
+recorded; pass such values as arguments.
+
+A guard miss records a new program (up to ``max_traces`` per function).  A
+recording that read tensor values into Python (``.item()``, ``if t:``,
+boolean indexing: data-dependent control flow) is not reused: those inputs
+run eagerly, with a warning (once).  So do tensor-subclass inputs, such as
+the duals of an enclosing fwdgrad transform.
+"""
+
+import functools
+import warnings
+import weakref
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import trace
+from .transforms import check_tangent
+
+_EAGER = object()  # a cache value: run these inputs eagerly
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _autocast_state():
+    return (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+
+
+class _Captures:
+    """Where ``func`` may find tensors that are not its arguments (shallow)."""
+
+    def __init__(self, func):
+        self.direct = []  # objects reached without a lookup
+        self.cells = []
+        self.globals = []  # (dict, name)
+        self._collect(func, depth=0)
+
+    def _collect(self, obj, depth):
+        if isinstance(obj, (torch.Tensor, torch.nn.Module)):
+            self.direct.append(obj)
+            return
+        if depth > 1:
+            return
+        if isinstance(obj, functools.partial):
+            self._collect(obj.func, depth + 1)
+            for a in (*obj.args, *obj.keywords.values()):
+                self._collect(a, depth + 1)
+            return
+        self_ = getattr(obj, "__self__", None)
+        if isinstance(self_, torch.nn.Module):
+            self.direct.append(self_)
+        fn = getattr(obj, "__func__", obj)
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            return
+        for cell in fn.__closure__ or ():
+            self.cells.append(cell)
+        g = getattr(fn, "__globals__", {})
+        for name in code.co_names:
+            if isinstance(g.get(name), (torch.Tensor, torch.nn.Module)):
+                self.globals.append((g, name))
+        for d in (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()):
+            if isinstance(d, (torch.Tensor, torch.nn.Module)):
+                self.direct.append(d)
+
+    def objects(self):
+        objs = list(self.direct)
+        for cell in self.cells:
+            try:
+                objs.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        objs.extend(g.get(name) for g, name in self.globals)
+        return objs
+
+    def state(self):
+        """``(key, objects)``: identities and flags to guard on, and the objects to keep alive."""
+        ids, flags, keep = [], [], []
+        for obj in self.objects():
+            if isinstance(obj, torch.Tensor):
+                ids.append(id(obj))
+                keep.append(obj)
+            elif isinstance(obj, torch.nn.Module):
+                ids.append(id(obj))
+                keep.append(obj)
+                for t in (*obj.parameters(), *obj.buffers()):
+                    ids.append(id(t))
+                    keep.append(t)
+                flags.extend(m.training for m in obj.modules())
+        return (tuple(ids), tuple(flags)), keep
+
+    def names(self):
+        """Parameter and buffer names of the captured modules, by tensor id (for ``.code``)."""
+        names = {}
+        for obj in self.objects():
+            if isinstance(obj, torch.nn.Module):
+                for n, t in (*obj.named_parameters(), *obj.named_buffers()):
+                    names.setdefault(id(t), n)
+        return names
+
+
+class _Program:
+    __slots__ = ("module", "call", "keep")
+
+    def __init__(self, module, call, keep):
+        self.module = module
+        self.call = call
+        self.keep = keep  # captured objects, so the ids in the key stay theirs
+
+
+def _leaf_key(x):
+    if isinstance(x, torch.Tensor):
+        return (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+    try:
+        hash(x)
+    except TypeError:
+        return ("id", id(x))
+    return (type(x), x)
+
+
+class TracedJvp:
+    """A jvp of ``func`` that records its program once per input signature and replays it.
+
+    Call it as ``traced(args, kwargs, dual, tangents)``: ``args`` the positional
+    arguments, ``dual`` the indices of the leaves of ``(args, kwargs)`` that
+    are wrapped as duals, ``tangents`` a dict from leaf index to tangent.
+    Returns ``(primal_out, tangent_out, aux)``.
+    """
+
+    def __init__(self, func, has_aux, name, max_traces=8):
+        self.func = func
+        self.has_aux = has_aux
+        self.name = name
+        self.max_traces = max_traces
+        self.cache = {}
+        self.last = None
+        self.captures = _Captures(func)
+        self._warned = set()
+
+    def _warn(self, reason, detail):
+        if reason in self._warned:
+            return
+        self._warned.add(reason)
+        fname = getattr(self.func, "__name__", type(self.func).__name__)
+        warnings.warn(f"fwdgrad.{self.name}(trace=True) on {fname!r}: {detail}", stacklevel=4)
+
+    @property
+    def code(self):
+        """The Python code of the most recently used program (primal and tangent ops)."""
+        if self.last is None:
+            raise RuntimeError(
+                f"fwdgrad.{self.name}(trace=True): nothing has been traced yet; call the "
+                f"function once first"
+            )
+        return self.last.module.code
+
+    def __call__(self, args, kwargs, dual, tangents):
+        if not kwargs and all(type(a) in _PLAIN for a in args):
+            leaves, spec = args, len(args)  # the common case, without pytree's cost
+        else:
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        for t in tensors:
+            if type(t) not in _PLAIN:
+                self._warn(
+                    "subclass",
+                    f"an argument is a {type(t).__name__}, not a plain tensor (for example a "
+                    f"dual of an enclosing fwdgrad transform); running eagerly.",
+                )
+                return self._eager(args, kwargs, dual, tangents)
+        captured, keep = self.captures.state()
+        key = (
+            spec,
+            tuple(map(_leaf_key, leaves)),
+            tuple(dual),
+            tuple((i, _leaf_key(t)) for i, t in tangents.items()),
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            _autocast_state(),
+            captured,
+        )
+        program = self.cache.get(key)
+        if program is None:
+            if len(self.cache) >= self.max_traces:
+                self._warn(
+                    "full",
+                    f"{len(self.cache)} programs were recorded already (guard misses: new "
+                    f"shapes, dtypes, strides, arguments or captured tensors); running new "
+                    f"signatures eagerly.",
+                )
+                return self._eager(args, kwargs, dual, tangents)
+            return self._record(key, keep, args, kwargs, dual, tangents)
+        if program is _EAGER:
+            return self._eager(args, kwargs, dual, tangents)
+        self.last = program
+        t_leaves = [tangents[i] for i in program.call.tangent_idx]
+        grad = torch.is_grad_enabled()
+        try:
+            outputs = program.module(*tensors, *t_leaves)
+        finally:
+            torch._C._set_grad_enabled(grad)
+        return program.call.unflatten(list(outputs))
+
+    def _call(self, args, kwargs, dual, tangents):
+        return trace.FlatJvp(self.func, args, kwargs, set(dual), sorted(tangents), self.has_aux, self.name)
+
+    def _eager(self, args, kwargs, dual, tangents):
+        call = self._call(args, kwargs, dual, tangents)
+        primals = [call.leaves[i] for i in call.tensor_idx]
+        return call.unflatten(call(*primals, *[tangents[i] for i in call.tangent_idx]))
+
+    def _record(self, key, keep, args, kwargs, dual, tangents):
+        call = self._call(args, kwargs, dual, tangents)
+        primals = [call.leaves[i] for i in call.tensor_idx]
+        rec = call.record(
+            primals, [tangents[i] for i in call.tangent_idx], constant_names=self.captures.names()
+        )
+        reads = rec.value_reads()
+        if reads:
+            self.cache[key] = _EAGER
+            self._warn(
+                "reads",
+                "the function reads tensor values into Python ("
+                + ", ".join(sorted({trace.describe_read(f) for f in reads}))
+                + "), so its program may depend on the values (data-dependent control flow) "
+                "and cannot be replayed; running these inputs eagerly.",
+            )
+        else:
+            rec.graph.eliminate_dead_code()
+            program = _Program(rec.module(), call, keep)
+            self.cache[key] = program
+            self.last = program
+        return call.unflatten(rec.outputs)
+
+
+# --------------------------------------------------------------------------
+# One TracedJvp per function for ``jvp(..., trace=True)``.
+
+_by_function = weakref.WeakKeyDictionary()
+_by_method = weakref.WeakKeyDictionary()  # bound methods: __self__ -> {__func__: TracedJvp}
+_by_id = {}  # objects that take no weak reference: id -> (func, TracedJvp)
+
+
+def traced_jvp_for(func, has_aux):
+    """The cached ``TracedJvp`` that ``jvp(func, ..., trace=True)`` uses."""
+    key = has_aux
+    self_ = getattr(func, "__self__", None)
+    if self_ is not None and hasattr(func, "__func__"):
+        try:
+            table = _by_method.setdefault(self_, {})
+        except TypeError:
+            table = None
+        if table is not None:
+            t = table.get((func.__func__, key))
+            if t is None:
+                t = table[(func.__func__, key)] = TracedJvp(func, has_aux, "jvp")
+            return t
+    try:
+        table = _by_function.setdefault(func, {})
+    except TypeError:
+        entry = _by_id.get((id(func), key))
+        if entry is None or entry[0] is not func:
+            entry = _by_id[(id(func), key)] = (func, TracedJvp(func, has_aux, "jvp"))
+        return entry[1]
+    t = table.get(key)
+    if t is None:
+        t = table[key] = TracedJvp(func, has_aux, "jvp")
+    return t
+
+
+def _check_leaves(name, primal, tangent, prefix, first, dual, tangents):
+    """Check matching pytrees ``primal``/``tangent``; note their leaves from index ``first``."""
+    p_leaves, p_spec = pytree.tree_flatten(primal)
+    t_leaves, t_spec = pytree.tree_flatten(tangent, is_leaf=lambda x: x is None)
+    if p_spec != t_spec:
+        raise ValueError(
+            f"{name}: tangents must have the same structure as primals; primals are "
+            f"{p_spec}, tangents are {t_spec}"
+        )
+    paths = pytree.tree_flatten_with_path(primal)[0]
+    for j, ((path, _), p, t) in enumerate(zip(paths, p_leaves, t_leaves)):
+        check_tangent(name, prefix + pytree.keystr(path), p, t)
+        dual.append(first + j)
+        if t is not None:
+            tangents[first + j] = t
+    return first + len(p_leaves)
+
+
+def jvp_traced(func, primals, tangents, has_aux):
+    """``jvp(func, primals, tangents, trace=True)`` (arguments already checked for shape)."""
+    dual, tans = [], {}
+    if all(type(p) in _PLAIN for p in primals):
+        for i, (p, t) in enumerate(zip(primals, tangents)):
+            check_tangent("jvp", f"primals[{i}]", p, t)
+            dual.append(i)
+            if t is not None:
+                tans[i] = t
+    else:
+        _check_leaves("jvp", tuple(primals), tuple(tangents), "primals", 0, dual, tans)
+    primal, tangent, aux = traced_jvp_for(func, has_aux)(tuple(primals), {}, dual, tans)
+    return (primal, tangent, aux) if has_aux else (primal, tangent)
+
+
+class TracedForwardGrad:
+    """``forward_grad(func, trace=True)``: ``df(x, dx, y, dy, ...)`` with a traced program.
+
+    ``df.code`` shows the most recently used program.
+    """
+
+    def __init__(self, func, has_aux):
+        functools.update_wrapper(self, func, updated=())
+        self.traced = TracedJvp(func, has_aux, "forward_grad")
+
+    @property
+    def code(self):
+        return self.traced.code
+
+    def __call__(self, *pairs, **kwargs):
+        name = "forward_grad"
+        if len(pairs) % 2:
+            raise TypeError(
+                f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
+            )
+        args, dual, tangents = [], [], {}
+        first = 0
+        for i in range(0, len(pairs), 2):
+            p, t = pairs[i], pairs[i + 1]
+            args.append(p)
+            if t is None and not isinstance(p, torch.Tensor):
+                first += len(pytree.tree_leaves(p))  # a constant
+                continue
+            if isinstance(p, torch.Tensor):
+                check_tangent(name, f"of argument {i // 2}", p, t)
+                dual.append(first)
+                if t is not None:
+                    tangents[first] = t
+                first += 1
+            else:
+                first = _check_leaves(name, p, t, f"argument {i // 2}", first, dual, tangents)
+        primal, tangent, aux = self.traced(tuple(args), kwargs, dual, tangents)
+        return (primal, tangent, aux) if self.traced.has_aux else (primal, tangent)
