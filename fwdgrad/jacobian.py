@@ -23,8 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import trace
-from .interpreter import Dual, new_level
-from .transforms import check_callable, check_tangent, drop_level, split_aux, split_outputs
+from .transforms import check_callable, check_tangent
 
 
 def _is_float(x):
@@ -75,7 +74,7 @@ class Linearized:
         call = self.call
         rng = _rng_state()
         zeros = [torch.zeros_like(x) for x in self.inputs]
-        rec = call.record(primals, zeros, keep_residuals=True)
+        rec = call.record(primals, zeros, keep_residuals=True, constant_names=trace.Captures(self.func).names())
         if rec.unbatchable_mutation is not None or rec.stale_residuals():
             try:
                 rec = trace.functionalized(rec, call.is_tangent(), lambda: _set_rng_state(rng))
@@ -334,26 +333,29 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
                     f[start:stop] = p
         jac = []
         for f in full:  # one output leaf: (total, *out_shape)
-            per_input = [
-                f[o:o + n].movedim(0, -1).unflatten(-1, x.shape) if x.dim() else f[o:o + n].movedim(0, -1).squeeze(-1)
+            per_leaf = [
+                f[o:o + n].movedim(0, -1).reshape((*f.shape[1:], *x.shape))
                 for o, n, x in zip(offsets, sizes, inputs)
             ]
-            jac.append(_arrange(per_input, args, nums, argnums))
+            jac.append(_arrange(per_leaf, args, nums, argnums))
         result = pytree.tree_unflatten(jac, lin.out_spec)
         return (result, lin.aux) if has_aux else result
 
     return jac_fn
 
 
-def _arrange(per_input, args, nums, argnums):
-    """Per-leaf Jacobians of one output, arranged like ``args[argnums]`` (a tuple for a tuple)."""
-    trees = []
+def _arrange(per_leaf, args, nums, argnums):
+    """Per-leaf Jacobians of one output (in argument order), arranged like ``args[argnums]``.
+
+    A tuple ``argnums`` gives a tuple in the order of ``argnums``.
+    """
+    trees = {}
     pos = 0
-    for i in nums:
+    for i in sorted(nums):
         leaves, spec = pytree.tree_flatten(args[i])
-        trees.append(pytree.tree_unflatten(per_input[pos:pos + len(leaves)], spec))
+        trees[i] = pytree.tree_unflatten(per_leaf[pos:pos + len(leaves)], spec)
         pos += len(leaves)
-    return trees[0] if isinstance(argnums, int) else tuple(trees)
+    return trees[nums[0]] if isinstance(argnums, int) else tuple(trees[i] for i in nums)
 
 
 # --------------------------------------------------------------------------

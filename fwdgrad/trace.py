@@ -26,6 +26,7 @@ Grad mode is part of the program: a change of ``torch.is_grad_enabled()``
 between ops is recorded as a ``torch._C._set_grad_enabled`` call.
 """
 
+import functools
 import inspect
 import operator
 
@@ -41,6 +42,35 @@ _plain_dispatch = torch.Tensor.__torch_dispatch__
 _READ_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 
 _mutates = {}
+_aten = torch.ops.aten
+_SLICES = {_aten.slice.Tensor: 0, _aten.slice_scatter.default: 1}  # op -> index of the sliced arg minus 1
+
+
+_DATA_FIRST = {_aten.index.Tensor, _aten.masked_select.default}
+
+
+def _normalized(func, args):
+    """Arguments as recorded: slice ends clamped to the size (``sys.maxsize`` ends break vmap).
+
+    Returns ``(func, args)``; a functional ``copy(dst, src)`` (made by
+    functionalization) is recorded as ``expand(src, dst.shape)``, which vmap
+    batches natively.
+    """
+    if func in _SLICES:
+        base = _SLICES[func]
+        args = list(args)
+        size_of = args[0]
+        dim = args[base + 1] if len(args) > base + 1 else 0
+        size = size_of.shape[dim] if size_of.dim() else 0
+        for j in (base + 2, base + 3):  # start, end
+            if len(args) > j and isinstance(args[j], int) and args[j] > size:
+                args[j] = size
+        return func, tuple(args)
+    if func is _aten.copy.default and len(args) == 2:
+        dst, src = args
+        if src.dtype == dst.dtype and src.device == dst.device:
+            return _aten.expand.default, (src, list(dst.shape))
+    return func, args
 
 
 def _mutated_args(func):
@@ -117,12 +147,14 @@ class Recorder(TorchDispatchMode):
         return node
 
     def _constant(self, tensor):
-        base = self.constant_names.get(id(tensor), "const")
-        name = base.replace(".", "_")
+        base = self.constant_names.get(id(tensor), "const").replace(".", "_")
+        if not base.isidentifier():
+            base = "p_" + base
+        name = base
         i = 0
         while name in self.constants:
             i += 1
-            name = f"{base.replace('.', '_')}_{i}"
+            name = f"{base}_{i}"
         self.constants[name] = tensor
         self.input_storages.setdefault(StorageWeakRef(tensor.untyped_storage()), ("const", name))
         node = self.graph.get_attr(name)
@@ -154,15 +186,16 @@ class Recorder(TorchDispatchMode):
             self.graph.call_function(_set_grad_enabled, (grad,))
             self.grad_enabled = grad
         found = []
-        nargs = tuple(self._arg(a, found) for a in args)
+        rfunc, rargs = _normalized(func, args)
+        nargs = tuple(self._arg(a, found) for a in rargs)
         nkwargs = {k: self._arg(v, found) for k, v in kwargs.items()}
         depends = any(n in self.tangent_nodes for n, _ in found)
         mutated = _mutated_args(func)
         if mutated:
             self._before_mutation(func, [args[i] for i in mutated if i < len(args)], depends)
         out = func(*args, **kwargs)
-        name = ("d" if depends else "") + _op_name(func)
-        node = self.graph.create_node("call_function", func, nargs, nkwargs, name=name)
+        name = ("d" if depends else "") + _op_name(rfunc)
+        node = self.graph.create_node("call_function", rfunc, nargs, nkwargs, name=name)
         if depends:
             self.tangent_nodes.add(node)
             if self.keep_residuals:
@@ -170,6 +203,8 @@ class Recorder(TorchDispatchMode):
                     if n not in self.tangent_nodes and n not in self.residuals:
                         self.residuals[n] = (t, t._version)
         if any(tag in func.tags for tag in _READ_TAGS) if hasattr(func, "tags") else False:
+            if func in _DATA_FIRST:  # x[mask]: the shape comes from the mask, not from x
+                depends = any(n in self.tangent_nodes for n, _ in found[1:])
             self.reads.append((func, depends))
         self._bind_outputs(func, out, node, depends)
         return out
@@ -259,7 +294,7 @@ def functionalized(rec, is_tangent, restore_rng):
             gm.register_buffer(name, rec.snapshots[("const", name)], persistent=False)
         const_names[id(getattr(gm, name))] = name
     restore_rng()
-    pure = torch.func.functionalize(gm, remove="mutations_and_views")
+    pure = torch.func.functionalize(gm, remove="mutations")
     again = record(
         lambda *xs: pure(*xs), inputs, names, is_tangent, keep_residuals=True, constant_names=const_names
     )
@@ -307,6 +342,83 @@ def tangent_module(rec, tangent_outputs):
         else:
             graph.erase_node(node)  # read only by tangent ops that turned out dead
     return fx.GraphModule({}, graph), used
+
+
+# --------------------------------------------------------------------------
+# What a traced function captures.
+
+
+class Captures:
+    """Where ``func`` may find tensors that are not its arguments (shallow)."""
+
+    def __init__(self, func):
+        self.direct = []  # objects reached without a lookup
+        self.cells = []
+        self.globals = []  # (dict, name)
+        self._collect(func, depth=0)
+
+    def _collect(self, obj, depth):
+        if isinstance(obj, (torch.Tensor, torch.nn.Module)):
+            self.direct.append(obj)
+            return
+        if depth > 1:
+            return
+        if isinstance(obj, functools.partial):
+            self._collect(obj.func, depth + 1)
+            for a in (*obj.args, *obj.keywords.values()):
+                self._collect(a, depth + 1)
+            return
+        self_ = getattr(obj, "__self__", None)
+        if isinstance(self_, torch.nn.Module):
+            self.direct.append(self_)
+        fn = getattr(obj, "__func__", obj)
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            return
+        for cell in fn.__closure__ or ():
+            self.cells.append(cell)
+        g = getattr(fn, "__globals__", {})
+        for name in code.co_names:
+            if isinstance(g.get(name), (torch.Tensor, torch.nn.Module)):
+                self.globals.append((g, name))
+        for d in (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()):
+            if isinstance(d, (torch.Tensor, torch.nn.Module)):
+                self.direct.append(d)
+
+    def objects(self):
+        objs = list(self.direct)
+        for cell in self.cells:
+            try:
+                objs.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        objs.extend(g.get(name) for g, name in self.globals)
+        return objs
+
+    def state(self):
+        """``(key, objects)``: identities and flags to guard on, and the objects to keep alive."""
+        ids, flags, keep = [], [], []
+        for obj in self.objects():
+            if isinstance(obj, torch.Tensor):
+                ids.append(id(obj))
+                keep.append(obj)
+            elif isinstance(obj, torch.nn.Module):
+                ids.append(id(obj))
+                keep.append(obj)
+                for t in (*obj.parameters(), *obj.buffers()):
+                    ids.append(id(t))
+                    keep.append(t)
+                flags.extend(m.training for m in obj.modules())
+        return (tuple(ids), tuple(flags)), keep
+
+    def names(self):
+        """Parameter and buffer names of the captured modules, by tensor id (for ``.code``)."""
+        names = {}
+        for obj in self.objects():
+            if isinstance(obj, torch.nn.Module):
+                for n, t in (*obj.named_parameters(), *obj.named_buffers()):
+                    names.setdefault(id(t), n)
+        return names
 
 
 # --------------------------------------------------------------------------
@@ -379,6 +491,8 @@ class FlatJvp:
 
 
 def _param_names(func, n):
+    if isinstance(func, torch.nn.Module):
+        func = func.forward
     try:
         params = [
             p.name

@@ -51,79 +51,6 @@ def _autocast_state():
     return (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
 
 
-class _Captures:
-    """Where ``func`` may find tensors that are not its arguments (shallow)."""
-
-    def __init__(self, func):
-        self.direct = []  # objects reached without a lookup
-        self.cells = []
-        self.globals = []  # (dict, name)
-        self._collect(func, depth=0)
-
-    def _collect(self, obj, depth):
-        if isinstance(obj, (torch.Tensor, torch.nn.Module)):
-            self.direct.append(obj)
-            return
-        if depth > 1:
-            return
-        if isinstance(obj, functools.partial):
-            self._collect(obj.func, depth + 1)
-            for a in (*obj.args, *obj.keywords.values()):
-                self._collect(a, depth + 1)
-            return
-        self_ = getattr(obj, "__self__", None)
-        if isinstance(self_, torch.nn.Module):
-            self.direct.append(self_)
-        fn = getattr(obj, "__func__", obj)
-        code = getattr(fn, "__code__", None)
-        if code is None:
-            return
-        for cell in fn.__closure__ or ():
-            self.cells.append(cell)
-        g = getattr(fn, "__globals__", {})
-        for name in code.co_names:
-            if isinstance(g.get(name), (torch.Tensor, torch.nn.Module)):
-                self.globals.append((g, name))
-        for d in (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()):
-            if isinstance(d, (torch.Tensor, torch.nn.Module)):
-                self.direct.append(d)
-
-    def objects(self):
-        objs = list(self.direct)
-        for cell in self.cells:
-            try:
-                objs.append(cell.cell_contents)
-            except ValueError:  # an empty cell
-                pass
-        objs.extend(g.get(name) for g, name in self.globals)
-        return objs
-
-    def state(self):
-        """``(key, objects)``: identities and flags to guard on, and the objects to keep alive."""
-        ids, flags, keep = [], [], []
-        for obj in self.objects():
-            if isinstance(obj, torch.Tensor):
-                ids.append(id(obj))
-                keep.append(obj)
-            elif isinstance(obj, torch.nn.Module):
-                ids.append(id(obj))
-                keep.append(obj)
-                for t in (*obj.parameters(), *obj.buffers()):
-                    ids.append(id(t))
-                    keep.append(t)
-                flags.extend(m.training for m in obj.modules())
-        return (tuple(ids), tuple(flags)), keep
-
-    def names(self):
-        """Parameter and buffer names of the captured modules, by tensor id (for ``.code``)."""
-        names = {}
-        for obj in self.objects():
-            if isinstance(obj, torch.nn.Module):
-                for n, t in (*obj.named_parameters(), *obj.named_buffers()):
-                    names.setdefault(id(t), n)
-        return names
-
-
 class _Program:
     __slots__ = ("module", "call", "keep")
 
@@ -159,7 +86,7 @@ class TracedJvp:
         self.max_traces = max_traces
         self.cache = {}
         self.last = None
-        self.captures = _Captures(func)
+        self.captures = trace.Captures(func)
         self._warned = set()
 
     def _warn(self, reason, detail):
