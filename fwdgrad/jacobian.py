@@ -73,8 +73,14 @@ class Linearized:
     def _record(self, primals):
         call = self.call
         rng = _rng_state()
-        zeros = [torch.zeros_like(x) for x in self.inputs]
-        rec = call.record(primals, zeros, keep_residuals=True, constant_names=trace.Captures(self.func).names())
+        names = trace.Captures(self.func).names()
+        try:  # tangent ops on the meta device: recording costs about one primal evaluation
+            shapes = [trace.meta_like(x) for x in self.inputs]
+            rec = call.record(primals, shapes, keep_residuals=True, constant_names=names, shapes_only=True)
+        except Exception:  # the tangent program needs values (or f raised): record for real
+            _set_rng_state(rng)
+            zeros = [torch.zeros_like(x) for x in self.inputs]
+            rec = call.record(primals, zeros, keep_residuals=True, constant_names=names)
         if rec.unbatchable_mutation is not None or rec.stale_residuals():
             try:
                 rec = trace.functionalized(rec, call.is_tangent(), lambda: _set_rng_state(rng))

@@ -94,6 +94,42 @@ def _op_name(func):
     return packet.__name__ if packet is not None else getattr(func, "__name__", "op")
 
 
+class NeedsValues(Exception):
+    """A shapes-only recording met an op whose tangent needs real values."""
+
+
+def meta_like(t):
+    """A tensor with ``t``'s shape, strides and dtype on the meta device (no data)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+def _on_meta(a):
+    if isinstance(a, torch.Tensor):
+        return a if a.is_meta else meta_like(a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_on_meta(b) for b in a)
+    return a
+
+
+def _device_of(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    return b.device
+    return torch.device("cpu")
+
+
+def _any_meta(out):
+    if isinstance(out, torch.Tensor):
+        return out.is_meta
+    if isinstance(out, (list, tuple)):
+        return any(_any_meta(o) for o in out)
+    return False
+
+
 def describe_read(func):
     """How a value-reading op usually arises, for messages."""
     name = str(func)
@@ -118,8 +154,9 @@ class Recorder(TorchDispatchMode):
     reference, so in-place updates to it are seen when the graph is replayed.
     """
 
-    def __init__(self, keep_residuals=False):
+    def __init__(self, keep_residuals=False, shapes_only=False):
         super().__init__()
+        self.shapes_only = shapes_only
         self.graph = fx.Graph()
         self.node_of = WeakTensorKeyDictionary()
         self.tangent_nodes = set()
@@ -193,7 +230,12 @@ class Recorder(TorchDispatchMode):
         mutated = _mutated_args(func)
         if mutated:
             self._before_mutation(func, [args[i] for i in mutated if i < len(args)], depends)
-        out = func(*args, **kwargs)
+        if depends and self.shapes_only:
+            out = self._shapes_only(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
+            if self.shapes_only and _any_meta(out):
+                raise NeedsValues(f"{func} made a meta tensor outside the tangent program")
         name = ("d" if depends else "") + _op_name(rfunc)
         node = self.graph.create_node("call_function", rfunc, nargs, nkwargs, name=name)
         if depends:
@@ -208,6 +250,21 @@ class Recorder(TorchDispatchMode):
             self.reads.append((func, depends))
         self._bind_outputs(func, out, node, depends)
         return out
+
+    def _shapes_only(self, func, args, kwargs):
+        """Run a tangent op on meta tensors: its graph node is what matters, not its values."""
+        if self.unbatchable_mutation is not None:
+            raise NeedsValues(f"{func} writes a tangent into a primal tensor")
+        if hasattr(func, "tags") and any(tag in func.tags for tag in _READ_TAGS):
+            if func in _DATA_FIRST and args[0].is_meta and not _any_meta(args[1:]):
+                # x[mask] with a tangent x: the shape comes from the (real) mask.
+                real = torch.zeros(args[0].shape, dtype=args[0].dtype, device=_device_of(args[1:]))
+                return meta_like(func(real, *args[1:], **kwargs))
+            raise NeedsValues(f"{func} reads values")
+        try:
+            return func(*_on_meta(args), **_on_meta(kwargs))
+        except Exception as e:
+            raise NeedsValues(f"{func} has no meta kernel ({type(e).__name__}: {e})") from e
 
     def _bind_outputs(self, func, out, node, depends):
         if isinstance(out, torch.Tensor):
@@ -249,6 +306,13 @@ class Recorder(TorchDispatchMode):
         self.outputs = list(outputs)
         return self
 
+    def restore_inputs(self):
+        """Undo in-place writes into the inputs and captured tensors (for a second recording)."""
+        with torch.no_grad():
+            for where, snap in self.snapshots.items():
+                target = self.inputs[where][1] if isinstance(where, int) else self.constants[where[1]]
+                target.copy_(snap)
+
     def value_reads(self, tangent_only=False):
         return [f for f, dep in self.reads if dep or not tangent_only]
 
@@ -261,18 +325,27 @@ class Recorder(TorchDispatchMode):
         return fx.GraphModule(dict(self.constants), graph if graph is not None else self.graph)
 
 
-def record(body, inputs, names, is_tangent, keep_residuals=False, constant_names=None):
+def record(body, inputs, names, is_tangent, keep_residuals=False, constant_names=None, shapes_only=False):
     """Run ``body(*inputs)`` under a ``Recorder``; returns the finished recorder.
 
-    ``body`` must return a flat list or tuple of outputs.
+    ``body`` must return a flat list or tuple of outputs.  With
+    ``shapes_only`` the tangent inputs are meta tensors and every tangent op
+    runs on the meta device, so recording costs about one primal evaluation;
+    an op that needs tangent values raises ``NeedsValues``, after the inputs'
+    in-place changes have been undone.
     """
-    rec = Recorder(keep_residuals=keep_residuals)
+    rec = Recorder(keep_residuals=keep_residuals, shapes_only=shapes_only)
     if constant_names:
         rec.constant_names = constant_names
     for t, name, tan in zip(inputs, names, is_tangent):
         rec.input(t, name, tangent=tan)
-    with rec:
-        outputs = body(*inputs)
+    try:
+        with rec:
+            outputs = body(*inputs)
+    except Exception:
+        if shapes_only:
+            rec.restore_inputs()
+        raise
     return rec.finish(list(outputs))
 
 
@@ -473,10 +546,10 @@ class FlatJvp:
     def is_tangent(self):
         return [False] * len(self.tensor_idx) + [True] * len(self.tangent_idx)
 
-    def record(self, primals, tangents, keep_residuals=False, constant_names=None):
+    def record(self, primals, tangents, keep_residuals=False, constant_names=None, shapes_only=False):
         return record(
             self, [*primals, *tangents], self.input_names(), self.is_tangent(),
-            keep_residuals=keep_residuals, constant_names=constant_names,
+            keep_residuals=keep_residuals, constant_names=constant_names, shapes_only=shapes_only,
         )
 
     def unflatten(self, outputs):
