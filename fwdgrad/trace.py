@@ -35,6 +35,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import _disable_current_modes as _no_modes
 from torch.utils.weak import WeakTensorKeyDictionary
 
 _set_grad_enabled = torch._C._set_grad_enabled
@@ -262,7 +263,8 @@ class Recorder(TorchDispatchMode):
                 return meta_like(func(real, *args[1:], **kwargs))
             raise NeedsValues(f"{func} reads values")
         try:
-            return func(*_on_meta(args), **_on_meta(kwargs))
+            with _no_modes():  # an enclosing recorder need not see meta tensors
+                return func(*_on_meta(args), **_on_meta(kwargs))
         except Exception as e:
             raise NeedsValues(f"{func} has no meta kernel ({type(e).__name__}: {e})") from e
 
