@@ -74,16 +74,18 @@ class Linearized:
         call = self.call
         rng = _rng_state()
         names = trace.Captures(self.func).names()
+        zeros = [torch.zeros_like(x) for x in self.inputs]
         try:  # tangent ops on the meta device: recording costs about one primal evaluation
             shapes = [trace.meta_like(x) for x in self.inputs]
             rec = call.record(primals, shapes, keep_residuals=True, constant_names=names, shapes_only=True)
         except Exception:  # the tangent program needs values (or f raised): record for real
             _set_rng_state(rng)
-            zeros = [torch.zeros_like(x) for x in self.inputs]
             rec = call.record(primals, zeros, keep_residuals=True, constant_names=names)
         if rec.unbatchable_mutation is not None or rec.stale_residuals():
             try:
-                rec = trace.functionalized(rec, call.is_tangent(), lambda: _set_rng_state(rng))
+                rec = trace.functionalized(
+                    rec, [*primals, *zeros], call.is_tangent(), lambda: _set_rng_state(rng)
+                )
             except Exception as e:  # an op functionalization cannot handle
                 self._fall_back(rec, f"functionalizing its in-place ops failed ({type(e).__name__}: {e})")
                 return

@@ -44,10 +44,8 @@ _READ_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 
 _mutates = {}
 _aten = torch.ops.aten
-_SLICES = {_aten.slice.Tensor: 0, _aten.slice_scatter.default: 1}  # op -> index of the sliced arg minus 1
-
-
-_DATA_FIRST = {_aten.index.Tensor, _aten.masked_select.default}
+_SLICE_DIM = {_aten.slice.Tensor: 1, _aten.slice_scatter.default: 2}  # op -> position of `dim`
+_DATA_FIRST = {_aten.index.Tensor, _aten.masked_select.default}  # shape from the index, not `self`
 
 
 def _normalized(func, args):
@@ -57,13 +55,12 @@ def _normalized(func, args):
     functionalization) is recorded as ``expand(src, dst.shape)``, which vmap
     batches natively.
     """
-    if func in _SLICES:
-        base = _SLICES[func]
+    if func in _SLICE_DIM:
+        d = _SLICE_DIM[func]
         args = list(args)
-        size_of = args[0]
-        dim = args[base + 1] if len(args) > base + 1 else 0
-        size = size_of.shape[dim] if size_of.dim() else 0
-        for j in (base + 2, base + 3):  # start, end
+        dim = args[d] if len(args) > d else 0
+        size = args[0].shape[dim] if args[0].dim() else 0
+        for j in (d + 1, d + 2):  # start, end
             if len(args) > j and isinstance(args[j], int) and args[j] > size:
                 args[j] = size
         return func, tuple(args)
@@ -351,9 +348,10 @@ def record(body, inputs, names, is_tangent, keep_residuals=False, constant_names
     return rec.finish(list(outputs))
 
 
-def functionalized(rec, is_tangent, restore_rng):
+def functionalized(rec, inputs, is_tangent, restore_rng):
     """Record ``rec``'s program again, without mutations, through ``torch.func.functionalize``.
 
+    ``inputs`` are real values for ``rec``'s inputs (zeros for the tangents).
     The replay runs on the input values from before the first recording
     mutated them (its snapshots) and on the random-number state from before
     it, so it computes the same values; the first recording's side effects
@@ -361,12 +359,13 @@ def functionalized(rec, is_tangent, restore_rng):
     """
     gm = rec.module()
     names = [n.name for n, _ in rec.inputs]
-    inputs = [rec.snapshots.get(i, t) for i, (_, t) in enumerate(rec.inputs)]
+    inputs = [rec.snapshots.get(i, t) for i, t in enumerate(inputs)]
     const_names = {}
-    for name, t in rec.constants.items():
+    for name in rec.constants:
         if ("const", name) in rec.snapshots:
             # Replay on a copy of a captured tensor that the program mutates.
-            gm.register_buffer(name, rec.snapshots[("const", name)], persistent=False)
+            delattr(gm, name)
+            setattr(gm, name, rec.snapshots[("const", name)])
         const_names[id(getattr(gm, name))] = name
     restore_rng()
     pure = torch.func.functionalize(gm, remove="mutations")
@@ -540,6 +539,10 @@ class FlatJvp:
         aux_leaves, self.aux_spec = pytree.tree_flatten(drop_level(aux, level))
         self.n_out = len(p_leaves)
         return [*p_leaves, *t_leaves, *aux_leaves]
+
+    def forget_values(self):
+        """Drop the references to this call's tensors (the spec and indices stay)."""
+        self.leaves = [None if isinstance(x, torch.Tensor) else x for x in self.leaves]
 
     def input_names(self):
         primal = [self.arg_names[i] for i in self.tensor_idx]

@@ -97,14 +97,24 @@ class TracedJvp:
         warnings.warn(f"fwdgrad.{self.name}(trace=True) on {fname!r}: {detail}", stacklevel=4)
 
     @property
-    def code(self):
-        """The Python code of the most recently used program (primal and tangent ops)."""
+    def graph_module(self):
+        """The most recently used program as a ``torch.fx.GraphModule``.
+
+        It takes the tensor arguments, then the tangents, and returns the flat
+        primal outputs, tangent outputs and aux; hand it to ``torch.compile``
+        to fuse the ops (worth it for long chains of tiny ops).
+        """
         if self.last is None:
             raise RuntimeError(
                 f"fwdgrad.{self.name}(trace=True): nothing has been traced yet; call the "
                 f"function once first"
             )
-        return self.last.module.code
+        return self.last.module
+
+    @property
+    def code(self):
+        """The Python code of the most recently used program (primal and tangent ops)."""
+        return self.graph_module.code
 
     def __call__(self, args, kwargs, dual, tangents):
         if not kwargs and all(type(a) in _PLAIN for a in args):
@@ -179,6 +189,7 @@ class TracedJvp:
             )
         else:
             rec.graph.eliminate_dead_code()
+            call.forget_values()
             program = _Program(rec.module(), call, keep)
             self.cache[key] = program
             self.last = program
@@ -265,7 +276,13 @@ class TracedForwardGrad:
 
     @property
     def code(self):
+        """The Python code of the most recently used program (tangent values are ``d...``)."""
         return self.traced.code
+
+    @property
+    def graph_module(self):
+        """The most recently used program as a ``torch.fx.GraphModule``."""
+        return self.traced.graph_module
 
     def __call__(self, *pairs, **kwargs):
         name = "forward_grad"

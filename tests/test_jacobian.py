@@ -151,6 +151,20 @@ def test_jacfwd_writes_into_a_buffer():
     assert_close(fwdgrad.jacfwd(f)(x), torch.func.jacfwd(f)(x))
 
 
+def test_jacfwd_in_place_update_of_a_value_the_tangent_reads():
+    def f(x):
+        a = x.exp()
+        c = a * x  # its tangent reads a ...
+        a.mul_(2)  # ... which changes afterwards
+        return c + a
+
+    x = torch.randn(3, dtype=D)
+    assert_close(fwdgrad.jacfwd(f)(x), torch.func.jacfwd(f)(x))
+    out, jvp_fn = fwdgrad.linearize(f, x)
+    v = torch.randn(3, dtype=D)
+    assert_close(jvp_fn(v), torch.func.jvp(f, (x,), (v,))[1])
+
+
 def test_jacfwd_randomness_matches_returned_output():
     # Dropout's mask in the Jacobian is the one behind the returned output, also
     # when in-place ops send the recording through functionalization.
