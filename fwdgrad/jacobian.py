@@ -370,8 +370,11 @@ def _arrange(per_leaf, args, nums, argnums):
 # hessian
 
 
-def _reverse_grad(func, argnums):
-    """The gradient of a scalar ``func`` by ``torch.autograd`` (composable with forward mode)."""
+def _reverse_grad(func, argnums, many):
+    """The gradient of a scalar ``func`` by ``torch.autograd`` (composable with forward mode).
+
+    A tuple (one entry per argument in ``argnums``) if ``many``.
+    """
 
     def grad_fn(*args):
         args = list(args)
@@ -392,7 +395,7 @@ def _reverse_grad(func, argnums):
         for leaves, spec in wrt:
             trees.append(pytree.tree_unflatten(grads[pos:pos + len(leaves)], spec))
             pos += len(leaves)
-        return trees[0] if len(trees) == 1 else tuple(trees)
+        return tuple(trees) if many else trees[0]
 
     return grad_fn
 
@@ -413,7 +416,8 @@ def hessian(func, argnums=0):
     @functools.wraps(func)
     def hess_fn(*args):
         nums = _check_argnums(argnums, len(args), name)
-        return jacfwd(_reverse_grad(func, nums if isinstance(argnums, tuple) else nums[:1]), argnums)(*args)
+        many = isinstance(argnums, tuple)
+        return jacfwd(_reverse_grad(func, nums, many), argnums)(*args)
 
     return hess_fn
 

@@ -226,10 +226,11 @@ def test_hessian():
     assert_close(fwdgrad.hessian(f)(x), torch.func.hessian(f)(x))
 
 
-def test_hessian_argnums_tuple():
+@pytest.mark.parametrize("argnums", [(0, 1), (1,), 1])
+def test_hessian_argnums(argnums):
     f = lambda x, y: (x.sin()[:, None] * y.exp()[None]).sum() * y.sum()  # noqa: E731
     x, y = torch.randn(3, dtype=D), torch.randn(2, dtype=D)
-    assert_close(fwdgrad.hessian(f, (0, 1))(x, y), torch.func.hessian(f, (0, 1))(x, y))
+    assert_close(fwdgrad.hessian(f, argnums)(x, y), torch.func.hessian(f, argnums)(x, y))
 
 
 def test_hessian_mlp_loss():
