@@ -75,12 +75,8 @@ class Linearized:
         rng = _rng_state()
         names = trace.Captures(self.func).names()
         zeros = [torch.zeros_like(x) for x in self.inputs]
-        try:  # tangent ops on the meta device: recording costs about one primal evaluation
-            shapes = [trace.meta_like(x) for x in self.inputs]
-            rec = call.record(primals, shapes, keep_residuals=True, constant_names=names, shapes_only=True)
-        except Exception:  # the tangent program needs values (or f raised): record for real
-            _set_rng_state(rng)
-            rec = call.record(primals, zeros, keep_residuals=True, constant_names=names)
+        # The recording's tangent values are not needed: skip the heavy tangent ops.
+        rec = call.record(primals, zeros, keep_residuals=True, constant_names=names, skip_tangent_work=True)
         if rec.unbatchable_mutation is not None or rec.stale_residuals():
             try:
                 rec = trace.functionalized(

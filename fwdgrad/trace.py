@@ -92,8 +92,7 @@ def _op_name(func):
     return packet.__name__ if packet is not None else getattr(func, "__name__", "op")
 
 
-class NeedsValues(Exception):
-    """A shapes-only recording met an op whose tangent needs real values."""
+HEAVY = 1 << 20  # tensor elements read by a tangent op above which a skipping recorder skips it
 
 
 def meta_like(t):
@@ -103,29 +102,32 @@ def meta_like(t):
 
 def _on_meta(a):
     if isinstance(a, torch.Tensor):
-        return a if a.is_meta else meta_like(a)
+        return meta_like(a)
     if isinstance(a, (list, tuple)):
         return type(a)(_on_meta(b) for b in a)
     return a
 
 
-def _device_of(args):
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a.device
-        if isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, torch.Tensor):
-                    return b.device
-    return torch.device("cpu")
-
-
-def _any_meta(out):
+def _zeros_like_meta(out, device):
     if isinstance(out, torch.Tensor):
-        return out.is_meta
+        return torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=device).zero_()
     if isinstance(out, (list, tuple)):
-        return any(_any_meta(o) for o in out)
-    return False
+        return type(out)(_zeros_like_meta(o, device) for o in out)
+    return out
+
+
+_skippable_cache = {}
+
+
+def _skippable(func):
+    """A functional op that returns new tensors (no views, no in-place writes)."""
+    v = _skippable_cache.get(func)
+    if v is None:
+        schema = getattr(func, "_schema", None)
+        v = _skippable_cache[func] = schema is not None and not any(
+            r.alias_info is not None for r in schema.returns
+        ) and not _mutated_args(func) and not any(tag in func.tags for tag in _READ_TAGS)
+    return v
 
 
 def describe_read(func):
@@ -152,9 +154,9 @@ class Recorder(TorchDispatchMode):
     reference, so in-place updates to it are seen when the graph is replayed.
     """
 
-    def __init__(self, keep_residuals=False, shapes_only=False):
+    def __init__(self, keep_residuals=False, skip_tangent_work=False):
         super().__init__()
-        self.shapes_only = shapes_only
+        self.skip_tangent_work = skip_tangent_work
         self.graph = fx.Graph()
         self.node_of = WeakTensorKeyDictionary()
         self.tangent_nodes = set()
@@ -228,12 +230,11 @@ class Recorder(TorchDispatchMode):
         mutated = _mutated_args(func)
         if mutated:
             self._before_mutation(func, [args[i] for i in mutated if i < len(args)], depends)
-        if depends and self.shapes_only:
-            out = self._shapes_only(func, args, kwargs)
-        else:
+        out = None
+        if depends and self.skip_tangent_work and sum(t.numel() for _, t in found) >= HEAVY:
+            out = self._skip(func, args, kwargs, found)
+        if out is None:
             out = func(*args, **kwargs)
-            if self.shapes_only and _any_meta(out):
-                raise NeedsValues(f"{func} made a meta tensor outside the tangent program")
         name = ("d" if depends else "") + _op_name(rfunc)
         node = self.graph.create_node("call_function", rfunc, nargs, nkwargs, name=name)
         if depends:
@@ -249,21 +250,21 @@ class Recorder(TorchDispatchMode):
         self._bind_outputs(func, out, node, depends)
         return out
 
-    def _shapes_only(self, func, args, kwargs):
-        """Run a tangent op on meta tensors: its graph node is what matters, not its values."""
-        if self.unbatchable_mutation is not None:
-            raise NeedsValues(f"{func} writes a tangent into a primal tensor")
-        if hasattr(func, "tags") and any(tag in func.tags for tag in _READ_TAGS):
-            if func in _DATA_FIRST and args[0].is_meta and not _any_meta(args[1:]):
-                # x[mask] with a tangent x: the shape comes from the (real) mask.
-                real = torch.zeros(args[0].shape, dtype=args[0].dtype, device=_device_of(args[1:]))
-                return meta_like(func(real, *args[1:], **kwargs))
-            raise NeedsValues(f"{func} reads values")
+    def _skip(self, func, args, kwargs, found):
+        """Zeros shaped like ``func``'s output, from its meta kernel (``None``: run it after all).
+
+        With zero tangent inputs every value of a tangent program is zero, so
+        skipping a heavy tangent op (a matrix product, a convolution) changes
+        nothing but the recording's cost.
+        """
+        if not _skippable(func):
+            return None
         try:
             with _no_modes():  # an enclosing recorder need not see meta tensors
-                return func(*_on_meta(args), **_on_meta(kwargs))
-        except Exception as e:
-            raise NeedsValues(f"{func} has no meta kernel ({type(e).__name__}: {e})") from e
+                out = func(*_on_meta(args), **_on_meta(kwargs))
+        except Exception:  # no meta kernel
+            return None
+        return _zeros_like_meta(out, found[0][1].device)
 
     def _bind_outputs(self, func, out, node, depends):
         if isinstance(out, torch.Tensor):
@@ -305,13 +306,6 @@ class Recorder(TorchDispatchMode):
         self.outputs = list(outputs)
         return self
 
-    def restore_inputs(self):
-        """Undo in-place writes into the inputs and captured tensors (for a second recording)."""
-        with torch.no_grad():
-            for where, snap in self.snapshots.items():
-                target = self.inputs[where][1] if isinstance(where, int) else self.constants[where[1]]
-                target.copy_(snap)
-
     def value_reads(self, tangent_only=False):
         return [f for f, dep in self.reads if dep or not tangent_only]
 
@@ -324,27 +318,21 @@ class Recorder(TorchDispatchMode):
         return fx.GraphModule(dict(self.constants), graph if graph is not None else self.graph)
 
 
-def record(body, inputs, names, is_tangent, keep_residuals=False, constant_names=None, shapes_only=False):
+def record(body, inputs, names, is_tangent, keep_residuals=False, constant_names=None, skip_tangent_work=False):
     """Run ``body(*inputs)`` under a ``Recorder``; returns the finished recorder.
 
     ``body`` must return a flat list or tuple of outputs.  With
-    ``shapes_only`` the tangent inputs are meta tensors and every tangent op
-    runs on the meta device, so recording costs about one primal evaluation;
-    an op that needs tangent values raises ``NeedsValues``, after the inputs'
-    in-place changes have been undone.
+    ``skip_tangent_work`` (for zero tangent inputs whose results nobody
+    needs) heavy tangent ops are recorded but not run, so recording costs
+    about one primal evaluation.
     """
-    rec = Recorder(keep_residuals=keep_residuals, shapes_only=shapes_only)
+    rec = Recorder(keep_residuals=keep_residuals, skip_tangent_work=skip_tangent_work)
     if constant_names:
         rec.constant_names = constant_names
     for t, name, tan in zip(inputs, names, is_tangent):
         rec.input(t, name, tangent=tan)
-    try:
-        with rec:
-            outputs = body(*inputs)
-    except Exception:
-        if shapes_only:
-            rec.restore_inputs()
-        raise
+    with rec:
+        outputs = body(*inputs)
     return rec.finish(list(outputs))
 
 
@@ -551,10 +539,11 @@ class FlatJvp:
     def is_tangent(self):
         return [False] * len(self.tensor_idx) + [True] * len(self.tangent_idx)
 
-    def record(self, primals, tangents, keep_residuals=False, constant_names=None, shapes_only=False):
+    def record(self, primals, tangents, keep_residuals=False, constant_names=None, skip_tangent_work=False):
         return record(
             self, [*primals, *tangents], self.input_names(), self.is_tangent(),
-            keep_residuals=keep_residuals, constant_names=constant_names, shapes_only=shapes_only,
+            keep_residuals=keep_residuals, constant_names=constant_names,
+            skip_tangent_work=skip_tangent_work,
         )
 
     def unflatten(self, outputs):

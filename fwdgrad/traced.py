@@ -33,9 +33,9 @@ run eagerly, with a warning (once).  So do tensor-subclass inputs, such as
 the duals of an enclosing fwdgrad transform.
 """
 
+import collections
 import functools
 import warnings
-import weakref
 
 import torch
 from torch.utils import _pytree as pytree
@@ -199,36 +199,40 @@ class TracedJvp:
 # --------------------------------------------------------------------------
 # One TracedJvp per function for ``jvp(..., trace=True)``.
 
-_by_function = weakref.WeakKeyDictionary()
-_by_method = weakref.WeakKeyDictionary()  # bound methods: __self__ -> {__func__: TracedJvp}
-_by_id = {}  # objects that take no weak reference: id -> (func, TracedJvp)
+_MAX_FUNCTIONS = 64
+_by_function = collections.OrderedDict()  # (func, has_aux) -> TracedJvp, least recently used first
+_codes_seen = collections.Counter()  # __code__ -> function objects seen with it (re-created lambdas)
 
 
 def traced_jvp_for(func, has_aux):
-    """The cached ``TracedJvp`` that ``jvp(func, ..., trace=True)`` uses."""
-    key = has_aux
-    self_ = getattr(func, "__self__", None)
-    if self_ is not None and hasattr(func, "__func__"):
-        try:
-            table = _by_method.setdefault(self_, {})
-        except TypeError:
-            table = None
-        if table is not None:
-            t = table.get((func.__func__, key))
-            if t is None:
-                t = table[(func.__func__, key)] = TracedJvp(func, has_aux, "jvp")
-            return t
+    """The ``TracedJvp`` that ``jvp(func, ..., trace=True)`` uses (one per function object).
+
+    The last ``_MAX_FUNCTIONS`` functions keep their programs (and stay alive).
+    """
     try:
-        table = _by_function.setdefault(func, {})
+        key = (func, has_aux)
+        hash(key)
     except TypeError:
-        entry = _by_id.get((id(func), key))
-        if entry is None or entry[0] is not func:
-            entry = _by_id[(id(func), key)] = (func, TracedJvp(func, has_aux, "jvp"))
-        return entry[1]
-    t = table.get(key)
-    if t is None:
-        t = table[key] = TracedJvp(func, has_aux, "jvp")
-    return t
+        key = (id(func), has_aux)
+    traced = _by_function.get(key)
+    if traced is not None and traced.func is func:
+        _by_function.move_to_end(key)
+        return traced
+    traced = _by_function[key] = TracedJvp(func, has_aux, "jvp")
+    if len(_by_function) > _MAX_FUNCTIONS:
+        _by_function.popitem(last=False)
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        _codes_seen[code] += 1
+        if _codes_seen[code] == 4:
+            warnings.warn(
+                f"fwdgrad.jvp(trace=True): 4 function objects with the same code "
+                f"({getattr(func, '__qualname__', func)!r}); programs are cached per function "
+                f"object, so each new one records again.  Define the function once, outside "
+                f"the loop, or use fwdgrad.forward_grad(f, trace=True).",
+                stacklevel=4,
+            )
+    return traced
 
 
 def _check_leaves(name, primal, tangent, prefix, first, dual, tangents):

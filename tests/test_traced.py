@@ -87,6 +87,14 @@ def test_jvp_trace_is_cached_per_function():
     assert_close(aux, x.cos())
 
 
+def test_jvp_trace_warns_about_re_created_functions():
+    x = torch.randn(3, dtype=D)
+    with pytest.warns(UserWarning, match="4 function objects with the same code"):
+        for _ in range(4):
+            out, t = fwdgrad.jvp(lambda x: x.sin(), (x,), (x,), trace=True)
+    assert_close(t, x * x.cos())
+
+
 @pytest.mark.parametrize(
     "change",
     ["shape", "dtype", "requires_grad", "strides", "none_tangent", "grad_mode"],
