@@ -17,7 +17,6 @@ one at a time through the eager interpreter.
 """
 
 import functools
-import warnings
 
 import torch
 from torch.utils import _pytree as pytree
@@ -107,11 +106,10 @@ class Linearized:
     def _fall_back(self, rec, reason):
         self.reason = reason
         self._set_outputs(rec.outputs)
-        warnings.warn(
+        trace.warn(
             f"fwdgrad.{self.name}: cannot replay the traced tangent program of "
             f"{getattr(self.func, '__name__', self.func)!r} because {reason}; pushing tangents "
-            f"one at a time through the eager interpreter instead (slower, same values).",
-            stacklevel=4,
+            f"one at a time through the eager interpreter instead (slower, same values)."
         )
 
     def _eager(self, tangent_leaves):
@@ -264,10 +262,12 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
             )
         check_tangent(name, where, p, t[0] if k else t.new_empty(t.shape[1:]))
         diff.append(True)
+    if k is None:
+        raise ValueError(f"{name}: with batched=True, at least one tangent must be a tensor (not None)")
     lin = Linearized(func, tuple(primals), diff, has_aux, name)
     batch = [t for t, d in zip(t_leaves, diff) if d]
-    if k is None or k == 0:
-        outs = [o.new_zeros((k or 0, *o.shape)) for o in lin.primal_leaves]
+    if k == 0:
+        outs = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
     else:
         outs = lin.push_batched(batch)
     tangent_out = pytree.tree_unflatten(outs, lin.out_spec)

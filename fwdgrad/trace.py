@@ -24,11 +24,18 @@ While recording it notes what later users of the graph must know:
 
 Grad mode is part of the program: a change of ``torch.is_grad_enabled()``
 between ops is recorded as a ``torch._C._set_grad_enabled`` call.
+
+When the recording's tangent values are not needed (``skip_tangent_work``:
+zero tangent inputs, only the graph and the residuals are used), heavy
+tangent ops are recorded without being run; see ``Recorder._skip``.
 """
 
 import functools
 import inspect
 import operator
+import os
+import sys
+import warnings
 
 import torch
 import torch.fx as fx
@@ -128,6 +135,17 @@ def _skippable(func):
             r.alias_info is not None for r in schema.returns
         ) and not _mutated_args(func) and not any(tag in func.tags for tag in _READ_TAGS)
     return v
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn(message):
+    """``warnings.warn`` pointing at the first caller outside fwdgrad."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level + 1)
 
 
 def describe_read(func):

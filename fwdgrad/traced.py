@@ -35,7 +35,6 @@ the duals of an enclosing fwdgrad transform.
 
 import collections
 import functools
-import warnings
 
 import torch
 from torch.utils import _pytree as pytree
@@ -94,7 +93,7 @@ class TracedJvp:
             return
         self._warned.add(reason)
         fname = getattr(self.func, "__name__", type(self.func).__name__)
-        warnings.warn(f"fwdgrad.{self.name}(trace=True) on {fname!r}: {detail}", stacklevel=4)
+        trace.warn(f"fwdgrad.{self.name}(trace=True) on {fname!r}: {detail}")
 
     @property
     def graph_module(self):
@@ -225,12 +224,11 @@ def traced_jvp_for(func, has_aux):
     if code is not None:
         _codes_seen[code] += 1
         if _codes_seen[code] == 4:
-            warnings.warn(
+            trace.warn(
                 f"fwdgrad.jvp(trace=True): 4 function objects with the same code "
                 f"({getattr(func, '__qualname__', func)!r}); programs are cached per function "
                 f"object, so each new one records again.  Define the function once, outside "
-                f"the loop, or use fwdgrad.forward_grad(f, trace=True).",
-                stacklevel=4,
+                f"the loop, or use fwdgrad.forward_grad(f, trace=True)."
             )
     return traced
 

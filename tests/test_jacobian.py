@@ -309,6 +309,17 @@ def test_linearize_mlp_and_reuse():
         assert_close(jvp_fn(v), jvp_fn0(v))
 
 
+def test_linearize_skips_heavy_tangent_ops_while_recording():
+    # mv with a 2^20-element matrix: recorded from its meta shape, not run.
+    torch.manual_seed(4)
+    W = torch.randn(1024, 1024, dtype=D) / 32
+    f = lambda x: torch.tanh(W @ x).sin()  # noqa: E731
+    x, v = torch.randn(1024, dtype=D), torch.randn(1024, dtype=D)
+    out, jvp_fn = fwdgrad.linearize(f, x)
+    assert_close(out, f(x))
+    assert_close(jvp_fn(v), torch.func.jvp(f, (x,), (v,))[1])
+
+
 def test_linearize_cnn(cnn_eval):
     x = torch.randn(2, 2, 6, 6, dtype=D)
     v = torch.randn_like(x)
@@ -359,6 +370,8 @@ def test_errors():
         fwdgrad.jvp(f, (x, x), (torch.ones(2, 3, dtype=D), torch.ones(3, 3, dtype=D)), batched=True)
     with pytest.raises(ValueError, match="shape"):
         fwdgrad.jvp(f, (x, x), (torch.ones(2, 4, dtype=D), None), batched=True)
+    with pytest.raises(ValueError, match="at least one tangent"):
+        fwdgrad.jvp(f, (x, x), (None, None), batched=True)
     _, jvp_fn = fwdgrad.linearize(torch.sin, x)
     with pytest.raises(ValueError, match="shape"):
         jvp_fn(torch.ones(4, dtype=D))
