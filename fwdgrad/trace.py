@@ -45,6 +45,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._python_dispatch import _disable_current_modes as _no_modes
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from . import registry
+
 _set_grad_enabled = torch._C._set_grad_enabled
 _plain_dispatch = torch.Tensor.__torch_dispatch__
 _READ_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
@@ -124,6 +126,7 @@ def _zeros_like_meta(out, device):
 
 
 _skippable_cache = {}
+_functional_cache = {}
 
 
 def _skippable(func):
@@ -187,6 +190,7 @@ class Recorder(TorchDispatchMode):
         self.inputs = []  # (node, tensor)
         self.input_storages = {}  # StorageWeakRef -> index into self.inputs
         self.snapshots = {}  # index into self.inputs -> value before its first mutation
+        self.aliased = set()  # storages that views were taken of
         self.grad_enabled = torch.is_grad_enabled()
         self.initial_grad_enabled = self.grad_enabled
 
@@ -241,12 +245,13 @@ class Recorder(TorchDispatchMode):
             self.graph.call_function(_set_grad_enabled, (grad,))
             self.grad_enabled = grad
         found = []
-        rfunc, rargs = _normalized(func, args)
+        mutated = _mutated_args(func)
+        functional = self._functional_instead(func, args, kwargs) if mutated else None
+        rfunc, rargs = _normalized(functional or func, args)
         nargs = tuple(self._arg(a, found) for a in rargs)
         nkwargs = {k: self._arg(v, found) for k, v in kwargs.items()}
         depends = any(n in self.tangent_nodes for n, _ in found)
-        mutated = _mutated_args(func)
-        if mutated:
+        if mutated and functional is None:
             self._before_mutation(func, [args[i] for i in mutated if i < len(args)], depends)
         out = None
         if depends and self.skip_tangent_work and sum(t.numel() for _, t in found) >= HEAVY:
@@ -266,7 +271,39 @@ class Recorder(TorchDispatchMode):
                 depends = any(n in self.tangent_nodes for n, _ in found[1:])
             self.reads.append((func, depends))
         self._bind_outputs(func, out, node, depends)
+        if hasattr(func, "_schema") and any(r.alias_info is not None for r in func._schema.returns):
+            for o in out if isinstance(out, (list, tuple)) else (out,):
+                if isinstance(o, torch.Tensor):
+                    self.aliased.add(StorageWeakRef(o.untyped_storage()))
         return out
+
+    def _functional_instead(self, func, args, kwargs):
+        """The out-of-place op to record for an in-place op on a private tensor, or ``None``.
+
+        ``t.addcmul_(a, b)`` on a tensor nobody else can see (not an input, a
+        captured tensor, a view or viewed) is recorded as ``t = addcmul(t, a, b)``:
+        vmap batches functional ops better, and a functional graph needs no
+        functionalization pass.
+        """
+        if _mutated_args(func) != (0,) or kwargs or not isinstance(args[0], torch.Tensor):
+            return None
+        w = args[0]
+        if w._base is not None or w.is_meta:
+            return None
+        storage = StorageWeakRef(w.untyped_storage())
+        if storage in self.input_storages or storage in self.aliased:
+            return None
+        for a in args[1:]:
+            if isinstance(a, torch.Tensor) and (a.dtype != w.dtype or a.device != w.device):
+                return None
+        functional = _functional_cache.get(func, False)
+        if functional is False:
+            try:
+                functional = registry.functional_variant(func)
+            except NotImplementedError:
+                functional = None
+            _functional_cache[func] = functional
+        return functional
 
     def _skip(self, func, args, kwargs, found):
         """Zeros shaped like ``func``'s output, from its meta kernel (``None``: run it after all).
