@@ -7,7 +7,10 @@ Side by side, medians of interleaved rounds (float32 CPU):
 - ``fwdgrad.forward_grad(f, trace=True)`` and ``fwdgrad.jvp(f, ..., trace=True)``
   (record once, then replay the fx graph).
 
-    PYTHONPATH=. python benchmarks/traced.py [--rounds 30]
+    PYTHONPATH=. python benchmarks/traced.py [--rounds 30] [--compile]
+
+``--compile`` adds ``torch.compile(df.graph_module)``: the recorded program
+fused by inductor (needs a C++ compiler; compiling takes seconds to minutes).
 
 Target (issue 5): the traced mode at most 0.15x the time of torch.func.jvp.
 """
@@ -64,6 +67,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(df.graph_module)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s); {LENGTH} ops on 16 elements; median of {args.rounds} rounds")
@@ -83,6 +87,13 @@ def main():
             "fwdgrad.forward_grad(trace=True)": lambda: df(x, v),
             "fwdgrad.jvp(trace=True)": lambda: fwdgrad.jvp(f, (x,), (v,), trace=True),
         }
+        if args.compile:
+            df(x, v)
+            compiled = torch.compile(df.graph_module, dynamic=False)
+            t0 = time.perf_counter()
+            compiled(x, v)
+            print(f"  ({chain_name}: torch.compile took {time.perf_counter() - t0:.1f} s)")
+            methods["torch.compile(df.graph_module)"] = lambda: compiled(x, v)[:2]
         expected = torch.func.jvp(f, (x,), (v,))
         for name, fn in methods.items():
             out = fn()

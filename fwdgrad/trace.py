@@ -465,8 +465,27 @@ def tangent_module(rec, tangent_outputs):
 # What a traced function captures.
 
 
+_HOLDS = (torch.Tensor, torch.nn.Module)
+
+
+def _contents(obj):
+    """Tensors and modules in ``obj``: itself, or the items of a list, tuple or dict (one level)."""
+    if isinstance(obj, _HOLDS):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [x for x in obj if isinstance(x, _HOLDS)]
+    if isinstance(obj, dict):
+        return [x for x in obj.values() if isinstance(x, _HOLDS)]
+    return []
+
+
 class Captures:
-    """Where ``func`` may find tensors that are not its arguments (shallow)."""
+    """Where ``func`` may find tensors that are not its arguments (shallow).
+
+    Tensors and modules (or lists, tuples and dicts of them) in its closure,
+    its defaults, the globals it names; the module of a bound method; the
+    pieces of a ``functools.partial``.
+    """
 
     def __init__(self, func):
         self.direct = []  # objects reached without a lookup
@@ -475,7 +494,7 @@ class Captures:
         self._collect(func, depth=0)
 
     def _collect(self, obj, depth):
-        if isinstance(obj, (torch.Tensor, torch.nn.Module)):
+        if _contents(obj):
             self.direct.append(obj)
             return
         if depth > 1:
@@ -492,36 +511,36 @@ class Captures:
         code = getattr(fn, "__code__", None)
         if code is None:
             return
-        for cell in fn.__closure__ or ():
-            self.cells.append(cell)
+        self.cells.extend(fn.__closure__ or ())
         g = getattr(fn, "__globals__", {})
         for name in code.co_names:
-            if isinstance(g.get(name), (torch.Tensor, torch.nn.Module)):
+            if _contents(g.get(name)):
                 self.globals.append((g, name))
         for d in (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()):
-            if isinstance(d, (torch.Tensor, torch.nn.Module)):
+            if _contents(d):
                 self.direct.append(d)
 
     def objects(self):
-        objs = list(self.direct)
+        """The tensors and modules reachable now."""
+        found = []
+        for obj in self.direct:
+            found.extend(_contents(obj))
         for cell in self.cells:
             try:
-                objs.append(cell.cell_contents)
+                found.extend(_contents(cell.cell_contents))
             except ValueError:  # an empty cell
                 pass
-        objs.extend(g.get(name) for g, name in self.globals)
-        return objs
+        for g, name in self.globals:
+            found.extend(_contents(g.get(name)))
+        return found
 
     def state(self):
         """``(key, objects)``: identities and flags to guard on, and the objects to keep alive."""
         ids, flags, keep = [], [], []
         for obj in self.objects():
-            if isinstance(obj, torch.Tensor):
-                ids.append(id(obj))
-                keep.append(obj)
-            elif isinstance(obj, torch.nn.Module):
-                ids.append(id(obj))
-                keep.append(obj)
+            ids.append(id(obj))
+            keep.append(obj)
+            if isinstance(obj, torch.nn.Module):
                 for t in (*obj.parameters(), *obj.buffers()):
                     ids.append(id(t))
                     keep.append(t)

@@ -13,18 +13,21 @@ The signature (the guard) holds everything the recording may depend on:
 - every tensor's shape, strides, dtype, device and ``requires_grad``;
 - every non-tensor argument's value (by equality; identity if unhashable);
 - grad mode, inference mode and autocast;
-- the tensors ``f`` captures: tensors and ``nn.Module``\\ s directly in its
-  closure, its defaults or the globals it names, and, for a module (or a
-  bound method of one), every parameter and buffer by identity plus every
-  submodule's ``training`` flag.
+- the tensors ``f`` captures: tensors and ``nn.Module``\\ s (or lists,
+  tuples and dicts of them) in its closure, its defaults or the globals it
+  names, and, for a module (or a bound method of one), every parameter and
+  buffer by identity plus every submodule's ``training`` flag.
 
 Captured tensors are graph constants held by reference, never copied, so an
 in-place update (``optimizer.step()``, ``load_state_dict``) is seen by the
 next replay, and replacing one (``model.weight = nn.Parameter(...)``) is a
-guard miss that records again.  Captures the guard cannot see (a tensor
-reached through an attribute of a plain object, or built inside ``f`` from
-Python data that is not an argument) are baked in as they were when
-recorded; pass such values as arguments.
+guard miss that records again.  A tensor the guard cannot see (reached
+through an attribute of a plain object) is still held by reference, so
+in-place changes reach the replay but replacing it does not; a tensor built
+inside ``f`` from Python data that is not an argument
+(``torch.tensor(some_global)``) is baked in.  Pass such values as arguments.
+``jvp(f, ..., trace=True)`` keeps one cache per function object (the last 64
+functions), so define ``f`` once rather than as a new lambda on every call.
 
 A guard miss records a new program (up to ``max_traces`` per function).  A
 recording that read tensor values into Python (``.item()``, ``if t:``,

@@ -160,6 +160,22 @@ def test_captured_weights_are_not_stale():
     assert len(df.traced.cache) == 2
 
 
+def test_replaced_tensor_in_a_captured_list_is_a_guard_miss():
+    weights = [torch.randn(3, 3, dtype=D), torch.randn(3, 3, dtype=D)]
+
+    def f(x):
+        for w in weights:
+            x = torch.tanh(w @ x)
+        return x
+
+    df = fwdgrad.forward_grad(f, trace=True)
+    x, v = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    df(x, v)
+    weights[1] = torch.randn(3, 3, dtype=D)
+    assert_close(df(x, v)[1], torch.func.jvp(f, (x,), (v,))[1])
+    assert len(df.traced.cache) == 2
+
+
 def test_module_parameters_and_training_flag():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Tanh()).to(D)
