@@ -60,7 +60,7 @@ class Linearized:
             func, args, {}, set(tensors), [i for i in tensors if diff[i]], has_aux, name
         )
         self.inputs = [leaves[i] for i in self.call.tangent_idx]
-        self.module = None
+        self.program = None
         self.reason = None
         if any(type(leaves[i]) not in (torch.Tensor, torch.nn.Parameter) for i in tensors):
             # Tensor subclasses (e.g. duals of an enclosing fwdgrad transform) are
@@ -96,7 +96,7 @@ class Linearized:
             return
         self._set_outputs(rec.outputs)
         n = call.n_out
-        self.module, self.residuals = trace.tangent_module(rec, range(n, 2 * n))
+        self.program, self.residuals = trace.tangent_program(rec, range(n, 2 * n))
 
     def _set_outputs(self, outputs):
         self.primal_out, _, self.aux = self.call.unflatten(outputs)
@@ -121,19 +121,19 @@ class Linearized:
 
     def push(self, tangent_leaves):
         """The flat tangent outputs for one tangent per differentiable leaf."""
-        if self.module is None:
+        if self.program is None:
             n = self.call.n_out
             return self._eager(tangent_leaves)[n:2 * n]
-        return list(self.module(*self.residuals, *tangent_leaves))
+        return list(self.program(*self.residuals, *tangent_leaves))
 
     def push_batched(self, tangent_leaves):
         """Like ``push`` for tangents with a leading batch dimension (all the same size)."""
-        if self.module is None:
+        if self.program is None:
             k = tangent_leaves[0].shape[0]
             cols = [self.push([t[j] for t in tangent_leaves]) for j in range(k)]
             return [torch.stack(c) for c in zip(*cols)]
-        residuals, module = self.residuals, self.module
-        out = torch.vmap(lambda *ts: module(*residuals, *ts))(*tangent_leaves)
+        residuals, program = self.residuals, self.program
+        out = torch.vmap(lambda *ts: program(*residuals, *ts))(*tangent_leaves)
         return list(out)
 
 

@@ -53,11 +53,11 @@ def _autocast_state():
     return (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
 
 
-class _Program:
-    __slots__ = ("module", "call", "keep")
+class _Entry:
+    __slots__ = ("program", "call", "keep")
 
-    def __init__(self, module, call, keep):
-        self.module = module
+    def __init__(self, program, call, keep):
+        self.program = program
         self.call = call
         self.keep = keep  # captured objects, so the ids in the key stay theirs
 
@@ -111,7 +111,7 @@ class TracedJvp:
                 f"fwdgrad.{self.name}(trace=True): nothing has been traced yet; call the "
                 f"function once first"
             )
-        return self.last.module
+        return self.last.program.graph_module
 
     @property
     def code(self):
@@ -143,8 +143,8 @@ class TracedJvp:
             _autocast_state(),
             captured,
         )
-        program = self.cache.get(key)
-        if program is None:
+        entry = self.cache.get(key)
+        if entry is None:
             if len(self.cache) >= self.max_traces:
                 self._warn(
                     "full",
@@ -154,16 +154,16 @@ class TracedJvp:
                 )
                 return self._eager(args, kwargs, dual, tangents)
             return self._record(key, keep, args, kwargs, dual, tangents)
-        if program is _EAGER:
+        if entry is _EAGER:
             return self._eager(args, kwargs, dual, tangents)
-        self.last = program
-        t_leaves = [tangents[i] for i in program.call.tangent_idx]
+        self.last = entry
+        t_leaves = [tangents[i] for i in entry.call.tangent_idx]
         grad = torch.is_grad_enabled()
         try:
-            outputs = program.module(*tensors, *t_leaves)
+            outputs = entry.program(*tensors, *t_leaves)
         finally:
             torch._C._set_grad_enabled(grad)
-        return program.call.unflatten(list(outputs))
+        return entry.call.unflatten(outputs)
 
     def _call(self, args, kwargs, dual, tangents):
         return trace.FlatJvp(self.func, args, kwargs, set(dual), sorted(tangents), self.has_aux, self.name)
@@ -192,9 +192,9 @@ class TracedJvp:
         else:
             rec.graph.eliminate_dead_code()
             call.forget_values()
-            program = _Program(rec.module(), call, keep)
-            self.cache[key] = program
-            self.last = program
+            entry = _Entry(rec.program(), call, keep)
+            self.cache[key] = entry
+            self.last = entry
         return call.unflatten(rec.outputs)
 
 

@@ -101,6 +101,12 @@ def test_jacfwd_argnums(argnums):
     assert_close(fwdgrad.jacfwd(f, argnums)(*args), torch.func.jacfwd(f, oracle)(*args))
 
 
+def test_jacfwd_same_tensor_twice_and_captured():
+    x = torch.randn(3, dtype=D)
+    f = lambda a, b: a.sin() * b.exp() * x  # noqa: E731
+    assert_close(fwdgrad.jacfwd(f, (0, 1))(x, x), torch.func.jacfwd(f, (0, 1))(x, x))
+
+
 def test_jacfwd_has_aux():
     def f(x, n=None):
         y = x.sin()

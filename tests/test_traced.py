@@ -75,6 +75,17 @@ def test_jvp_trace_pytree_kwargs_and_constants():
     assert len(df.traced.cache) == 2
 
 
+def test_the_same_tensor_as_primal_tangent_and_capture():
+    W = torch.randn(3, dtype=D)
+    f = lambda x, y: (x * y).sin() * W  # noqa: E731
+    df = fwdgrad.forward_grad(f, trace=True)
+    df(W, W, W, None)  # recorded with one tensor in four roles
+    x, y, v = (torch.randn(3, dtype=D) for _ in range(3))
+    r, dr = df(x, v, y, None)
+    assert_close(r, f(x, y))
+    assert_close(dr, torch.func.jvp(lambda x: f(x, y), (x,), (v,))[1])
+
+
 def test_jvp_trace_is_cached_per_function():
     f = Counted(lambda x, y: x * y.exp())
     x, y, v = (torch.randn(5, dtype=D) for _ in range(3))
