@@ -32,6 +32,7 @@ tangent ops are recorded without being run; see ``Recorder._skip``.
 
 import functools
 import inspect
+import keyword
 import operator
 import os
 import sys
@@ -166,6 +167,108 @@ def describe_read(func):
     return name
 
 
+# --------------------------------------------------------------------------
+# A light graph: recording appends to a list; torch.fx only when someone looks.
+
+
+class Node:
+    """One step of a recorded program (``op``: placeholder, get_attr, call or output)."""
+
+    __slots__ = ("op", "target", "args", "kwargs", "name", "tangent")
+
+    def __init__(self, op, target, args, kwargs, name, tangent=False):
+        self.op = op
+        self.target = target
+        self.args = args
+        self.kwargs = kwargs
+        self.name = name
+        self.tangent = tangent  # depends on a tangent input
+
+    def inputs(self):
+        """The nodes this node reads."""
+        found = []
+        _collect_nodes((self.args, tuple(self.kwargs.values())), found)
+        return found
+
+    def __repr__(self):
+        return f"Node({self.name})"
+
+
+def _collect_nodes(a, found):
+    if isinstance(a, Node):
+        found.append(a)
+    elif isinstance(a, (list, tuple)):
+        for b in a:
+            _collect_nodes(b, found)
+
+
+def _remap(a, env):
+    if isinstance(a, Node):
+        return env[a]
+    if isinstance(a, (list, tuple)):
+        return type(a)(_remap(b, env) for b in a)
+    return a
+
+
+class Graph:
+    """A list of nodes in execution order, with unique readable names."""
+
+    def __init__(self):
+        self.nodes = []
+        self._names = set()
+        self._counts = {}
+
+    def _unique(self, base):
+        if not base.isidentifier() or keyword.iskeyword(base):
+            base = "v_" + "".join(c if c.isalnum() else "_" for c in base)
+        count = self._counts.get(base, 0)
+        name = base if count == 0 else f"{base}_{count}"
+        while name in self._names:
+            count += 1
+            name = f"{base}_{count}"
+        self._counts[base] = count + 1
+        self._names.add(name)
+        return name
+
+    def add(self, op, target, args=(), kwargs=None, name=None, tangent=False):
+        node = Node(op, target, args, kwargs or {}, self._unique(name or _op_name(target)), tangent)
+        self.nodes.append(node)
+        return node
+
+    def copy(self, node, env):
+        """Append a copy of ``node`` (from another graph) with its inputs mapped through ``env``."""
+        return self.add(node.op, node.target, _remap(node.args, env), _remap(node.kwargs, env), node.name, node.tangent)
+
+    def eliminate_dead_code(self):
+        """Drop nodes that neither feed the output nor have side effects."""
+        live = set()
+        for node in reversed(self.nodes):
+            if node in live or node.op in ("placeholder", "output") or _has_effects(node.target):
+                live.add(node)
+                live.update(node.inputs())
+        self.nodes = [n for n in self.nodes if n in live]
+
+    def to_fx(self):
+        graph = fx.Graph()
+        env = {}
+        for node in self.nodes:
+            if node.op == "placeholder":
+                env[node] = graph.placeholder(node.name)
+            elif node.op == "get_attr":
+                env[node] = graph.get_attr(node.target)
+            elif node.op == "call":
+                env[node] = graph.create_node(
+                    "call_function", node.target, _remap(node.args, env), _remap(node.kwargs, env), name=node.name
+                )
+            else:
+                graph.output(_remap(node.args[0], env))
+        return graph
+
+
+def _has_effects(target):
+    return target is _set_grad_enabled or (isinstance(target, _OpOverload) and bool(_mutated_args(target)))
+
+
 class Recorder(TorchDispatchMode):
     """Run aten ops on plain tensors and append each one to ``self.graph``.
 
@@ -178,9 +281,8 @@ class Recorder(TorchDispatchMode):
     def __init__(self, keep_residuals=False, skip_tangent_work=False):
         super().__init__()
         self.skip_tangent_work = skip_tangent_work
-        self.graph = fx.Graph()
+        self.graph = Graph()
         self.node_of = WeakTensorKeyDictionary()
-        self.tangent_nodes = set()
         self.keep_residuals = keep_residuals
         self.residuals = {}  # primal node -> (tensor, its _version when kept)
         self.constants = {}  # attribute name -> tensor
@@ -197,10 +299,8 @@ class Recorder(TorchDispatchMode):
     # -- inputs, constants and arguments ------------------------------------
 
     def input(self, tensor, name, tangent=False):
-        node = self.graph.placeholder(name)
+        node = self.graph.add("placeholder", name, name=name, tangent=tangent)
         self.node_of[tensor] = node
-        if tangent:
-            self.tangent_nodes.add(node)
         self.input_storages.setdefault(StorageWeakRef(tensor.untyped_storage()), len(self.inputs))
         self.inputs.append((node, tensor))
         return node
@@ -216,7 +316,7 @@ class Recorder(TorchDispatchMode):
             name = f"{base}_{i}"
         self.constants[name] = tensor
         self.input_storages.setdefault(StorageWeakRef(tensor.untyped_storage()), ("const", name))
-        node = self.graph.get_attr(name)
+        node = self.graph.add("get_attr", name, name=name)
         self.node_of[tensor] = node
         return node
 
@@ -242,7 +342,7 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         grad = torch.is_grad_enabled()
         if grad != self.grad_enabled:
-            self.graph.call_function(_set_grad_enabled, (grad,))
+            self.graph.add("call", _set_grad_enabled, (grad,))
             self.grad_enabled = grad
         found = []
         mutated = _mutated_args(func)
@@ -250,7 +350,7 @@ class Recorder(TorchDispatchMode):
         rfunc, rargs = _normalized(functional or func, args)
         nargs = tuple(self._arg(a, found) for a in rargs)
         nkwargs = {k: self._arg(v, found) for k, v in kwargs.items()}
-        depends = any(n in self.tangent_nodes for n, _ in found)
+        depends = any(n.tangent for n, _ in found)
         if mutated and functional is None:
             self._before_mutation(func, [args[i] for i in mutated if i < len(args)], depends)
         out = None
@@ -259,16 +359,14 @@ class Recorder(TorchDispatchMode):
         if out is None:
             out = func(*args, **kwargs)
         name = ("d" if depends else "") + _op_name(rfunc)
-        node = self.graph.create_node("call_function", rfunc, nargs, nkwargs, name=name)
-        if depends:
-            self.tangent_nodes.add(node)
-            if self.keep_residuals:
-                for n, t in found:
-                    if n not in self.tangent_nodes and n not in self.residuals:
-                        self.residuals[n] = (t, t._version)
+        node = self.graph.add("call", rfunc, nargs, nkwargs, name=name, tangent=depends)
+        if depends and self.keep_residuals:
+            for n, t in found:
+                if not n.tangent and n not in self.residuals:
+                    self.residuals[n] = (t, t._version)
         if any(tag in func.tags for tag in _READ_TAGS) if hasattr(func, "tags") else False:
             if func in _DATA_FIRST:  # x[mask]: the shape comes from the mask, not from x
-                depends = any(n in self.tangent_nodes for n, _ in found[1:])
+                depends = any(n.tangent for n, _ in found[1:])
             self.reads.append((func, depends))
         self._bind_outputs(func, out, node, depends)
         if hasattr(func, "_schema") and any(r.alias_info is not None for r in func._schema.returns):
@@ -327,12 +425,8 @@ class Recorder(TorchDispatchMode):
         elif isinstance(out, (tuple, list)):
             for i, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
-                    item = self.graph.create_node(
-                        "call_function", operator.getitem, (node, i), name=node.name + "_" + str(i)
-                    )
-                    if depends:
-                        self.tangent_nodes.add(item)
-                    self.node_of[o] = item
+                    name = f"{node.name}_{i}"
+                    self.node_of[o] = self.graph.add("call", operator.getitem, (node, i), name=name, tangent=depends)
         elif out is not None and not any(tag in func.tags for tag in _READ_TAGS):
             self.reads.append((func, depends))  # a Python value out of tensors
 
@@ -341,7 +435,7 @@ class Recorder(TorchDispatchMode):
             if not isinstance(w, torch.Tensor):
                 continue
             node = self.node_of.get(w)
-            if depends and (node is None or node not in self.tangent_nodes):
+            if depends and (node is None or not node.tangent):
                 if self.unbatchable_mutation is None:
                     self.unbatchable_mutation = func
             where = self.input_storages.get(StorageWeakRef(w.untyped_storage()))
@@ -354,9 +448,9 @@ class Recorder(TorchDispatchMode):
     def finish(self, outputs):
         """Close the graph with ``outputs`` (a flat list; non-tensors are baked in)."""
         if self.grad_enabled != self.initial_grad_enabled:
-            self.graph.call_function(_set_grad_enabled, (self.initial_grad_enabled,))
+            self.graph.add("call", _set_grad_enabled, (self.initial_grad_enabled,))
         nodes = [self.node_for(o) if isinstance(o, torch.Tensor) else o for o in outputs]
-        self.graph.output(tuple(nodes))
+        self.graph.add("output", "output", (tuple(nodes),))
         self.output_nodes = nodes
         self.outputs = list(outputs)
         return self
@@ -370,7 +464,7 @@ class Recorder(TorchDispatchMode):
 
     def module(self):
         """The recorded graph as a GraphModule (constants held by reference)."""
-        return fx.GraphModule(dict(self.constants), self.graph)
+        return fx.GraphModule(dict(self.constants), self.graph.to_fx())
 
     def program(self):
         """The recorded graph as a ``Program`` (constants held by reference)."""
@@ -429,44 +523,37 @@ def functionalized(rec, inputs, is_tangent, restore_rng):
 def tangent_program(rec, tangent_outputs):
     """The tangent program alone: ``(Program, residual values)``.
 
-    The module takes the residuals, then the tangent inputs, and returns the
+    The program takes the residuals, then the tangent inputs, and returns the
     outputs of ``rec`` at the indices ``tangent_outputs``.  A primal value
     returned as a tangent (a materialised zero tangent) is a residual too.
     """
-    graph = fx.Graph()
+    graph = Graph()
     env = {}
-    residual_values = []
+    residuals = {}  # placeholder -> value
 
     def residual(node, value):
         if node not in env:
-            env[node] = graph.placeholder(node.name)
-            residual_values.append(value)
+            env[node] = graph.add("placeholder", node.name, name=node.name)
+            residuals[env[node]] = value
 
     for node, (value, _) in rec.residuals.items():
         residual(node, value)
     wanted = [(rec.output_nodes[i], rec.outputs[i]) for i in tangent_outputs]
     for node, value in wanted:
-        if isinstance(node, fx.Node) and node not in rec.tangent_nodes:
+        if isinstance(node, Node) and not node.tangent:
             residual(node, value)
     for node, _ in rec.inputs:
-        if node in rec.tangent_nodes:
-            env[node] = graph.placeholder(node.name)
+        if node.tangent:
+            env[node] = graph.add("placeholder", node.name, name=node.name, tangent=True)
     for node in rec.graph.nodes:
-        if node.op == "call_function":
-            if node in rec.tangent_nodes:
-                env[node] = graph.node_copy(node, env.__getitem__)
-            elif node.target is _set_grad_enabled:
-                graph.node_copy(node, env.__getitem__)
-    graph.output(tuple(env[n] if isinstance(n, fx.Node) else n for n, _ in wanted))
+        if node.op == "call" and (node.tangent or node.target is _set_grad_enabled):
+            env[node] = graph.copy(node, env)
+    graph.add("output", "output", (tuple(_remap(n, env) for n, _ in wanted),))
     graph.eliminate_dead_code()
-    used = []
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, residual_values):
-        if node.users:
-            used.append(value)
-        else:
-            graph.erase_node(node)  # read only by tangent ops that turned out dead
-    return Program(graph, {}), used
+    used = {n for node in graph.nodes for n in node.inputs()}
+    graph.nodes = [n for n in graph.nodes if n.op != "placeholder" or n.tangent or n in used]
+    values = [residuals[n] for n in graph.nodes if n in residuals]
+    return Program(graph, {}), values
 
 
 # --------------------------------------------------------------------------
@@ -498,7 +585,7 @@ class Program:
     @property
     def graph_module(self):
         if self._module is None:
-            self._module = fx.GraphModule(dict(self.constants), self.graph)
+            self._module = fx.GraphModule(dict(self.constants), self.graph.to_fx())
         return self._module
 
     @property
@@ -511,9 +598,9 @@ def _straight_line(graph, constants):
     env = {}  # globals of the generated function
     names = {}
     last_use = {}
-    nodes = list(graph.nodes)
+    nodes = graph.nodes
     for i, node in enumerate(nodes):
-        for a in node.all_input_nodes:
+        for a in node.inputs():
             last_use[a] = i
 
     def glob(value, prefix):
@@ -522,7 +609,7 @@ def _straight_line(graph, constants):
         return name
 
     def ref(a):
-        if isinstance(a, fx.Node):
+        if isinstance(a, Node):
             return names[a]
         if isinstance(a, (list, tuple)):
             inner = ", ".join(ref(b) for b in a)
@@ -539,7 +626,7 @@ def _straight_line(graph, constants):
             continue
         if node.op == "get_attr":
             lines.append(f"{name} = {glob(constants[node.target], '_c')}")
-        elif node.op == "call_function":
+        elif node.op == "call":
             target = node.target
             if target is operator.getitem:
                 lines.append(f"{name} = {ref(node.args[0])}[{node.args[1]}]")
@@ -550,7 +637,7 @@ def _straight_line(graph, constants):
         elif node.op == "output":
             lines.append(f"return {ref(node.args[0])}")
             break
-        dead = [names[a] for a in node.all_input_nodes if last_use[a] == i]
+        dead = sorted({names[a] for a in node.inputs() if last_use[a] == i})
         if dead:
             lines.append(f"del {', '.join(dead)}")
     source = f"def run({', '.join(params)}):\n" + "".join(f"    {line}\n" for line in lines)
