@@ -56,6 +56,7 @@ _mutates = {}
 _aten = torch.ops.aten
 _SLICE_DIM = {_aten.slice.Tensor: 1, _aten.slice_scatter.default: 2}  # op -> position of `dim`
 _DATA_FIRST = {_aten.index.Tensor, _aten.masked_select.default}  # shape from the index, not `self`
+_VIEWS = {_aten.view.default, _aten._unsafe_view.default}
 
 
 def _normalized(func, args):
@@ -174,15 +175,18 @@ def describe_read(func):
 class Node:
     """One step of a recorded program (``op``: placeholder, get_attr, call or output)."""
 
-    __slots__ = ("op", "target", "args", "kwargs", "name", "tangent")
+    __slots__ = ("op", "target", "args", "kwargs", "name", "tangent", "data")
 
-    def __init__(self, op, target, args, kwargs, name, tangent=False):
+    def __init__(self, op, target, args, kwargs, name, tangent=False, data=True):
         self.op = op
         self.target = target
         self.args = args
         self.kwargs = kwargs
         self.name = name
         self.tangent = tangent  # depends on a tangent input
+        # Depends on data: an input, a captured tensor or a random draw (else it
+        # is a function of shapes and literal arguments, which the guards cover).
+        self.data = data
 
     def inputs(self):
         """The nodes this node reads."""
@@ -230,14 +234,16 @@ class Graph:
         self._names.add(name)
         return name
 
-    def add(self, op, target, args=(), kwargs=None, name=None, tangent=False):
-        node = Node(op, target, args, kwargs or {}, self._unique(name or _op_name(target)), tangent)
+    def add(self, op, target, args=(), kwargs=None, name=None, tangent=False, data=True):
+        node = Node(op, target, args, kwargs or {}, self._unique(name or _op_name(target)), tangent, data)
         self.nodes.append(node)
         return node
 
-    def copy(self, node, env):
+    def copy(self, node, env, target=None):
         """Append a copy of ``node`` (from another graph) with its inputs mapped through ``env``."""
-        return self.add(node.op, node.target, _remap(node.args, env), _remap(node.kwargs, env), node.name, node.tangent)
+        return self.add(
+            node.op, target or node.target, _remap(node.args, env), _remap(node.kwargs, env), node.name, node.tangent
+        )
 
     def eliminate_dead_code(self):
         """Drop nodes that neither feed the output nor have side effects."""
@@ -263,6 +269,10 @@ class Graph:
             else:
                 graph.output(_remap(node.args[0], env))
         return graph
+
+
+def _is_random(func):
+    return torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
 
 
 def _has_effects(target):
@@ -293,6 +303,7 @@ class Recorder(TorchDispatchMode):
         self.input_storages = {}  # StorageWeakRef -> index into self.inputs
         self.snapshots = {}  # index into self.inputs -> value before its first mutation
         self.aliased = set()  # storages that views were taken of
+        self.tainted = set()  # storages that data was written into in place
         self.grad_enabled = torch.is_grad_enabled()
         self.initial_grad_enabled = self.grad_enabled
 
@@ -351,24 +362,27 @@ class Recorder(TorchDispatchMode):
         nargs = tuple(self._arg(a, found) for a in rargs)
         nkwargs = {k: self._arg(v, found) for k, v in kwargs.items()}
         depends = any(n.tangent for n, _ in found)
+        data = any(n.data for n, _ in found) or _is_random(func)
+        if self.tainted and not data:
+            data = any(StorageWeakRef(t.untyped_storage()) in self.tainted for _, t in found)
         if mutated and functional is None:
-            self._before_mutation(func, [args[i] for i in mutated if i < len(args)], depends)
+            self._before_mutation(func, [args[i] for i in mutated if i < len(args)], depends, data)
         out = None
         if depends and self.skip_tangent_work and sum(t.numel() for _, t in found) >= HEAVY:
             out = self._skip(func, args, kwargs, found)
         if out is None:
             out = func(*args, **kwargs)
         name = ("d" if depends else "") + _op_name(rfunc)
-        node = self.graph.add("call", rfunc, nargs, nkwargs, name=name, tangent=depends)
+        node = self.graph.add("call", rfunc, nargs, nkwargs, name=name, tangent=depends, data=data)
         if depends and self.keep_residuals:
             for n, t in found:
                 if not n.tangent and n not in self.residuals:
                     self.residuals[n] = (t, t._version)
-        if any(tag in func.tags for tag in _READ_TAGS) if hasattr(func, "tags") else False:
+        if data and (any(tag in func.tags for tag in _READ_TAGS) if hasattr(func, "tags") else False):
             if func in _DATA_FIRST:  # x[mask]: the shape comes from the mask, not from x
                 depends = any(n.tangent for n, _ in found[1:])
             self.reads.append((func, depends))
-        self._bind_outputs(func, out, node, depends)
+        self._bind_outputs(func, out, node, depends, data)
         if hasattr(func, "_schema") and any(r.alias_info is not None for r in func._schema.returns):
             for o in out if isinstance(out, (list, tuple)) else (out,):
                 if isinstance(o, torch.Tensor):
@@ -419,21 +433,24 @@ class Recorder(TorchDispatchMode):
             return None
         return _zeros_like_meta(out, found[0][1].device)
 
-    def _bind_outputs(self, func, out, node, depends):
+    def _bind_outputs(self, func, out, node, depends, data):
         if isinstance(out, torch.Tensor):
             self.node_of[out] = node
         elif isinstance(out, (tuple, list)):
             for i, o in enumerate(out):
                 if isinstance(o, torch.Tensor):
-                    name = f"{node.name}_{i}"
-                    self.node_of[o] = self.graph.add("call", operator.getitem, (node, i), name=name, tangent=depends)
-        elif out is not None and not any(tag in func.tags for tag in _READ_TAGS):
+                    self.node_of[o] = self.graph.add(
+                        "call", operator.getitem, (node, i), name=f"{node.name}_{i}", tangent=depends, data=data
+                    )
+        elif out is not None and data and not any(tag in func.tags for tag in _READ_TAGS):
             self.reads.append((func, depends))  # a Python value out of tensors
 
-    def _before_mutation(self, func, written, depends):
+    def _before_mutation(self, func, written, depends, data):
         for w in written:
             if not isinstance(w, torch.Tensor):
                 continue
+            if data:  # its views recorded earlier now hold data too
+                self.tainted.add(StorageWeakRef(w.untyped_storage()))
             node = self.node_of.get(w)
             if depends and (node is None or not node.tangent):
                 if self.unbatchable_mutation is None:
@@ -545,9 +562,15 @@ def tangent_program(rec, tangent_outputs):
     for node, _ in rec.inputs:
         if node.tangent:
             env[node] = graph.add("placeholder", node.name, name=node.name, tangent=True)
+    # Without in-place ops nothing depends on a view aliasing its base, so views
+    # become reshapes: those decide view or copy when they run, on the strides
+    # they get (vmap's batched tangents, or jvp_fn's tangents, may have other
+    # strides than the recording's).
+    in_place = any(n.tangent and _has_effects(n.target) for n in rec.graph.nodes if n.op == "call")
     for node in rec.graph.nodes:
         if node.op == "call" and (node.tangent or node.target is _set_grad_enabled):
-            env[node] = graph.copy(node, env)
+            target = None if in_place or node.target not in _VIEWS else _aten.reshape.default
+            env[node] = graph.copy(node, env, target)
     graph.add("output", "output", (tuple(_remap(n, env) for n, _ in wanted),))
     graph.eliminate_dead_code()
     used = {n for node in graph.nodes for n in node.inputs()}

@@ -326,6 +326,14 @@ def test_linearize_skips_heavy_tangent_ops_while_recording():
     assert_close(jvp_fn(v), torch.func.jvp(f, (x,), (v,))[1])
 
 
+def test_linearize_tangent_with_other_strides():
+    f = lambda x: (x * 2).view(-1).sin()  # noqa: E731  (recorded with a contiguous tangent)
+    x = torch.randn(3, 4, dtype=D)
+    v = torch.randn(4, 3, dtype=D).t()
+    _, jvp_fn = fwdgrad.linearize(f, x)
+    assert_close(jvp_fn(v), torch.func.jvp(f, (x,), (v.contiguous(),))[1])
+
+
 def test_linearize_cnn(cnn_eval):
     x = torch.randn(2, 2, 6, 6, dtype=D)
     v = torch.randn_like(x)

@@ -153,6 +153,36 @@ def test_value_reads_run_eagerly_with_one_warning():
     assert_close(dr, v * x.sin())
 
 
+def test_reads_of_shape_only_values_are_replayed():
+    def f(x):
+        n = int(torch.arange(x.shape[0]).sum())  # depends on the shape only (guarded)
+        if torch.ones(2).all():
+            return x.sin() * n
+        return x
+
+    df = fwdgrad.forward_grad(Counted(f), trace=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            x, v = torch.randn(4, dtype=D), torch.randn(4, dtype=D)
+            assert_close(df(x, v)[1], v * x.cos() * 6)
+    assert df.traced.func.calls == 1
+
+
+def test_read_of_a_buffer_written_with_data_runs_eagerly():
+    def f(x):
+        buf = torch.zeros(3, dtype=D)
+        head = buf[:2]  # a view taken before the write
+        buf.copy_(x.detach())
+        return x * 2 if head.sum() > 0 else x * 3
+
+    df = fwdgrad.forward_grad(f, trace=True)
+    x, v = torch.ones(3, dtype=D), torch.ones(3, dtype=D)
+    with pytest.warns(UserWarning, match="reads tensor values"):
+        assert_close(df(x, v)[1], 2 * v)
+    assert_close(df(-x, v)[1], 3 * v)
+
+
 def test_captured_weights_are_not_stale():
     torch.manual_seed(0)
     W = torch.randn(4, 3, dtype=D)
