@@ -57,8 +57,8 @@ def _through_decomposition(decomp, t, args, kwargs):
     def lower(o):
         if isinstance(o, Dual) and o._level == level:
             return tangent_of(o)
-        if isinstance(o, (list, tuple)):
-            return type(o)(lower(x) for x in o)
+        if isinstance(o, (list, tuple)):  # a plain tuple also for named tuples (return_types)
+            return (list if isinstance(o, list) else tuple)(lower(x) for x in o)
         return None
 
     return lower(out)

@@ -122,46 +122,60 @@ def zeros_for(x):
 
 
 def _sum_tangents(out, c):
+    """Add two tangents, either of which may be ``None`` (zero)."""
+    if c is None:
+        return out
     return c if out is None else out + c
 
 
 def def_linear(op, *argnums):
     """The op is linear in ``argnums`` (default: the first argument): apply it to the tangents.
 
-    Zero tangents among several linear arguments become expanded zeros.
+    Zero tangents among several linear arguments, or within a list argument
+    (``cat``), become expanded zeros that cost no memory.
     """
     argnums = argnums or (0,)
+    for o in _as_list(op):
+        RULES[o] = _linear_rule(o, argnums)
 
-    if argnums == (0,):
+
+def _takes_list(op, i):
+    args = op._schema.arguments
+    return i < len(args) and isinstance(args[i].type, torch.ListType)
+
+
+def _linear_rule(op, argnums):
+    if argnums == (0,) and not _takes_list(op, 0):
         def rule(t, ans, x, *args, **kwargs):
             return op(t[0], *args, **kwargs)
-    else:
-        def rule(t, ans, *args, **kwargs):
-            args = list(args)
-            for i in argnums:
-                if i >= len(args):
-                    continue
-                ti = t[i]
-                if isinstance(args[i], (list, tuple)):
-                    if ti is None:
-                        ti = [None] * len(args[i])
-                    args[i] = [
-                        (zeros_for(a) if g is None else g) if isinstance(a, torch.Tensor) else a
-                        for a, g in zip(args[i], ti)
-                    ]
-                elif isinstance(args[i], torch.Tensor):
-                    args[i] = zeros_for(args[i]) if ti is None else ti
-            return op(*args, **kwargs)
 
-    for o in _as_list(op):
-        RULES[o] = rule
+        return rule
+
+    def rule(t, ans, *args, **kwargs):
+        args = list(args)
+        for i in argnums:
+            if i >= len(args):
+                continue
+            ti = t[i]
+            if isinstance(args[i], (list, tuple)):
+                if ti is None:
+                    ti = [None] * len(args[i])
+                args[i] = [
+                    (zeros_for(a) if g is None else g) if isinstance(a, torch.Tensor) else a
+                    for a, g in zip(args[i], ti)
+                ]
+            elif isinstance(args[i], torch.Tensor):
+                args[i] = zeros_for(args[i]) if ti is None else ti
+        return op(*args, **kwargs)
+
     return rule
 
 
 def def_elementwise(op, *arg_rules):
     """HIPS-style ``defjvp``: ``arg_rules[i](g, ans, *args, **kwargs)`` is the
-    contribution of argument ``i`` with tangent ``g``; contributions are summed.
-    ``None`` marks a non-differentiable argument."""
+    contribution of argument ``i`` with tangent ``g`` (it may return ``None``
+    for zero); contributions are summed.  ``None`` in place of a rule marks a
+    non-differentiable argument."""
 
     def rule(t, ans, *args, **kwargs):
         out = None
@@ -201,6 +215,23 @@ def def_zero(*ops):
 
 def zero_rule(t, ans, *args, **kwargs):
     return None
+
+
+def curvature_term(forward, rule, g, primals, tangents):
+    """For a backward op ``J(x)^T g`` of ``forward``, the part of its tangent that
+    comes from ``x`` moving along ``tangents``: the Hessian-vector product
+    grad_x <g, J(x) dx>, from reverse mode through fwdgrad's own ``rule`` for
+    ``forward``.  Used where ATen has no double backward to linearize.
+
+    Returns one gradient per primal (``None`` where it does not depend on it).
+    """
+    with torch.enable_grad():
+        xs = [p.detach().requires_grad_() for p in primals]
+        jdx = rule(Tangents(tangents), forward(*xs), *xs)
+        if jdx is None:
+            return [None] * len(xs)
+        inner = (g.conj() * jdx).real.sum() if jdx.is_complex() else (g * jdx).sum()
+        return torch.autograd.grad(inner, xs, allow_unused=True)
 
 
 def aten_ops(*names):

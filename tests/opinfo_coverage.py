@@ -68,6 +68,8 @@ def main():
     print(f"  fwdgrad passes, torch.func.jvp does not: {len(beyond)}")
     if beyond:
         print("    " + ", ".join(sorted(r.name for r in beyond)))
+    for r in nosample:
+        print(f"  no sample {r.name}: {r.detail}")
     for r in unlisted:
         print(f"  UNEXPECTED {r.name}: {r.detail}")
     for n in stale:

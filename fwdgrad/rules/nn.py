@@ -6,8 +6,10 @@ part and the saved log-sum-exp to rebuild ``P`` for the rest).
 """
 
 import torch
+import torch.nn.functional as F
 
-from ..registry import def_linear, defrule
+from ..registry import Tangents, curvature_term, def_linear, def_multilinear, defrule
+from .reductions import _vector_norm_jvp
 
 aten = torch.ops.aten
 
@@ -191,56 +193,60 @@ defrule(
     aten.adaptive_max_pool3d.default,
     aten.fractional_max_pool3d.default,
 )(_pool_with_indices(3))
-defrule(aten.max_pool1d_with_indices.default, aten.adaptive_max_pool1d.default)(_pool_with_indices(1))
-
-
-@defrule(aten.max_pool2d.default)
-def _max_pool2d_jvp(t, ans, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
-    _, indices = aten.max_pool2d_with_indices.default(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return _gather_spatial(t[0], indices, 2)
-
-
-@defrule(aten.max_pool3d.default)
-def _max_pool3d_jvp(t, ans, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
-    _, indices = aten.max_pool3d_with_indices.default(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return _gather_spatial(t[0], indices, 3)
 
 
 for _op in (
-    aten.avg_pool1d.default,
     aten.avg_pool2d.default,
     aten.avg_pool3d.default,
     aten._adaptive_avg_pool2d.default,
     aten._adaptive_avg_pool3d.default,
-    aten.adaptive_avg_pool1d.default,
     aten.upsample_nearest1d.default,
     aten.upsample_nearest2d.default,
     aten.upsample_nearest3d.default,
-    aten.upsample_nearest1d.vec,
-    aten.upsample_nearest2d.vec,
-    aten.upsample_nearest3d.vec,
     aten._upsample_nearest_exact1d.default,
     aten._upsample_nearest_exact2d.default,
     aten._upsample_nearest_exact3d.default,
-    aten._upsample_nearest_exact1d.vec,
-    aten._upsample_nearest_exact2d.vec,
-    aten._upsample_nearest_exact3d.vec,
     aten.upsample_linear1d.default,
     aten.upsample_bilinear2d.default,
     aten.upsample_trilinear3d.default,
     aten.upsample_bicubic2d.default,
-    aten.upsample_linear1d.vec,
-    aten.upsample_bilinear2d.vec,
-    aten.upsample_trilinear3d.vec,
-    aten.upsample_bicubic2d.vec,
     aten._upsample_bilinear2d_aa.default,
     aten._upsample_bicubic2d_aa.default,
-    aten._upsample_bilinear2d_aa.vec,
-    aten._upsample_bicubic2d_aa.vec,
     aten.max_unpool2d.default,
     aten.max_unpool3d.default,
 ):
     def_linear(_op)
+
+
+def _grid_sampler_jvp(backward):
+    """Linear in the input; along the grid, each output point moves with its own
+    sample location.  The derivative of every output channel with respect to its
+    two (three) grid coordinates comes from ATen's grid-sampler backward with
+    channels folded into the batch and a unit output gradient, so every padding
+    and interpolation mode is handled as ATen handles it."""
+    forward = {aten.grid_sampler_2d_backward.default: aten.grid_sampler_2d.default,
+               aten.grid_sampler_3d_backward.default: aten.grid_sampler_3d.default}[backward]
+
+    def rule(t, ans, x, grid, interpolation_mode, padding_mode, align_corners):
+        out = None
+        if t[0] is not None:
+            out = forward(t[0], grid, interpolation_mode, padding_mode, align_corners)
+        if t[1] is not None and interpolation_mode != 1:  # nearest: piecewise constant
+            n, c = x.shape[:2]
+            per_channel = x.reshape(n * c, 1, *x.shape[2:])
+            grids = grid.repeat_interleave(c, 0)
+            ones = torch.ones((n * c, 1) + ans.shape[2:], dtype=ans.dtype, device=ans.device)
+            jac = backward(ones, per_channel, grids, interpolation_mode, padding_mode, align_corners,
+                           [False, True])[1]
+            c_out = (jac * t[1].repeat_interleave(c, 0)).sum(-1).reshape(ans.shape)
+            out = c_out if out is None else out + c_out
+        return out
+
+    return rule
+
+
+defrule(aten.grid_sampler_2d.default)(_grid_sampler_jvp(aten.grid_sampler_2d_backward.default))
+defrule(aten.grid_sampler_3d.default)(_grid_sampler_jvp(aten.grid_sampler_3d_backward.default))
 
 
 # ---- attention ----------------------------------------------------------------
@@ -263,13 +269,7 @@ def _attention_probs(q, k, lse, attn_mask, is_causal, scale):
 
 @defrule(aten._scaled_dot_product_flash_attention_for_cpu.default)
 def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
-    out, lse = ans
-    if dropout_p:
-        raise NotImplementedError(
-            "fwdgrad: the JVP of scaled_dot_product_attention with dropout_p > 0 needs the "
-            "dropout mask, which the fused CPU kernel does not return; use dropout_p=0 "
-            "(e.g. model.eval()) inside the transform"
-        )
+    out, lse = ans  # (the kernel itself rejects dropout_p > 0; F.sdpa then takes the math path)
     tq, tk, tv = t[0], t[1], t[2]
     tmask = t.kw.get("attn_mask")
     if scale is None:
@@ -299,6 +299,68 @@ def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=
     return dout, dlse
 
 
+# ---- distances ----------------------------------------------------------------
+
+
+def _cdist_uses_mm(x1, x2, p, compute_mode):
+    """Whether ``_cdist_forward`` takes its matrix-product path (mirrors ATen's choice)."""
+    if p != 2 or compute_mode == 2:
+        return False
+    return compute_mode == 1 or x1.shape[-2] > 25 or x2.shape[-2] > 25
+
+
+@defrule(aten._cdist_forward.default)
+def _cdist_jvp(t, ans, x1, x2, p, compute_mode):
+    t1, t2 = t[0], t[1]
+    if _cdist_uses_mm(x1, x2, p, compute_mode):
+        # <x1_i - x2_j, t1_i - t2_j> / d_ij, expanded into matrix products like the primal
+        num = None
+        if t1 is not None:
+            num = (x1 * t1).sum(-1, keepdim=True) - t1 @ x2.mT
+        if t2 is not None:
+            c = (x2 * t2).sum(-1).unsqueeze(-2) - x1 @ t2.mT
+            num = c if num is None else num + c
+        return torch.where(ans == 0, 0.0, num / ans)
+    # the norm of each pairwise difference, differentiated like linalg.vector_norm
+    diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
+    ta = None if t1 is None else t1.unsqueeze(-2)
+    tb = None if t2 is None else t2.unsqueeze(-3)
+    tdiff = ta if tb is None else (-tb if ta is None else ta - tb)
+    return _vector_norm_jvp(Tangents((tdiff,)), ans, diff, p, -1)
+
+
+@defrule(aten._pdist_forward.default)
+def _pdist_jvp(t, ans, x, p=2.0):
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    return _vector_norm_jvp(Tangents((t[0][i] - t[0][j],)), ans, x[i] - x[j], p, -1)
+
+
+# Their backward ops have no double backward in ATen; forward over reverse (hvp)
+# needs these.  Each is linear in the incoming gradient ``g``; the rest is the
+# curvature of the distance.
+
+
+@defrule(aten._cdist_backward.default)
+def _cdist_backward_jvp(t, ans, g, x1, x2, p, cdist):
+    # (the tangent of the ``cdist`` argument is implied by those of x1 and x2)
+    out = None if t[0] is None else aten._cdist_backward.default(t[0], x1, x2, p, cdist)
+    if t[1] is not None or t[2] is not None:
+        c = curvature_term(lambda a, b: aten._cdist_forward.default(a, b, p, None),
+                           lambda tt, d, a, b: _cdist_jvp(tt, d, a, b, p, None), g, (x1, x2), (t[1], t[2]))[0]
+        out = c if out is None else out + c
+    return out
+
+
+@defrule(aten._pdist_backward.default)
+def _pdist_backward_jvp(t, ans, g, x, p, pdist):
+    out = None if t[0] is None else aten._pdist_backward.default(t[0], x, p, pdist)
+    if t[1] is not None:
+        c = curvature_term(lambda a: aten._pdist_forward.default(a, p),
+                           lambda tt, d, a: _pdist_jvp(tt, d, a, p), g, (x,), (t[1],))[0]
+        out = c if out is None else out + c
+    return out
+
+
 # ---- embeddings ---------------------------------------------------------------
 
 
@@ -312,9 +374,10 @@ def _embedding_bag_jvp(t, ans, weight, indices, offsets, scale_grad_by_freq=Fals
     dout = None
     if mode == 2:  # max
         if tw is not None:
+            # the tangent of the row that won each column; an empty bag is 0
             cols = torch.arange(weight.shape[1], device=weight.device).expand_as(max_indices)
-            valid = max_indices >= 0
-            dout = torch.where(valid, tw[max_indices.clamp_min(0), cols], 0.0).to(tw.dtype)
+            valid = (max_indices >= 0) & (bag_size > 0).unsqueeze(-1)
+            dout = torch.where(valid, tw[max_indices.clamp_min(0), cols], 0.0)
         return dout, None, None, None
     if tw is not None:
         dout = aten._embedding_bag.default(
@@ -330,6 +393,13 @@ def _embedding_bag_jvp(t, ans, weight, indices, offsets, scale_grad_by_freq=Fals
     return dout, None, None, None
 
 
+# The embedding-bag backward ops do not see the weights: they are linear in the
+# gradient and in the per-sample weights separately.
+def_multilinear(aten._embedding_bag_backward.default, 0, 10)
+def_multilinear(aten._embedding_bag_dense_backward.default, 0, 8)
+def_multilinear(aten._embedding_bag_per_sample_weights_backward.default, 0, 1)
+
+
 # ---- losses -------------------------------------------------------------------
 
 
@@ -341,33 +411,219 @@ def _reduce(x, reduction):
     return x
 
 
+def _difference(t):
+    """The tangent of ``input - target`` (``None`` when both are zero)."""
+    tx, ty = t[0], t[1]
+    if ty is None:
+        return tx
+    return -ty if tx is None else tx - ty
+
+
 @defrule(aten.mse_loss.default)
 def _mse_jvp(t, ans, x, y, reduction=1):
+    return _reduce(2 * (x - y) * _difference(t), reduction)
+
+
+@defrule(aten.huber_loss.default)
+def _huber_jvp(t, ans, x, y, reduction=1, delta=1.0):
+    return _reduce((x - y).clamp(-delta, delta) * _difference(t), reduction)
+
+
+@defrule(aten.smooth_l1_loss.default)
+def _smooth_l1_jvp(t, ans, x, y, reduction=1, beta=1.0):
+    r = x - y
+    slope = r.sign() if beta == 0 else (r / beta).clamp(-1, 1)
+    return _reduce(slope * _difference(t), reduction)
+
+
+@defrule(aten.soft_margin_loss.default)
+def _soft_margin_jvp(t, ans, x, y, reduction=1):
+    # loss = log(1 + exp(-y x)); d loss = -sigmoid(-y x) (y dx + x dy)
     d = None
     if t[0] is not None:
-        d = t[0]
+        d = y * t[0]
     if t[1] is not None:
-        d = -t[1] if d is None else d - t[1]
-    return _reduce(2 * (x - y) * d, reduction)
+        c = x * t[1]
+        d = c if d is None else d + c
+    return _reduce(-(-y * x).sigmoid() * d, reduction)
 
 
-@defrule(aten.nll_loss_forward.default)
-def _nll_jvp(t, ans, x, target, weight, reduction, ignore_index):
-    return aten.nll_loss_forward.default(t[0], target, weight, reduction, ignore_index)[0], None
-
-
-@defrule(aten.nll_loss2d_forward.default)
-def _nll2d_jvp(t, ans, x, target, weight, reduction, ignore_index):
-    return aten.nll_loss2d_forward.default(t[0], target, weight, reduction, ignore_index)[0], None
+@defrule(aten.binary_cross_entropy_with_logits.default)
+def _bce_logits_jvp(t, ans, x, y, weight=None, pos_weight=None, reduction=1):
+    # loss = -w (pw y log s(x) + (1 - y) log s(-x)), s the sigmoid
+    tx, ty, tw, tpw = (tuple(t) + (None, None))[:4]  # weight and pos_weight may be left out
+    log_s, log_1ms = F.logsigmoid(x), F.logsigmoid(-x)
+    pw_y = y if pos_weight is None else pos_weight * y
+    d = None
+    if tx is not None:
+        s = x.sigmoid()
+        d = ((s - y) if pos_weight is None else (s * (1 - y + pw_y) - pw_y)) * tx
+    if ty is not None:
+        pw = 1 if pos_weight is None else pos_weight
+        c = -(pw * log_s - log_1ms) * ty
+        d = c if d is None else d + c
+    if tpw is not None:
+        c = -y * log_s * tpw
+        d = c if d is None else d + c
+    if d is not None and weight is not None:
+        d = d * weight
+    if tw is not None:
+        c = -(pw_y * log_s + (1 - y) * log_1ms) * tw
+        d = c if d is None else d + c
+    return None if d is None else _reduce(d, reduction)
 
 
 @defrule(aten.binary_cross_entropy.default)
 def _bce_jvp(t, ans, x, y, weight=None, reduction=1):
-    d = 0
+    # loss = -w (y log x + (1 - y) log(1 - x)), logs clamped at -100 like ATen
+    d = None
     if t[0] is not None:
         d = t[0] * (x - y) / (x * (1 - x)).clamp_min(1e-12)
     if t[1] is not None:
-        d = d + t[1] * ((1 - x).log().clamp_min(-100) - x.log().clamp_min(-100))
-    if weight is not None:
+        c = t[1] * ((1 - x).log().clamp_min(-100) - x.log().clamp_min(-100))
+        d = c if d is None else d + c
+    if d is not None and weight is not None:
         d = d * weight
+    if len(t) > 2 and t[2] is not None:
+        c = -(y * x.log().clamp_min(-100) + (1 - y) * (1 - x).log().clamp_min(-100)) * t[2]
+        d = c if d is None else d + c
+    return None if d is None else _reduce(d, reduction)
+
+
+@defrule(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
+def _nll_jvp(t, ans, x, target, weight, reduction, ignore_index):
+    # linear in the input (the class weights are not differentiable, as in ATen)
+    if t[0] is None:
+        return None, None
+    return _nll_op(x)(t[0], target, weight, reduction, ignore_index)[0], None
+
+
+def _nll_op(x):
+    return aten.nll_loss_forward.default if x.dim() <= 2 else aten.nll_loss2d_forward.default
+
+
+@defrule(aten.multi_margin_loss.default)
+def _multi_margin_jvp(t, ans, x, target, p=1, margin=1, weight=None, reduction=1):
+    # loss_n = sum_{i != y} w_y max(0, margin - x_y + x_i)^p / C
+    C = x.shape[-1] if x.dim() else 1
+    x2, g2, y = x.reshape(-1, C), t[0].reshape(-1, C), target.reshape(-1, 1)
+    h = margin - x2.gather(1, y) + x2
+    active = (h > 0).scatter(1, y, False)
+    coef = active * (p * h.pow(p - 1) if p != 1 else 1)
+    d = ((coef * g2).sum(1) - coef.sum(1) * g2.gather(1, y).squeeze(1)) / C
+    if weight is not None:
+        d = d * weight[y.squeeze(1)]
+    if x.dim() <= 1:
+        d = d.reshape(())
     return _reduce(d, reduction)
+
+
+@defrule(aten.multilabel_margin_loss_forward.default)
+def _multilabel_margin_jvp(t, ans, x, target, reduction):
+    # loss_n = sum_{j target, i not target} max(0, 1 - x_{y_j} + x_i) / C,
+    # with the targets listed before the first -1
+    g = t[0]
+    C = x.shape[-1] if x.dim() else 1
+    x2, g2 = x.reshape(-1, C), g.reshape(-1, C)
+    tg = target.reshape(-1, C)
+    is_target = ans[1].reshape(-1, C)
+    listed = (tg >= 0).cumprod(1).bool()
+    y = tg.clamp_min(0)
+    h = 1 - x2.gather(1, y).unsqueeze(2) + x2.unsqueeze(1)  # [n, j, i]
+    active = (h > 0) & listed.unsqueeze(2) & (is_target == 0).unsqueeze(1)
+    d = ((active.sum(1) * g2).sum(1) - (active.sum(2) * g2.gather(1, y)).sum(1)) / C
+    if x.dim() <= 1:
+        d = d.reshape(())
+    return _reduce(d, reduction), None
+
+
+def _ctc_jvp(t, ans, log_probs, targets, input_lengths, target_lengths, blank=0, zero_infinity=False):
+    """The loss of each sequence is a scalar, so its tangent is <dL/dlog_probs, t>: one
+    backward pass (the alpha-beta recursion).  ATen's backward returns the gradient
+    for log-softmax inputs, exp(log_probs) + dL/dlog_probs on the frames in use;
+    the exp term is taken back out so that any input direction is right."""
+    nll, log_alpha = ans
+    backward = aten._ctc_loss_backward.Tensor if isinstance(input_lengths, torch.Tensor) \
+        else aten._ctc_loss_backward.default
+    grad = backward(torch.ones_like(nll), log_probs, targets, input_lengths, target_lengths,
+                    nll, log_alpha, blank, zero_infinity)
+    lengths = torch.as_tensor(input_lengths, device=log_probs.device)
+    frames = torch.arange(log_probs.shape[0], device=log_probs.device)
+    in_use = (frames.unsqueeze(1) < lengths).reshape(log_probs.shape[0], -1, 1) \
+        if log_probs.dim() == 3 else (frames < lengths).unsqueeze(1)
+    grad = grad - log_probs.exp() * in_use
+    d = (grad * t[0]).sum((0, -1)) if log_probs.dim() == 3 else (grad * t[0]).sum()
+    # an impossible alignment has an infinite loss that no small change makes finite
+    return torch.where(nll.isinf(), 0.0, d), None
+
+
+defrule(aten._ctc_loss.default, aten._ctc_loss.Tensor)(_ctc_jvp)
+
+
+# ---- fused linear + cross-entropy (torch.nn.functional.linear_cross_entropy) ----
+
+
+def _linear_ce_tangent(x, w, target, b, class_weight, ignore_index, chunk, tx, tw, tb):
+    """Per-sample tangent of class_weight[y] * (logsumexp(z) - z_y), z = x w^T + b.
+
+    Like the fused op it works through the batch in chunks, so the logits of
+    only ``chunk`` rows exist at a time: dL = softmax(z) . dz - dz_y with
+    dz = dx w^T + x dw^T + db.
+    """
+    parts = []
+    for start in range(0, x.shape[0], max(chunk, 1)):
+        rows = slice(start, start + chunk)
+        z = x[rows] @ w.mT
+        if b is not None:
+            z = z + b
+        dz = None
+        if tx is not None:
+            dz = tx[rows] @ w.mT
+        if tw is not None:
+            c = x[rows] @ tw.mT
+            dz = c if dz is None else dz + c
+        if tb is not None:
+            dz = tb if dz is None else dz + tb
+        dz = dz.expand_as(z)
+        y = target[rows]
+        valid = y != ignore_index
+        y = torch.where(valid, y, 0)
+        d = (z.softmax(-1) * dz).sum(-1) - dz.gather(1, y.unsqueeze(1)).squeeze(1)
+        scale = valid if class_weight is None else class_weight[y] * valid
+        parts.append(d * scale)
+    return torch.cat(parts)
+
+
+def _linear_ce_normaliser(target, class_weight, ignore_index):
+    valid = target != ignore_index
+    if class_weight is None:
+        return valid.sum()
+    return (class_weight[torch.where(valid, target, 0)] * valid).sum()
+
+
+def _register_linear_cross_entropy():
+    try:
+        from torch.nn.modules import linear_cross_entropy  # noqa: F401  (registers the ops)
+    except ImportError:  # pragma: no cover - older torch
+        return
+    ops = torch.ops.torch_nn
+
+    @defrule(ops._linear_cross_entropy_batch_chunked.default)
+    def _linear_ce_jvp(t, ans, x, w, target, b, class_weight, reduction, ignore_index,
+                       label_smoothing, chunk, *options):
+        if label_smoothing:
+            raise NotImplementedError("fwdgrad: the fused linear_cross_entropy JVP needs label_smoothing=0")
+        d = _linear_ce_tangent(x, w, target, b, class_weight, ignore_index, chunk, t[0], t[1], t[3])
+        d = d.sum()
+        if reduction == "mean":
+            d = d / _linear_ce_normaliser(target, class_weight, ignore_index)
+        # The other outputs are the gradients the op precomputes for its own
+        # backward; they are not differentiable (ATen has no double backward).
+        return d, None, None, None
+
+    @defrule(ops._linear_cross_entropy_batch_chunked_no_reduction.default)
+    def _linear_ce_none_jvp(t, ans, x, w, target, b, class_weight, ignore_index, chunk, *options):
+        return _linear_ce_tangent(x, w, target, b, class_weight, ignore_index, chunk, t[0], t[1], t[3])
+
+
+_register_linear_cross_entropy()

@@ -17,18 +17,20 @@ def _unary(op, fn):
     def_elementwise(op, fn)
 
 
+def _identity(g, ans, *args, **kwargs):
+    """The contribution of an argument whose partial derivative is 1."""
+    return g
+
+
 # ---- linear unary ops ------------------------------------------------------
 for _op in (
     aten.neg.default,
     aten.clone.default,
-    aten.conj_physical.default,
+    aten._conj_physical.default,
     aten._conj.default,
     aten.lift_fresh_copy.default,
     aten.lift_fresh.default,
     aten._to_copy.default,
-    aten.positive.default,
-    aten.resolve_conj.default,
-    aten.resolve_neg.default,
     aten._neg_view.default,
     aten.deg2rad.default,
     aten.rad2deg.default,
@@ -39,9 +41,6 @@ def_linear(aten.mul.Scalar)
 def_linear(aten.div.Scalar)
 def_linear(aten.view_as_real.default)
 def_linear(aten.view_as_complex.default)
-def_linear(aten.real.default)
-def_linear(aten.imag.default)
-def_linear(aten.conj.default)
 
 # ---- unary math --------------------------------------------------------------
 _unary(aten.sin.default, lambda g, ans, x: g * x.cos())
@@ -52,7 +51,7 @@ _unary(aten.acos.default, lambda g, ans, x: -g * (1 - x * x).rsqrt())
 _unary(aten.atan.default, lambda g, ans, x: g / (1 + x * x))
 _unary(aten.sinh.default, lambda g, ans, x: g * x.cosh())
 _unary(aten.cosh.default, lambda g, ans, x: g * x.sinh())
-_unary(aten.tanh.default, lambda g, ans, x: g * (1 - ans * ans).conj())
+_unary(aten.tanh.default, lambda g, ans, x: g * (1 - ans * ans))
 _unary(aten.asinh.default, lambda g, ans, x: g * (x * x + 1).rsqrt())
 _unary(aten.acosh.default, lambda g, ans, x: g * ((x - 1).rsqrt() * (x + 1).rsqrt()))
 _unary(aten.atanh.default, lambda g, ans, x: g / (1 - x * x))
@@ -66,7 +65,7 @@ _unary(aten.log1p.default, lambda g, ans, x: g / (x + 1))
 _unary(aten.sqrt.default, lambda g, ans, x: g / (2 * ans))
 _unary(aten.rsqrt.default, lambda g, ans, x: -0.5 * g * ans * ans * ans)
 _unary(aten.reciprocal.default, lambda g, ans, x: -g * ans * ans)
-_unary(aten.sigmoid.default, lambda g, ans, x: g * (ans * (1 - ans)).conj())
+_unary(aten.sigmoid.default, lambda g, ans, x: g * (ans * (1 - ans)))
 _unary(aten.erf.default, lambda g, ans, x: g * (2 / math.sqrt(math.pi)) * (-x * x).exp())
 _unary(aten.erfc.default, lambda g, ans, x: g * (-2 / math.sqrt(math.pi)) * (-x * x).exp())
 _unary(aten.erfinv.default, lambda g, ans, x: g * (math.sqrt(math.pi) / 2) * (ans * ans).exp())
@@ -78,18 +77,24 @@ _unary(aten.special_i0e.default, lambda g, ans, x: g * (torch.special.i1e(x) - x
 _unary(aten.special_i1.default, lambda g, ans, x: g * (torch.i0(x) - torch.where(x == 0, 0.5, ans / x)))
 _unary(
     aten.special_i1e.default,
-    lambda g, ans, x: g * (torch.special.i0e(x) - ans * (x.sgn() + torch.where(x == 0, 0.0, 1 / x).to(ans.dtype)) + torch.where(x == 0, 0.5, 0.0).to(ans.dtype)),
+    # i1e'(x) = i0e(x) - i1e(x) (sgn(x) + 1/x), with the limit 1/2 at 0
+    lambda g, ans, x: g * torch.where(x == 0, 0.5, torch.special.i0e(x) - ans * (x.sgn() + 1 / x)),
 )
 _unary(aten.special_ndtri.default, lambda g, ans, x: g * math.sqrt(2 * math.pi) * (ans * ans / 2).exp())
 _unary(aten.special_log_ndtr.default, lambda g, ans, x: g * (-(x * x) / 2 - ans).exp() / math.sqrt(2 * math.pi))
 _unary(aten.special_erfcx.default, lambda g, ans, x: g * (2 * x * ans - 2 / math.sqrt(math.pi)))
+_unary(aten.special_entr.default, lambda g, ans, x: -g * (x.log() + 1))
+def_elementwise(
+    aten.mvlgamma.default,
+    lambda g, ans, x, p: g * sum((x - 0.5 * i).digamma() for i in range(p)),
+)
 _unary(aten.frac.default, lambda g, ans, x: g)
 _unary(aten.sinc.default, lambda g, ans, x: g * torch.where(
     x == 0, 0.0, ((math.pi * x).cos() * math.pi * x - (math.pi * x).sin()) / (math.pi * x * x)
 ).to(g.dtype))
 _unary(aten.angle.default, lambda g, ans, x: (
     (g * x.conj()).imag / x.abs().square().clamp_min(torch.finfo(x.real.dtype).tiny)
-    if x.is_complex() else torch.zeros_like(g)
+    if x.is_complex() else None  # the angle of a real number is piecewise constant
 ))
 
 
@@ -104,7 +109,7 @@ _unary(aten.abs.default, _abs_jvp)
 
 def _sgn_jvp(g, ans, x):
     if not x.is_complex():
-        return torch.zeros_like(g)
+        return None
     a = x.abs()
     return torch.where(a == 0, 0.0, (g - (g * ans.conj()).real * ans) / a).to(g.dtype)
 
@@ -120,7 +125,6 @@ def_zero(
     aten.round.decimals,
     aten.trunc.default,
     aten.heaviside.default,
-    aten.nextafter.default,
     aten.div.Tensor_mode,
     aten.div.Scalar_mode,
     aten.floor_divide.default,
@@ -158,6 +162,49 @@ def_zero(
 def_linear(aten.fill.Tensor, 1)
 
 
+# ---- sampling ----------------------------------------------------------------
+# The pathwise (reparameterisation) derivative: the draw z = (ans - mean) / std is
+# held fixed, as the same seed would reproduce it.  (PyTorch's own formula treats
+# normal as constant in mean and std; finite differences at a fixed seed agree
+# with this one.)
+
+
+def _standard_draw(ans, mean, std):
+    return torch.where(std == 0, 0.0, (ans - mean) / std)
+
+
+@defrule(aten.normal.Tensor_Tensor)
+def _normal_tt_jvp(t, ans, mean, std, *, generator=None):
+    out = t[0]
+    if t[1] is not None:
+        c = t[1] * _standard_draw(ans, mean, std)
+        out = c if out is None else out + c
+    return out
+
+
+@defrule(aten.normal.Tensor_float)
+def _normal_tf_jvp(t, ans, mean, std=1.0, *, generator=None):
+    return t[0]
+
+
+@defrule(aten.normal.float_Tensor)
+def _normal_ft_jvp(t, ans, mean, std, *, generator=None):
+    return t[1] * _standard_draw(ans, mean, std)
+
+
+@defrule(aten.rrelu_with_noise.default)
+def _rrelu_jvp(t, ans, x, noise, lower=0.125, upper=1.0 / 3.0, training=False, generator=None):
+    if training:
+        return t[0] * noise  # the kernel wrote each element's slope (1 where x >= 0) into noise
+    return t[0] * torch.where(x >= 0, 1.0, (lower + upper) / 2).to(t[0].dtype)
+
+
+@defrule(aten.rrelu_with_noise_functional.default)
+def _rrelu_functional_jvp(t, ans, x, noise, lower=0.125, upper=1.0 / 3.0, training=False, generator=None):
+    out, noise_out = ans
+    return _rrelu_jvp(t, out, x, noise_out, lower, upper, training), None
+
+
 @defrule(aten.copy.default)
 def _copy_jvp(t, ans, self, src, non_blocking=False):
     return t[1]
@@ -186,6 +233,30 @@ _unary(aten.mish.default, lambda g, ans, x: g * (lambda tsp, s: tsp + x * s * (1
     torch.nn.functional.softplus(x).tanh(), x.sigmoid()))
 
 
+def_elementwise(aten.hardshrink.default, lambda g, ans, x, lambd=0.5: g * (x.abs() > lambd))
+def_elementwise(aten.softshrink.default, lambda g, ans, x, lambd=0.5: g * (x.abs() > lambd))
+
+
+@defrule(aten.glu.default)
+def _glu_jvp(t, ans, x, dim=-1):
+    a, b = x.chunk(2, dim)
+    ta, tb = t[0].chunk(2, dim)
+    s = b.sigmoid()
+    return s * (ta + a * (1 - s) * tb)
+
+
+@defrule(aten._prelu_kernel.default)
+def _prelu_jvp(t, ans, x, w):
+    positive = x > 0
+    out = None
+    if t[0] is not None:
+        out = torch.where(positive, t[0], w * t[0])
+    if t[1] is not None:
+        c = torch.where(positive, 0.0, x * t[1])
+        out = c if out is None else out + c
+    return out
+
+
 def _gelu_jvp(g, ans, x, approximate="none"):
     if approximate == "tanh":
         k = math.sqrt(2 / math.pi)
@@ -211,7 +282,7 @@ _unary(aten.celu.default, lambda g, ans, x, alpha=1.0: g * torch.where(x > 0, 1.
 
 def _softplus_jvp(g, ans, x, beta=1.0, threshold=20.0):
     z = x * beta
-    return g * torch.where(z > threshold, torch.ones_like(x), z.sigmoid())
+    return g * torch.where(z > threshold, 1.0, z.sigmoid())
 
 
 _unary(aten.softplus.default, _softplus_jvp)
@@ -236,13 +307,19 @@ def _nan_to_num_jvp(t, ans, x, nan=None, posinf=None, neginf=None):
     return torch.where(x.isfinite(), t[0], 0.0).to(t[0].dtype)
 
 
+@defrule(aten.frexp.Tensor)
+def _frexp_jvp(t, ans, x):
+    mantissa, exponent = ans  # x = mantissa * 2**exponent, exponent locally constant
+    return t[0] * (-exponent).to(mantissa.dtype).exp2(), None
+
+
 @defrule(aten.native_dropout.default)
 def _dropout_jvp(t, ans, x, p, train):
     out, mask = ans
     if train is False or p == 0:
         return t[0], None
     if p >= 1:
-        return torch.zeros_like(t[0]), None
+        return None, None
     return t[0] * mask * (1.0 / (1.0 - p)), None
 
 
@@ -276,8 +353,9 @@ def _rsub_jvp(t, ans, x, y, alpha=1):
     return _sub_jvp((t[1], t[0]), ans, y, x, alpha)
 
 
-def_linear(aten.add.Scalar)
-def_linear(aten.sub.Scalar)
+# ``x + c`` and ``x - c`` are affine, not linear: the tangent passes through unchanged.
+for _op in (aten.add.Scalar, aten.sub.Scalar):
+    def_elementwise(_op, _identity)
 def_elementwise(aten.rsub.Scalar, lambda g, ans, x, y, alpha=1: -g * alpha)
 def_multilinear(aten.mul.Tensor, 0, 1)
 
@@ -294,9 +372,9 @@ def _div_jvp(t, ans, x, y):
 
 def _pow_base_term(g, x, e):
     if isinstance(e, torch.Tensor):
-        return g * torch.where(e == 0, 0.0, e * x.pow(e - 1)).to(g.dtype)
+        return g * torch.where(e == 0, 0.0, e * x.pow(e - 1))
     if e == 0:
-        return torch.zeros_like(g)
+        return None
     return g * e * x.pow(e - 1)
 
 
@@ -308,11 +386,16 @@ def_elementwise(
         torch.result_type(g, ans)
     ),
 )
-def_elementwise(
-    aten.pow.Scalar,
-    None,
-    lambda g, ans, s, e: g * ans * math.log(s) if not isinstance(s, complex) and s > 0 else g * ans * torch.log(torch.tensor(s, dtype=ans.dtype)),
-)
+def _pow_exponent_term(g, ans, s, e):
+    """d s**e / de = s**e log(s), taken as 0 where s = 0 and e >= 0 (as in ATen)."""
+    if isinstance(s, complex) or s < 0:
+        return g * ans * torch.log(torch.tensor(s, dtype=ans.dtype, device=ans.device))
+    if s == 0:
+        return g * torch.where(e.real >= 0, 0.0, float("-inf") * ans)
+    return g * ans * math.log(s)
+
+
+def_elementwise(aten.pow.Scalar, None, _pow_exponent_term)
 
 def_elementwise(
     aten.atan2.default,
@@ -329,56 +412,48 @@ def_elementwise(
     lambda g, ans, x, y: g,
     lambda g, ans, x, y: -g * (x / y).trunc(),
 )
-def_linear(aten.fmod.Scalar)
+def_elementwise(aten.fmod.Scalar, _identity)
+# nextafter(x, y) moves x by one ulp towards y: the derivative is 1 in x and 0 in y.
+def_elementwise(aten.nextafter.default, _identity)
 def_elementwise(
     aten.remainder.Tensor,
     lambda g, ans, x, y: g,
     lambda g, ans, x, y: -g * (x / y).floor(),
 )
-def_linear(aten.remainder.Scalar)
+def_elementwise(aten.remainder.Scalar, _identity)
 def_elementwise(aten.remainder.Scalar_Tensor, None, lambda g, ans, x, y: -g * (x / y).floor())
 
 
-def _select_jvp(pick_x):
+def _zero(ans):
+    """A zero-dimensional zero that broadcasts against ``ans`` (no memory)."""
+    return torch.zeros((), dtype=ans.dtype, device=ans.device)
+
+
+def _or_zero(g, ans):
+    return _zero(ans) if g is None else g
+
+
+def _pick_jvp(takes_x):
+    """The tangent of an elementwise choice between x and y; ties share it
+    equally, as in ATen."""
+
     def rule(t, ans, x, y):
-        tx, ty = t[0], t[1]
-        mask = pick_x(x, y)
-        if tx is None:
-            tx = torch.zeros_like(ty)
-        if ty is None:
-            ty = torch.zeros_like(tx)
-        # ties share the derivative equally, as PyTorch does
-        tie = x == y
-        return torch.where(tie, (tx + ty) / 2, torch.where(mask, tx, ty))
+        tx, ty = _or_zero(t[0], ans), _or_zero(t[1], ans)
+        return torch.where(x == y, (tx + ty) / 2, torch.where(takes_x(x, y), tx, ty))
 
     return rule
 
 
-defrule(aten.maximum.default)(_select_jvp(lambda x, y: x > y))
-defrule(aten.minimum.default)(_select_jvp(lambda x, y: x < y))
-
-
-def _fselect_jvp(pick_x):
-    def rule(t, ans, x, y):
-        tx, ty = t[0], t[1]
-        if tx is None:
-            tx = torch.zeros_like(ty)
-        if ty is None:
-            ty = torch.zeros_like(tx)
-        mask = pick_x(x, y) | y.isnan()
-        tie = x == y
-        return torch.where(tie, (tx + ty) / 2, torch.where(mask, tx, ty))
-
-    return rule
-
-
-defrule(aten.fmax.default)(_fselect_jvp(lambda x, y: x > y))
-defrule(aten.fmin.default)(_fselect_jvp(lambda x, y: x < y))
+defrule(aten.maximum.default)(_pick_jvp(lambda x, y: x > y))
+defrule(aten.minimum.default)(_pick_jvp(lambda x, y: x < y))
+# fmax and fmin ignore a NaN operand
+defrule(aten.fmax.default)(_pick_jvp(lambda x, y: (x > y) | y.isnan()))
+defrule(aten.fmin.default)(_pick_jvp(lambda x, y: (x < y) | y.isnan()))
 
 def_elementwise(
     aten.copysign.Tensor,
     lambda g, ans, x, y: g * torch.where(x == 0, 0.0, ans / x).to(g.dtype),
-    lambda g, ans, x, y: torch.zeros_like(g),
+    None,  # piecewise constant in the sign source
 )
 def_elementwise(aten.copysign.Scalar, lambda g, ans, x, y: g * torch.where(x == 0, 0.0, ans / x).to(g.dtype))
 
@@ -399,7 +474,8 @@ def_elementwise(
 )
 def_elementwise(
     aten.xlogy.Scalar_Other,
-    lambda g, ans, x, y: g * (0.0 if y != y else math.log(y) if y > 0 else float("nan")) * (x != 0),
+    lambda g, ans, x, y: g * (0.0 if y != y else math.log(y) if y > 0 else float("-inf") if y == 0
+                              else float("nan")) * (x != 0),
 )
 def_elementwise(
     aten.xlogy.Scalar_Self,
@@ -455,22 +531,7 @@ def _addcdiv_jvp(t, ans, s, a, b, value=1):
 
 @defrule(aten.where.self)
 def _where_jvp(t, ans, cond, x, y):
-    tx, ty = t[1], t[2]
-    if tx is None:
-        tx = torch.zeros((), dtype=ans.dtype, device=ans.device)
-    if ty is None:
-        ty = torch.zeros((), dtype=ans.dtype, device=ans.device)
-    return torch.where(cond, tx, ty)
-
-
-@defrule(aten.where.ScalarOther)
-def _where_so_jvp(t, ans, cond, x, y):
-    return torch.where(cond, t[1], 0.0)
-
-
-@defrule(aten.where.ScalarSelf)
-def _where_ss_jvp(t, ans, cond, x, y):
-    return torch.where(cond, 0.0, t[2])
+    return torch.where(cond, _or_zero(t[1], ans), _or_zero(t[2], ans))
 
 
 @defrule(aten.masked_fill.Scalar)
@@ -480,9 +541,19 @@ def _masked_fill_scalar_jvp(t, ans, x, mask, value):
 
 @defrule(aten.masked_fill.Tensor)
 def _masked_fill_tensor_jvp(t, ans, x, mask, value):
-    tx = t[0] if t[0] is not None else torch.zeros_like(ans)
-    tv = t[2] if t[2] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
-    return torch.where(mask, tv, tx)
+    return torch.where(mask, _or_zero(t[2], ans), _or_zero(t[0], ans))
+
+
+def_elementwise(
+    aten.ldexp.Tensor,
+    lambda g, ans, x, e: torch.ldexp(g, e),
+    lambda g, ans, x, e: g * ans * math.log(2.0),
+)
+def_elementwise(
+    aten.polar.default,
+    lambda g, ans, r, theta: g * torch.polar(torch.ones_like(r), theta),
+    lambda g, ans, r, theta: g * 1j * ans,
+)
 
 
 # ---- clamps ------------------------------------------------------------------
@@ -490,12 +561,11 @@ def _masked_fill_tensor_jvp(t, ans, x, mask, value):
 
 @defrule(aten.clamp.default)
 def _clamp_jvp(t, ans, x, min=None, max=None):
-    keep = torch.ones_like(x, dtype=torch.bool)
-    if min is not None:
-        keep = keep & (x >= min)
-    if max is not None:
-        keep = keep & (x <= max)
-    return t[0] * keep
+    if min is None:
+        return t[0] * (x <= max)
+    if max is None:
+        return t[0] * (x >= min)
+    return t[0] * ((x >= min) & (x <= max))
 
 
 @defrule(aten.clamp_min.default)
@@ -510,16 +580,18 @@ def _clamp_max_jvp(t, ans, x, max):
 
 @defrule(aten.clamp.Tensor)
 def _clamp_tensor_jvp(t, ans, x, min=None, max=None):
-    tx = t[0] if t[0] is not None else torch.zeros_like(ans)
-    out = tx
+    """clamp(x, min, max) = minimum(maximum(x, min), max): the tangent of whichever
+    argument supplies the value (max where min > max, as in the primal); at a
+    tie with a bound the tangent of x."""
+    tmin = t[1] if len(t) > 1 else None
+    tmax = t[2] if len(t) > 2 else None
+    out = _or_zero(t[0], ans)
+    low = x
     if min is not None:
-        tmin = t[1] if t[1] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
-        out = torch.where(x >= min, out, tmin)
+        out = torch.where(x < min, _or_zero(tmin, ans), out)
+        low = torch.maximum(x, min)
     if max is not None:
-        tmax = t[2] if len(t) > 2 and t[2] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
-        out = torch.where(x <= max if min is None else (x <= max) | (min > max), out, tmax)
-        if min is not None:
-            out = torch.where(min > max, tmax, out)
+        out = torch.where(low > max, _or_zero(tmax, ans), out)
     return out
 
 

@@ -9,8 +9,7 @@ indices.
 
 import torch
 
-from ..fallback import linearized
-from ..registry import def_linear, defrule
+from ..registry import def_linear, defrule, zeros_for
 
 aten = torch.ops.aten
 
@@ -19,7 +18,6 @@ for _op in (
     aten.view.default,
     aten._unsafe_view.default,
     aten._reshape_alias.default,
-    aten.reshape.default,
     aten.expand.default,
     aten.permute.default,
     aten.transpose.int,
@@ -36,12 +34,8 @@ for _op in (
     aten.split.Tensor,
     aten.split_with_sizes.default,
     aten.unbind.int,
-    aten.chunk.default,
-    aten.narrow.default,
     aten.alias.default,
     aten.detach.default,
-    aten.movedim.int,
-    aten.unflatten.int,
     aten.view.dtype,
     # Copying variants of views.
     aten.view_copy.default,
@@ -62,6 +56,9 @@ for _op in (
     aten.alias_copy.default,
     aten.unfold_copy.default,
     aten.narrow_copy.default,
+    aten.squeeze_copy.default,
+    aten.unsafe_split.Tensor,
+    aten.unsafe_split_with_sizes.default,
     # Shape ops that copy.
     aten.flip.default,
     aten.roll.default,
@@ -70,19 +67,15 @@ for _op in (
     aten.tril.default,
     aten.triu.default,
     aten.diag_embed.default,
-    aten.diag.default,
-    aten.contiguous.default,
     aten.reflection_pad1d.default,
     aten.reflection_pad2d.default,
     aten.reflection_pad3d.default,
     aten.replication_pad1d.default,
     aten.replication_pad2d.default,
     aten.replication_pad3d.default,
-    aten._pad_circular.default,
     aten.pixel_shuffle.default,
     aten.pixel_unshuffle.default,
     aten.channel_shuffle.default,
-    aten.native_channel_shuffle.default,
     aten.im2col.default,
     aten.col2im.default,
     # Indexing and gathering.
@@ -92,15 +85,16 @@ for _op in (
     aten.take.default,
     aten.masked_select.default,
     aten.embedding.default,
-    aten.repeat_interleave.self_int,
-    aten.repeat_interleave.self_Tensor,
     aten.cumsum.default,
     aten.sum.default,
     aten.sum.dim_IntList,
     aten.mean.default,
     aten.mean.dim,
     aten.trace.default,
-    aten.complex.default,
+    # Layout conversions.
+    aten._to_sparse.default,
+    aten._to_sparse.sparse_dim,
+    aten._to_dense.default,
 ):
     try:
         def_linear(_op)
@@ -109,8 +103,6 @@ for _op in (
 
 def_linear(aten.cat.default, 0)
 def_linear(aten.stack.default, 0)
-def_linear(aten.hstack.default, 0)
-def_linear(aten.vstack.default, 0)
 def_linear(aten.block_diag.default, 0)
 def_linear(aten.index_put.default, 0, 2)
 def_linear(aten._unsafe_index_put.default, 0, 2)
@@ -126,6 +118,12 @@ def_linear(aten.diagonal_scatter.default, 0, 1)
 def_linear(aten.as_strided_scatter.default, 0, 1)
 def_linear(aten.put.default, 0, 2)
 def_linear(aten.complex.default, 0, 1)
+def_linear(aten._unsafe_masked_index_put_accumulate.default, 0, 3)
+
+
+@defrule(aten._unsafe_masked_index.default)
+def _masked_index_jvp(t, ans, x, mask, indices, fill):
+    return aten._unsafe_masked_index.default(t[0], mask, indices, 0)
 
 
 @defrule(aten.constant_pad_nd.default)
@@ -138,6 +136,24 @@ def _scatter_value_jvp(t, ans, x, dim, index, value):
     return t[0].scatter(dim, index, 0)
 
 
+@defrule(aten.scatter.reduce)
+def _scatter_reduce_legacy_jvp(t, ans, x, dim, index, src, *, reduce):
+    """scatter with reduce="add" or "multiply" (the older API of scatter_reduce)."""
+    if reduce == "add":
+        return aten.scatter.reduce(_or_zeros(t[0], x), dim, index, _or_zeros(t[3], src), reduce="add")
+    return _scatter_reduce_jvp(t, ans, x, dim, index, src, "prod", True)
+
+
+@defrule(aten.scatter.value_reduce)
+def _scatter_value_reduce_jvp(t, ans, x, dim, index, value, *, reduce):
+    # linear in x: adding a constant, or scaling the chosen elements by it
+    return t[0] if reduce == "add" else aten.scatter.value_reduce(t[0], dim, index, value, reduce=reduce)
+
+
+def _or_zeros(g, like):
+    return zeros_for(like) if g is None else g
+
+
 @defrule(aten.index_fill.int_Scalar)
 def _index_fill_jvp(t, ans, x, dim, index, value):
     return t[0].index_fill(dim, index, 0)
@@ -145,67 +161,38 @@ def _index_fill_jvp(t, ans, x, dim, index, value):
 
 @defrule(aten.index_fill.int_Tensor)
 def _index_fill_tensor_jvp(t, ans, x, dim, index, value):
-    tx = t[0] if t[0] is not None else torch.zeros_like(ans)
     tv = t[3] if t[3] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
-    return aten.index_fill.int_Tensor(tx, dim, index, tv)
+    return aten.index_fill.int_Tensor(_or_zeros(t[0], ans), dim, index, tv)
 
 
-def _gather_values(tx, dim, indices, keepdim=True):
-    if not keepdim:
-        indices = indices.unsqueeze(dim)
-        return tx.gather(dim, indices).squeeze(dim)
-    return tx.gather(dim, indices)
+@defrule(aten.sort.default)
+def _sort_jvp(t, ans, x, dim=-1, descending=False):
+    return (t[0] if x.dim() == 0 else t[0].gather(dim, ans[1])), None
 
 
-@defrule(aten.sort.default, aten.sort.stable)
-def _sort_jvp(t, ans, x, *args, **kwargs):
-    values, indices = ans
-    dim = kwargs.get("dim", args[0] if args and isinstance(args[0], int) else -1)
-    if args and not isinstance(args[0], int) and len(args) >= 2:  # sort.stable(self, *, stable, dim, descending)
-        dim = args[1]
-    if x.dim() == 0:
-        return t[0], None
-    return t[0].gather(dim, indices), None
+@defrule(aten.sort.stable)
+def _sort_stable_jvp(t, ans, x, *, stable=None, dim=-1, descending=False):
+    return _sort_jvp(t, ans, x, dim)
 
 
 @defrule(aten.topk.default)
 def _topk_jvp(t, ans, x, k, dim=-1, largest=True, sorted=True):
-    values, indices = ans
+    return _sort_jvp(t, ans, x, dim)
+
+
+@defrule(aten.max.dim, aten.min.dim, aten.median.dim, aten.nanmedian.dim, aten.mode.default)
+def _select_along_jvp(t, ans, x, dim=-1, keepdim=False):
+    """Ops that pick one element per slice and return its index: gather the tangent there."""
     if x.dim() == 0:
         return t[0], None
-    return t[0].gather(dim, indices), None
+    indices = ans[1] if keepdim else ans[1].unsqueeze(dim)
+    picked = t[0].gather(dim, indices)
+    return (picked if keepdim else picked.squeeze(dim)), None
 
 
-def _dim_select_jvp(t, ans, x, dim, keepdim=False):
-    values, indices = ans
-    if x.dim() == 0:
-        return t[0], None
-    return _gather_values(t[0], dim, indices, keepdim), None
-
-
-for _op in (
-    aten.max.dim,
-    aten.min.dim,
-    aten.kthvalue.default,
-    aten.mode.default,
-    aten.median.dim,
-    aten.nanmedian.dim,
-):
-    defrule(_op)(lambda t, ans, x, *a, _f=_op: _by_index(t, ans, x, _f, *a))
-
-
-def _by_index(t, ans, x, op, *args):
-    # (self, dim, keepdim) for max/min/median/mode; (self, k, dim, keepdim) for kthvalue
-    if op is aten.kthvalue.default:
-        dim = args[1] if len(args) > 1 else -1
-        keepdim = args[2] if len(args) > 2 else False
-    elif op is aten.mode.default:
-        dim = args[0] if args else -1
-        keepdim = args[1] if len(args) > 1 else False
-    else:
-        dim = args[0]
-        keepdim = args[1] if len(args) > 1 else False
-    return _dim_select_jvp(t, ans, x, dim, keepdim)
+@defrule(aten.kthvalue.default)
+def _kthvalue_jvp(t, ans, x, k, dim=-1, keepdim=False):
+    return _select_along_jvp(t, ans, x, dim, keepdim)
 
 
 @defrule(aten.cummax.default, aten.cummin.default)
@@ -217,34 +204,49 @@ def _cum_extreme_jvp(t, ans, x, dim):
 
 @defrule(aten.median.default, aten.nanmedian.default)
 def _median_all_jvp(t, ans, x):
-    # The median of all elements is one element; find where it sits.
-    flat = x.reshape(-1)
-    if x.numel() == 0:
-        return None
-    if ans.isnan():
-        idx = flat.isnan().nonzero()[0]
-    else:
-        sorted_idx = flat.sort(stable=True).indices
-        valid = (~flat.isnan()).sum() if x.is_floating_point() else flat.numel()
-        idx = sorted_idx[(valid - 1) // 2]
-    return t[0].reshape(-1)[idx].reshape(())
+    # The tangent averaged over the elements equal to the median (ATen's convention).
+    from .reductions import _extreme_jvp
+
+    return _extreme_jvp(t[0], x, ans, list(range(x.dim())), False)
 
 
 @defrule(aten.scatter_reduce.two)
 def _scatter_reduce_jvp(t, ans, x, dim, index, src, reduce, include_self=True):
-    tx = t[0] if t[0] is not None else torch.zeros_like(x)
-    ts = t[3] if t[3] is not None else torch.zeros_like(src)
+    tx, ts = _or_zeros(t[0], x), _or_zeros(t[3], src)
+
+    def scatter(into, values, how):
+        # ``into`` is what a position keeps when no index reaches it (include_self=False)
+        return aten.scatter_reduce.two(into, dim, index, values, how, include_self=include_self)
+
     if reduce in ("sum", "mean"):
-        return aten.scatter_reduce.two(tx, dim, index, ts, reduce, include_self=include_self)
+        return scatter(tx, ts, reduce)
     if reduce in ("amax", "amin"):
         # Average the tangents of every element that attains the extreme.
-        picked_src = (src == ans.gather(dim, index)).to(tx.dtype)
-        picked_self = (x == ans).to(tx.dtype) if include_self else torch.zeros_like(tx)
-        num = aten.scatter_reduce.two(tx * picked_self, dim, index, ts * picked_src, "sum", include_self=True)
-        cnt = aten.scatter_reduce.two(picked_self, dim, index, picked_src, "sum", include_self=True)
-        return torch.where(cnt > 0, num / cnt.clamp_min(1), tx)
-    # prod: linearize through autograd's formula, which handles zeros.
-    return _scatter_reduce_linearized(t, ans, x, dim, index, src, reduce, include_self=include_self)
+        picked_src = src == ans.gather(dim, index)
+        picked_self = x == ans
+        count = scatter(picked_self.to(tx.dtype), picked_src.to(tx.dtype), "sum")
+        total = scatter(tx * picked_self, ts * picked_src, "sum")
+        return torch.where(count > 0, total / count.clamp_min(1), tx)
+    if reduce == "prod":
+        # Exact with zeros: with none, prod * sum(t / v); with one, t at that zero
+        # times the product of the others; with more, 0.
+        zero_x, zero_s = x == 0, src == 0
+        safe_x, safe_s = torch.where(zero_x, 1, x), torch.where(zero_s, 1, src)
+        n_zero = scatter(zero_x.to(tx.dtype), zero_s.to(tx.dtype), "sum")
+        others = scatter(safe_x, safe_s, "prod")
+        no_zero = scatter(tx / safe_x, ts / safe_s, "sum")
+        at_zero = scatter(tx * zero_x, ts * zero_s, "sum")
+        return others * torch.where(n_zero == 0, no_zero, torch.where(n_zero == 1, at_zero, 0))
+    raise NotImplementedError(f"fwdgrad: scatter_reduce with reduce={reduce!r} has no JVP rule")
 
 
-_scatter_reduce_linearized = linearized(aten.scatter_reduce.two)
+@defrule(aten.index_reduce.default)
+def _index_reduce_jvp(t, ans, x, dim, index, source, reduce, *, include_self=True):
+    """index_reduce is scatter_reduce with the index repeated across the source."""
+    dim = dim % max(x.dim(), 1)
+    shape = [1] * source.dim()
+    if source.dim():
+        shape[dim] = -1
+    full_index = index.reshape(shape).expand(source.shape)
+    return _scatter_reduce_jvp((t[0], None, None, t[3]), ans, x, dim, full_index, source, reduce,
+                               include_self)
