@@ -1,9 +1,9 @@
 """Many tangents at one point: ``linearize``, batched ``jvp``, ``jacfwd`` and ``hessian``.
 
-All four share one step (``linearize_at``): run ``func``'s jvp once under the
-``Recorder`` (``fwdgrad.trace``), which yields the primal outputs, the tangent
-program as an fx graph of plain aten ops, and the primal values that program
-reads (residuals).  The tangent program is then replayed alone: once per call
+All four share one step (``Linearized``): run ``func``'s jvp once under the
+``Recorder`` (``fwdgrad.trace``), with zero tangents and its heavy tangent ops
+skipped, which yields the primal outputs, the tangent program as a graph of
+plain aten ops, and the primal values that program reads (residuals).  The tangent program is then replayed alone: once per call
 of ``linearize``'s ``jvp_fn``, or under ``torch.vmap`` for a whole batch of
 directions (batched ``jvp``, and ``jacfwd``'s basis in chunks of
 ``chunk_size``).  The primal is computed once.
@@ -13,7 +13,9 @@ that those inputs take, which is what a derivative at that point needs.  When
 the tangent program itself reads a value into Python, or writes a tangent
 into a primal tensor in a way no functionalization removes, it cannot be
 replayed for other tangents; fwdgrad then warns and pushes the directions
-one at a time through the eager interpreter.
+one at a time through the eager interpreter.  So it does, silently, for
+tensor-subclass inputs (the duals of an enclosing fwdgrad transform, as in
+``jacfwd(jacfwd(f))``), which the recorder cannot see through.
 """
 
 import functools
