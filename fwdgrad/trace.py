@@ -1,11 +1,11 @@
-"""Recording a jvp as a ``torch.fx`` graph of plain aten ops.
+"""Recording a jvp as a graph of plain aten ops.
 
 Underneath fwdgrad's dual tensors every primal and tangent computation is an
 aten op on plain tensors.  ``Recorder`` is a ``TorchDispatchMode`` that sees
 exactly those ops (it declines duals, so their ``__torch_dispatch__`` runs and
 sends the unwrapped ops back through the mode), runs each one for real and
-appends it to an fx graph.  The result is the primal-plus-tangent program,
-with readable ``.code``.
+appends it to a ``graph.Graph``.  The result is the primal-plus-tangent
+program, runnable as a ``graph.Program`` and readable as fx ``.code``.
 
 While recording it notes what later users of the graph must know:
 
@@ -32,7 +32,6 @@ tangent ops are recorded without being run; see ``Recorder._skip``.
 
 import functools
 import inspect
-import keyword
 import operator
 import os
 import sys
@@ -47,12 +46,13 @@ from torch.utils._python_dispatch import _disable_current_modes as _no_modes
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import registry
+from .graph import Graph, Node, Program, has_effects, is_random, mutated_args, op_name, remap
 
 _set_grad_enabled = torch._C._set_grad_enabled
+
 _plain_dispatch = torch.Tensor.__torch_dispatch__
 _READ_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 
-_mutates = {}
 _aten = torch.ops.aten
 _SLICE_DIM = {_aten.slice.Tensor: 1, _aten.slice_scatter.default: 2}  # op -> position of `dim`
 _DATA_FIRST = {_aten.index.Tensor, _aten.masked_select.default}  # shape from the index, not `self`
@@ -80,27 +80,6 @@ def _normalized(func, args):
         if src.dtype == dst.dtype and src.device == dst.device:
             return _aten.expand.default, (src, list(dst.shape))
     return func, args
-
-
-def _mutated_args(func):
-    """Indices of the positional arguments that ``func`` writes in place (cached)."""
-    idx = _mutates.get(func)
-    if idx is None:
-        schema = getattr(func, "_schema", None)
-        idx = ()
-        if schema is not None:
-            idx = tuple(
-                i
-                for i, a in enumerate(schema.arguments)
-                if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only
-            )
-        _mutates[func] = idx
-    return idx
-
-
-def _op_name(func):
-    packet = getattr(func, "overloadpacket", None)
-    return packet.__name__ if packet is not None else getattr(func, "__name__", "op")
 
 
 HEAVY = 1 << 20  # tensor elements read by a tangent op above which a skipping recorder skips it
@@ -138,7 +117,7 @@ def _skippable(func):
         schema = getattr(func, "_schema", None)
         v = _skippable_cache[func] = schema is not None and not any(
             r.alias_info is not None for r in schema.returns
-        ) and not _mutated_args(func) and not any(tag in func.tags for tag in _READ_TAGS)
+        ) and not mutated_args(func) and not any(tag in func.tags for tag in _READ_TAGS)
     return v
 
 
@@ -166,117 +145,6 @@ def describe_read(func):
     if torch.Tag.dynamic_output_shape in getattr(func, "tags", ()):
         return f"{name} (an output shape that depends on values, e.g. boolean indexing)"
     return name
-
-
-# --------------------------------------------------------------------------
-# A light graph: recording appends to a list; torch.fx only when someone looks.
-
-
-class Node:
-    """One step of a recorded program (``op``: placeholder, get_attr, call or output)."""
-
-    __slots__ = ("op", "target", "args", "kwargs", "name", "tangent", "data")
-
-    def __init__(self, op, target, args, kwargs, name, tangent=False, data=True):
-        self.op = op
-        self.target = target
-        self.args = args
-        self.kwargs = kwargs
-        self.name = name
-        self.tangent = tangent  # depends on a tangent input
-        # Depends on data: an input, a captured tensor or a random draw (else it
-        # is a function of shapes and literal arguments, which the guards cover).
-        self.data = data
-
-    def inputs(self):
-        """The nodes this node reads."""
-        found = []
-        _collect_nodes((self.args, tuple(self.kwargs.values())), found)
-        return found
-
-    def __repr__(self):
-        return f"Node({self.name})"
-
-
-def _collect_nodes(a, found):
-    if isinstance(a, Node):
-        found.append(a)
-    elif isinstance(a, (list, tuple)):
-        for b in a:
-            _collect_nodes(b, found)
-
-
-def _remap(a, env):
-    if isinstance(a, Node):
-        return env[a]
-    if isinstance(a, (list, tuple)):
-        return type(a)(_remap(b, env) for b in a)
-    return a
-
-
-class Graph:
-    """A list of nodes in execution order, with unique readable names."""
-
-    def __init__(self):
-        self.nodes = []
-        self._names = set()
-        self._counts = {}
-
-    def _unique(self, base):
-        if not base.isidentifier() or keyword.iskeyword(base):
-            base = "v_" + "".join(c if c.isalnum() else "_" for c in base)
-        count = self._counts.get(base, 0)
-        name = base if count == 0 else f"{base}_{count}"
-        while name in self._names:
-            count += 1
-            name = f"{base}_{count}"
-        self._counts[base] = count + 1
-        self._names.add(name)
-        return name
-
-    def add(self, op, target, args=(), kwargs=None, name=None, tangent=False, data=True):
-        node = Node(op, target, args, kwargs or {}, self._unique(name or _op_name(target)), tangent, data)
-        self.nodes.append(node)
-        return node
-
-    def copy(self, node, env, target=None):
-        """Append a copy of ``node`` (from another graph) with its inputs mapped through ``env``."""
-        return self.add(
-            node.op, target or node.target, _remap(node.args, env), _remap(node.kwargs, env), node.name, node.tangent
-        )
-
-    def eliminate_dead_code(self):
-        """Drop nodes that neither feed the output nor have side effects."""
-        live = set()
-        for node in reversed(self.nodes):
-            if node in live or node.op in ("placeholder", "output") or _has_effects(node.target):
-                live.add(node)
-                live.update(node.inputs())
-        self.nodes = [n for n in self.nodes if n in live]
-
-    def to_fx(self):
-        graph = fx.Graph()
-        env = {}
-        for node in self.nodes:
-            if node.op == "placeholder":
-                env[node] = graph.placeholder(node.name)
-            elif node.op == "get_attr":
-                env[node] = graph.get_attr(node.target)
-            elif node.op == "call":
-                env[node] = graph.create_node(
-                    "call_function", node.target, _remap(node.args, env), _remap(node.kwargs, env), name=node.name
-                )
-            else:
-                graph.output(_remap(node.args[0], env))
-        return graph
-
-
-def _is_random(func):
-    return torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
-
-
-def _has_effects(target):
-    return target is _set_grad_enabled or (isinstance(target, _OpOverload) and bool(_mutated_args(target)))
 
 
 class Recorder(TorchDispatchMode):
@@ -356,13 +224,13 @@ class Recorder(TorchDispatchMode):
             self.graph.add("call", _set_grad_enabled, (grad,))
             self.grad_enabled = grad
         found = []
-        mutated = _mutated_args(func)
+        mutated = mutated_args(func)
         functional = self._functional_instead(func, args, kwargs) if mutated else None
         rfunc, rargs = _normalized(functional or func, args)
         nargs = tuple(self._arg(a, found) for a in rargs)
         nkwargs = {k: self._arg(v, found) for k, v in kwargs.items()}
         depends = any(n.tangent for n, _ in found)
-        data = any(n.data for n, _ in found) or _is_random(func)
+        data = any(n.data for n, _ in found) or is_random(func)
         if self.tainted and not data:
             data = any(StorageWeakRef(t.untyped_storage()) in self.tainted for _, t in found)
         if mutated and functional is None:
@@ -372,7 +240,7 @@ class Recorder(TorchDispatchMode):
             out = self._skip(func, args, kwargs, found)
         if out is None:
             out = func(*args, **kwargs)
-        name = ("d" if depends else "") + _op_name(rfunc)
+        name = ("d" if depends else "") + op_name(rfunc)
         node = self.graph.add("call", rfunc, nargs, nkwargs, name=name, tangent=depends, data=data)
         if depends and self.keep_residuals:
             for n, t in found:
@@ -397,7 +265,7 @@ class Recorder(TorchDispatchMode):
         vmap batches functional ops better, and a functional graph needs no
         functionalization pass.
         """
-        if _mutated_args(func) != (0,) or kwargs or not isinstance(args[0], torch.Tensor):
+        if mutated_args(func) != (0,) or kwargs or not isinstance(args[0], torch.Tensor):
             return None
         w = args[0]
         if w._base is not None or w.is_meta:
@@ -483,7 +351,7 @@ class Recorder(TorchDispatchMode):
         return any(t._version != v for t, v in self.residuals.values())
 
     def module(self):
-        """The recorded graph as a GraphModule (constants held by reference)."""
+        """The recorded graph as an fx GraphModule (constants held by reference)."""
         return fx.GraphModule(dict(self.constants), self.graph.to_fx())
 
     def program(self):
@@ -569,106 +437,17 @@ def tangent_program(rec, tangent_outputs):
     # become reshapes: those decide view or copy when they run, on the strides
     # they get (vmap's batched tangents, or jvp_fn's tangents, may have other
     # strides than the recording's).
-    in_place = any(n.tangent and _has_effects(n.target) for n in rec.graph.nodes if n.op == "call")
+    in_place = any(n.tangent and has_effects(n.target) for n in rec.graph.nodes if n.op == "call")
     for node in rec.graph.nodes:
         if node.op == "call" and (node.tangent or node.target is _set_grad_enabled):
             target = None if in_place or node.target not in _VIEWS else _aten.reshape.default
             env[node] = graph.copy(node, env, target)
-    graph.add("output", "output", (tuple(_remap(n, env) for n, _ in wanted),))
+    graph.add("output", "output", (tuple(remap(n, env) for n, _ in wanted),))
     graph.eliminate_dead_code()
     used = {n for node in graph.nodes for n in node.inputs()}
     graph.nodes = [n for n in graph.nodes if n.op != "placeholder" or n.tangent or n in used]
     values = [residuals[n] for n in graph.nodes if n in residuals]
     return Program(graph, {}), values
-
-
-# --------------------------------------------------------------------------
-# Running a recorded graph.
-
-_OpOverload = torch._ops.OpOverload
-_INF = float("inf")
-
-
-class Program:
-    """A recorded graph, callable.
-
-    Calls run a straight-line Python function generated from the graph that
-    calls each op's C++ entry point directly and frees each value after its
-    last use: about a third less per-op overhead than the fx ``GraphModule``'s
-    code, which goes through ``OpOverload.__call__``.  ``graph_module`` and
-    ``code`` give the fx form, for reading and for ``torch.compile``.
-    """
-
-    def __init__(self, graph, constants):
-        self.graph = graph
-        self.constants = constants
-        self._module = None
-        self.run = _straight_line(graph, constants)
-
-    def __call__(self, *inputs):
-        return self.run(*inputs)
-
-    @property
-    def graph_module(self):
-        if self._module is None:
-            self._module = fx.GraphModule(dict(self.constants), self.graph.to_fx())
-        return self._module
-
-    @property
-    def code(self):
-        return self.graph_module.code
-
-
-def _straight_line(graph, constants):
-    """Python source for ``graph``, compiled: ``v3 = _f0(v1, 2.0); del v1`` and so on."""
-    env = {}  # globals of the generated function
-    names = {}
-    last_use = {}
-    nodes = graph.nodes
-    for i, node in enumerate(nodes):
-        for a in node.inputs():
-            last_use[a] = i
-
-    def glob(value, prefix):
-        name = f"{prefix}{len(env)}"
-        env[name] = value
-        return name
-
-    def ref(a):
-        if isinstance(a, Node):
-            return names[a]
-        if isinstance(a, (list, tuple)):
-            inner = ", ".join(ref(b) for b in a)
-            return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
-        if a is None or type(a) in (bool, int, str) or (type(a) is float and -_INF < a < _INF):
-            return repr(a)
-        return glob(a, "_c")
-
-    params, lines = [], []
-    for i, node in enumerate(nodes):
-        name = names[node] = f"v{i}"
-        if node.op == "placeholder":
-            params.append(name)
-            continue
-        if node.op == "get_attr":
-            lines.append(f"{name} = {glob(constants[node.target], '_c')}")
-        elif node.op == "call":
-            target = node.target
-            if target is operator.getitem:
-                lines.append(f"{name} = {ref(node.args[0])}[{node.args[1]}]")
-            else:
-                fn = target._op if isinstance(target, _OpOverload) else target
-                args = [ref(a) for a in node.args] + [f"{k}={ref(v)}" for k, v in node.kwargs.items()]
-                lines.append(f"{name} = {glob(fn, '_f')}({', '.join(args)})")
-        elif node.op == "output":
-            lines.append(f"return {ref(node.args[0])}")
-            break
-        dead = sorted({names[a] for a in node.inputs() if last_use[a] == i})
-        if dead:
-            lines.append(f"del {', '.join(dead)}")
-    source = f"def run({', '.join(params)}):\n" + "".join(f"    {line}\n" for line in lines)
-    exec(compile(source, "<fwdgrad program>", "exec"), env)
-    return env["run"]
 
 
 # --------------------------------------------------------------------------
