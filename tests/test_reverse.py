@@ -181,6 +181,20 @@ def test_no_perturbation_confusion():
     torch.testing.assert_close(d, 2 * x)
 
 
+def test_jacfwd_of_grad_is_the_hessian():
+    x = _randn(4)
+    H = torch.func.hessian(f)(x)
+    torch.testing.assert_close(fwdgrad.jacfwd(fwdgrad.grad(f))(x), H)
+    torch.testing.assert_close(fwdgrad.jacfwd(fwdgrad.grad(f), chunk_size=3)(x), H)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).double()  # parameters require grad
+
+    def g(x):
+        return model(x).sum()
+
+    torch.testing.assert_close(fwdgrad.jacfwd(fwdgrad.grad(g))(x), torch.func.hessian(g)(x))
+
+
 def test_third_order_jvp_of_hvp():
     x, u, v = _randn(3), _randn(3), _randn(3)
 
