@@ -23,7 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .interpreter import Dual, new_level, tangent_of
-from .transforms import check_callable, check_outside_functorch, split_aux
+from .transforms import check_argnums, check_callable, check_outside_functorch, split_aux
 
 _aten_detach = torch.ops.aten.detach.default
 
@@ -44,25 +44,6 @@ def _is_float(x):
 
 # --------------------------------------------------------------------------
 # grad and value_and_grad.
-
-
-def _check_argnums(argnums, nargs, name):
-    many = isinstance(argnums, tuple)
-    nums = argnums if many else (argnums,)
-    if not nums:
-        raise ValueError(f"{name}: argnums must be a non-empty tuple or an int, got ()")
-    for n in nums:
-        if not isinstance(n, int) or isinstance(n, bool):
-            raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {argnums!r}")
-        if not -nargs <= n < nargs:
-            raise ValueError(
-                f"{name}: argnums {argnums!r} is out of range for a call with {nargs} "
-                f"positional argument(s)"
-            )
-    normalized = [n % nargs for n in nums]
-    if len(set(normalized)) != len(normalized):
-        raise ValueError(f"{name}: argnums {argnums!r} contains duplicates")
-    return normalized, many
 
 
 def _input_leaf(x):
@@ -110,7 +91,7 @@ def _check_scalar_output(out, name, what="func"):
 
 
 def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
-    nums, many = _check_argnums(argnums, len(args), name)
+    nums, many = check_argnums(argnums, len(args), name), isinstance(argnums, tuple)
     args = list(args)
     specs, leaves_per_arg = [], []
     for n in nums:

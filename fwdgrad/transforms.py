@@ -42,6 +42,29 @@ def _describe(path):
     return "".join(str(k) for k in path)
 
 
+def check_argnums(argnums, n_args, name):
+    """``argnums`` (an int or a tuple of ints) as a list of non-negative positions."""
+    if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
+        raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    if not nums:
+        raise ValueError(f"{name}: argnums must not be an empty tuple")
+    out = []
+    for a in nums:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(f"{name}: argnums must contain ints, got {type(a).__name__}")
+        if not -n_args <= a < n_args:
+            raise ValueError(
+                f"{name}: argnums {a} is out of range for a call with {n_args} positional "
+                f"argument(s)"
+            )
+        out.append(a % n_args)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: argnums {argnums} contains duplicates")
+    return out
+
+
+
 def check_tangent(name, where, p, t):
     """Raise a clear error if ``t`` cannot be the tangent of primal ``p``."""
     if not isinstance(p, torch.Tensor):
