@@ -17,6 +17,22 @@ def _is_float(x):
     return x.is_floating_point() or x.is_complex()
 
 
+def check_outside_functorch(name):
+    """Refuse to start a transform inside a torch.func transform (grad, jacrev, vmap).
+
+    functorch's wrappers cannot see the tangents that fwdgrad's duals carry in
+    ``__torch_dispatch__``: ``torch.func.grad`` of a function calling
+    ``fwdgrad.jvp`` would be silently wrong.  The other order works.
+    """
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError(
+            f"{name}: fwdgrad's forward-mode transforms cannot run inside a torch.func "
+            f"transform (torch.func.grad, jacrev, vmap, ...), whose wrappers do not see "
+            f"fwdgrad's tangents.  Nest them the other way round (e.g. "
+            f"fwdgrad.jvp(torch.func.grad(f), ...)), or use fwdgrad.grad for the reverse part."
+        )
+
+
 def check_callable(func, name, what="func"):
     if not callable(func):
         raise TypeError(f"{name}: {what} must be callable, got {type(func).__name__}")
@@ -33,6 +49,29 @@ def _kind(x):
 
 def _describe(path):
     return "".join(str(k) for k in path)
+
+
+def check_argnums(argnums, n_args, name):
+    """``argnums`` (an int or a tuple of ints) as a list of non-negative positions."""
+    if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
+        raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    if not nums:
+        raise ValueError(f"{name}: argnums must not be an empty tuple")
+    out = []
+    for a in nums:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(f"{name}: argnums must contain ints, got {type(a).__name__}")
+        if not -n_args <= a < n_args:
+            raise ValueError(
+                f"{name}: argnums {a} is out of range for a call with {n_args} positional "
+                f"argument(s)"
+            )
+        out.append(a % n_args)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: argnums {argnums} contains duplicates")
+    return out
+
 
 
 def check_tangent(name, where, p, t):
@@ -132,7 +171,7 @@ def split_aux(out, has_aux, name):
     return out[0], out[1]
 
 
-def jvp(func, primals, tangents, *, has_aux=False):
+def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
 
     Returns ``(output, jvp_out)``, or ``(output, jvp_out, aux)`` with ``has_aux``.
@@ -144,9 +183,15 @@ def jvp(func, primals, tangents, *, has_aux=False):
     >>> out, t = fwdgrad.jvp(torch.sin, (x,), (torch.ones(2),))
     >>> torch.allclose(t, torch.cos(x))
     True
+
+    ``batched=True``: every tangent has a leading batch dimension of the same
+    size ``k``; the ``k`` jvps share one primal computation (``fwdgrad.jacobian``).
+    ``trace=True``: record the program once per input signature and replay it
+    on later calls (``fwdgrad.traced``).
     """
     name = "jvp"
     check_callable(func, name)
+    check_outside_functorch(name)
     if not isinstance(primals, (tuple, list)):
         raise TypeError(f"{name}: primals must be a tuple of func's positional arguments, got {type(primals).__name__}")
     if not isinstance(tangents, (tuple, list)):
@@ -155,6 +200,16 @@ def jvp(func, primals, tangents, *, has_aux=False):
         raise ValueError(
             f"{name}: got {len(primals)} primals but {len(tangents)} tangents; they must match"
         )
+    if batched and trace:
+        raise ValueError(f"{name}: batched=True and trace=True cannot be combined")
+    if batched:
+        from .jacobian import batched_jvp
+
+        return batched_jvp(func, primals, tangents, has_aux, name)
+    if trace:
+        from .traced import jvp_traced
+
+        return jvp_traced(func, primals, tangents, has_aux)
     level = new_level()
     duals = lift(tuple(primals), tuple(tangents), level, name)
     out = func(*duals)
@@ -165,7 +220,7 @@ def jvp(func, primals, tangents, *, has_aux=False):
     return primal_out, tangent_out
 
 
-def forward_grad(func, *, has_aux=False):
+def forward_grad(func, *, has_aux=False, trace=False):
     """HIPS/Tangent-style forward derivative: ``df(x, dx, y, dy, ...) -> (r, dr)``.
 
     Arguments come in (value, tangent) pairs; a ``None`` tangent is zero and a
@@ -177,9 +232,16 @@ def forward_grad(func, *, has_aux=False):
     >>> r, dr = df(torch.tensor(2.0), torch.tensor(1.0), torch.tensor(3.0), None)
     >>> float(r), float(dr)
     (6.0, 3.0)
+
+    ``trace=True`` records the program once per input signature and replays it
+    on later calls; ``df.code`` shows it (``fwdgrad.traced``).
     """
     name = "forward_grad"
     check_callable(func, name)
+    if trace:
+        from .traced import TracedForwardGrad
+
+        return TracedForwardGrad(func, has_aux)
 
     @functools.wraps(func)
     def df(*pairs, **kwargs):
@@ -187,6 +249,7 @@ def forward_grad(func, *, has_aux=False):
             raise TypeError(
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
+        check_outside_functorch(name)
         level = new_level()
         args = []
         for i in range(0, len(pairs), 2):
