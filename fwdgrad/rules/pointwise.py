@@ -293,18 +293,6 @@ def _log_sigmoid_jvp(t, ans, x):
     return t[0] * (-x).sigmoid(), None
 
 
-@defrule(aten.log_sigmoid_backward.default)
-def _log_sigmoid_backward_jvp(t, ans, g, x, buffer):
-    """d/dx of ``g * sigmoid(-x)``; ``buffer`` is a function of ``x`` (its tangent is
-    not carried), so the rule differentiates through ``x`` instead."""
-    s = (-x).sigmoid()
-    out = None if t[0] is None else t[0] * s
-    if t[1] is not None:
-        c = -g * s * (1 - s) * t[1]
-        out = c if out is None else out + c
-    return out
-
-
 @defrule(aten.logit.default)
 def _logit_jvp(t, ans, x, eps=None):
     g = t[0]
