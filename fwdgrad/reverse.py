@@ -347,6 +347,9 @@ def _forward_over_reverse(loss, params, v, name):
     else:
         pure_args = [params]
     closure = _is_closure(loss, pure_args)
+    # A direction that is itself a parameter object (v = params, for H @ w) would
+    # become its own dual when the closure form swaps that object: use an alias.
+    v_leaves = [t.detach() if any(t is p for p in p_leaves) else t for t in v_leaves]
     level = new_level()
     duals = [
         Dual(detach_keeping_tangents(p), t, level, requires_grad=True)

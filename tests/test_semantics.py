@@ -501,3 +501,27 @@ def test_cat_of_constant_and_dual():
     c = _x(3, 4, seed=2)
     check_against_oracles(lambda x: torch.cat([c, x.sin()]), x, v)
     check_against_oracles(lambda x: torch.stack([torch.ones_like(x), x]), x, v)
+
+
+@pytest.mark.parametrize("form", ["pure", "closure"])
+def test_hvp_along_the_parameters_themselves(form):
+    """``hvp(loss, params, params)`` (H @ w): in the closure form the direction
+    objects are the very parameters that get swapped into duals."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    x = _x(4, 3)
+    params = dict(model.named_parameters())
+
+    def pure(p):
+        return torch.func.functional_call(model, p, (x,)).tanh().pow(2).sum()
+
+    detached = {k: p.detach() for k, p in params.items()}
+    expected = torch.autograd.functional.hvp(
+        lambda w, b: pure({"weight": w, "bias": b}), tuple(detached.values()), tuple(detached.values())
+    )[1]
+    if form == "pure":
+        hv = fwdgrad.hvp(pure, params, params)
+    else:
+        hv = fwdgrad.hvp(lambda: model(x).tanh().pow(2).sum(), params, params)
+    torch.testing.assert_close(tuple(hv.values()), expected)
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
