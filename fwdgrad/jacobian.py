@@ -197,13 +197,14 @@ def linearize(func, *primals):
         t_leaves, t_spec = pytree.tree_flatten(tangents)
         if t_spec != in_spec:
             raise ValueError(
-                f"{name}: jvp_fn's tangents must have the structure of the primals; primals "
-                f"are {in_spec}, tangents are {t_spec}"
+                f"{name}: jvp_fn's tangents must have the structure of the primals; primals: "
+                f"{pytree.treespec_pprint(in_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
             )
         for path, p, t in zip(pytree.tree_flatten_with_path(tangents)[0], lin.inputs, t_leaves):
+            where = "primals" + pytree.keystr(path[0])
             if t is None:
-                raise TypeError(f"{name}: jvp_fn tangent {pytree.keystr(path[0])} is None; pass a tensor")
-            check_tangent(name, pytree.keystr(path[0]), p, t)
+                raise TypeError(f"{name}: jvp_fn got None as the tangent of {where}; pass a tensor")
+            check_tangent(name, where, p, t)
         return pytree.tree_unflatten(lin.push(t_leaves), lin.out_spec)
 
     return lin.primal_out, jvp_fn
@@ -219,10 +220,10 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
     t_leaves, t_spec = pytree.tree_flatten(tuple(tangents), is_leaf=lambda x: x is None)
     if p_spec != t_spec:
         raise ValueError(
-            f"{name}: tangents must have the same structure as primals; primals are "
-            f"{p_spec}, tangents are {t_spec}"
+            f"{name}: tangents must have the same structure as primals; primals: "
+            f"{pytree.treespec_pprint(p_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
         )
-    paths = [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(tuple(primals))[0]]
+    paths = ["primals" + pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(tuple(primals))[0]]
     k = None
     diff = []
     for where, p, t in zip(paths, p_leaves, t_leaves):
@@ -232,7 +233,7 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
             continue
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             raise ValueError(
-                f"{name}: with batched=True, tangent {where} must be a tensor with a leading "
+                f"{name}: with batched=True, the tangent of {where} must be a tensor with a leading "
                 f"batch dimension, got {t.shape if isinstance(t, torch.Tensor) else type(t).__name__}"
             )
         if k is None:
@@ -240,7 +241,7 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
         elif t.shape[0] != k:
             raise ValueError(
                 f"{name}: with batched=True, every tangent needs the same leading batch size; "
-                f"tangent {where} has {t.shape[0]}, an earlier one has {k}"
+                f"the tangent of {where} has {t.shape[0]}, an earlier one has {k}"
             )
         check_tangent(name, where, p, t[0] if k else t.new_empty(t.shape[1:]))
         diff.append(True)
@@ -363,6 +364,7 @@ def hessian(func, argnums=0):
 
     @functools.wraps(func)
     def hess_fn(*args):
+        check_argnums(argnums, len(args), name)  # errors name hessian, not jacfwd
         return jacfwd(grad(func, argnums), argnums)(*args)
 
     return hess_fn

@@ -242,8 +242,8 @@ def _check_leaves(name, primal, tangent, prefix, first, dual, tangents):
     t_leaves, t_spec = pytree.tree_flatten(tangent, is_leaf=lambda x: x is None)
     if p_spec != t_spec:
         raise ValueError(
-            f"{name}: tangents must have the same structure as primals; primals are "
-            f"{p_spec}, tangents are {t_spec}"
+            f"{name}: tangents must have the same structure as {prefix}; {prefix}: "
+            f"{pytree.treespec_pprint(p_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
         )
     paths = pytree.tree_flatten_with_path(primal)[0]
     for j, ((path, _), p, t) in enumerate(zip(paths, p_leaves, t_leaves)):
@@ -304,7 +304,7 @@ class TracedForwardGrad:
                 first += len(pytree.tree_leaves(p))  # a constant
                 continue
             if isinstance(p, torch.Tensor):
-                check_tangent(name, f"of argument {i // 2}", p, t)
+                check_tangent(name, f"argument {i // 2}", p, t)
                 dual.append(first)
                 if t is not None:
                     tangents[first] = t

@@ -116,8 +116,8 @@ def lift(primals, tangents, level, name, prefix="primals"):
     t_leaves, t_spec = pytree.tree_flatten(tangents, is_leaf=lambda x: x is None)
     if p_spec != t_spec:
         raise ValueError(
-            f"{name}: tangents must have the same structure as {prefix}; {prefix} are "
-            f"{pytree.treespec_pprint(p_spec)} but tangents are {pytree.treespec_pprint(t_spec)}"
+            f"{name}: tangents must have the same structure as {prefix}; {prefix}: "
+            f"{pytree.treespec_pprint(p_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
         )
     paths = [prefix + _describe(path) for path, _ in pytree.tree_flatten_with_path(primals)[0]]
     duals = []

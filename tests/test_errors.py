@@ -85,7 +85,7 @@ CASES = [
         lambda: fwdgrad.jvp(lambda d: d["w"], ({"w": X},), ({"b": X},)),
         ValueError,
         "jvp: tangents must have the same structure as primals; "
-        "primals are ({'w': *},) but tangents are ({'b': *},)",
+        "primals: ({'w': *},), tangents: ({'b': *},)",
     ),
     Case(
         "primals or tangents not a tuple",
@@ -168,6 +168,68 @@ CASES = [
         lambda: fwdgrad.jvp(torch.sin, (X,), (X,), has_aux=True),
         TypeError,
         "jvp: with has_aux=True, func must return a pair (output, aux), got a Tensor",
+    ),
+    Case(
+        "a non-scalar loss for hvp",
+        lambda: fwdgrad.hvp(lambda w: w * 2, X, X),
+        ValueError,
+        "hvp: loss must return a scalar tensor (one element), got one of shape (3,); "
+        "reduce it first (e.g. .sum() or .mean())",
+    ),
+    Case(
+        "hvp: v's keys differ from params'",
+        lambda: fwdgrad.hvp(lambda p: (p["w"] ** 3).sum(), {"w": X}, {"b": X}),
+        ValueError,
+        "hvp: v must have exactly the keys of params; missing ['w'], unexpected ['b']",
+    ),
+    Case(
+        "hvp: a direction's shape differs from its parameter",
+        lambda: fwdgrad.hvp(lambda p: (p["w"] ** 3).sum(), {"w": X}, {"w": torch.ones(2)}),
+        ValueError,
+        "hvp: v['w'] has shape (2,) but params['w'] has shape (3,)",
+    ),
+    Case(
+        "hvp: an integer parameter",
+        lambda: fwdgrad.hvp(lambda w: w.sum(), torch.arange(3), torch.arange(3)),
+        TypeError,
+        "hvp: params has dtype torch.int64; only floating-point parameters have a Hessian",
+    ),
+    Case(
+        "grad: a non-scalar output",
+        lambda: fwdgrad.grad(lambda a: a * 2)(X),
+        ValueError,
+        "grad: func must return a scalar (0-dim) tensor, got one of shape (3,); "
+        "reduce it first (e.g. .sum() or .mean())",
+    ),
+    Case(
+        "grad: argnums out of range",
+        lambda: fwdgrad.grad(lambda a, b: (a * b).sum(), argnums=2)(X, X),
+        ValueError,
+        "grad: argnums 2 is out of range for a call with 2 positional argument(s)",
+    ),
+    Case(
+        "jacfwd: argnums out of range",
+        lambda: fwdgrad.jacfwd(lambda a, b: a * b, argnums=(0, 5))(X, X),
+        ValueError,
+        "jacfwd: argnums 5 is out of range for a call with 2 positional argument(s)",
+    ),
+    Case(
+        "hessian: argnums out of range",
+        lambda: fwdgrad.hessian(lambda a: (a**3).sum(), argnums=-2)(X),
+        ValueError,
+        "hessian: argnums -2 is out of range for a call with 1 positional argument(s)",
+    ),
+    Case(
+        "jacfwd: chunk_size below 1",
+        lambda: fwdgrad.jacfwd(torch.sin, chunk_size=0),
+        ValueError,
+        "jacfwd: chunk_size must be at least 1, got 0",
+    ),
+    Case(
+        "linearize: jvp_fn given a tangent of the wrong shape",
+        lambda: fwdgrad.linearize(torch.sin, X)[1](torch.ones(2)),
+        ValueError,
+        "linearize: the tangent of primals[0] has shape (2,) but primals[0] has shape (3,)",
     ),
     Case(
         "an op with no rule and no fallback",
