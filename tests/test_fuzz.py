@@ -9,9 +9,9 @@ runnable code, and the code printed is exactly the code that ran.
 Each program is checked in float64 for
 * ``jvp``: the primal output is bitwise the plain call's, and the tangent
   matches ``torch.func.jvp`` and central finite differences;
-* forward-over-reverse Hessian-vector products of a scalar loss built on the
-  program, against ``torch.autograd.functional.hvp`` and finite differences of
-  the gradient.
+* ``hvp`` (forward over reverse) of a scalar loss built on the program,
+  against ``torch.autograd.functional.hvp`` and finite differences of the
+  gradient.
 
 CI runs a fixed, derandomized budget of a few seconds.  For a larger search:
 
@@ -740,19 +740,8 @@ def _compare(actual, program, *oracles):
     return used > 0
 
 
-def _forward_over_reverse(loss, xs, vs):
-    """Hv by forward mode over torch.autograd.grad."""
-
-    def gradient(*xs):
-        with torch.enable_grad():
-            xs = [x.requires_grad_() for x in xs]
-            return torch.autograd.grad(loss(*xs), xs, create_graph=True, allow_unused=True, materialize_grads=True)
-
-    return fwdgrad.jvp(gradient, xs, vs)[1]
-
-
 def check_hvp(program):
-    """Check forward-over-reverse Hv on ``program``; False when no oracle applies."""
+    """Check fwdgrad.hvp (forward over reverse) on ``program``; False when no oracle applies."""
     xs, vs = program.inputs, program.tangents
 
     def gradient(*xs):
@@ -774,7 +763,7 @@ def check_hvp(program):
     except RuntimeError:
         fd = None
     try:
-        hv = _forward_over_reverse(program.loss, [x.clone() for x in xs], vs)
+        hv = fwdgrad.hvp(program.loss, xs, vs)
     except RuntimeError:
         if fd is None and ref is None:
             _event("autograd and fwdgrad both refuse")
