@@ -190,3 +190,81 @@ def test_primal_and_tangent_inputs_are_not_modified():
     with pytest.raises(Boom):
         torch.func.jvp(f, (ref_x,), (v0.clone(),))
     assert torch.equal(x, ref_x)
+
+
+# ---- hvp: errors in the loss and in the backward pass, pure and closure forms ----------------
+
+
+def _hvp_loss_raising(where, model, x):
+    def loss_body(out):
+        if where == "in the loss":
+            raise ERROR["error"]
+        return FailingBackward.apply(out).sum()  # raises inside torch.autograd.grad
+
+    def closure():
+        return loss_body(model(x).tanh())
+
+    def pure(params):
+        return loss_body(torch.func.functional_call(model, params, (x,)).tanh())
+
+    return closure, pure
+
+
+@pytest.mark.parametrize("error_name", ["ValueError", "KeyboardInterrupt"])
+@pytest.mark.parametrize("where", ["in the loss", "in the backward pass"])
+@pytest.mark.parametrize("form", ["pure", "closure"])
+def test_hvp_exception_propagates_and_restores_the_parameters(form, where, error_name):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    params = dict(model.named_parameters())
+    before = {k: (id(p), p.detach().clone()) for k, p in params.items()}
+    v = {k: torch.ones_like(p) for k, p in params.items()}
+    closure, pure = _hvp_loss_raising(where, model, x)
+    error = ERRORS[error_name]()
+    ERROR["error"] = error
+    try:
+        fwdgrad.hvp(closure if form == "closure" else pure, params, v)
+    except BaseException as e:  # noqa: BLE001 - that is the point
+        caught = e
+    else:
+        caught = None
+    assert caught is error
+    caught = error = None
+    _forget_errors()
+    # The live parameters are the same objects, plain Parameters, with their values.
+    for k, p in model.named_parameters():
+        assert type(p) is torch.nn.Parameter and p.requires_grad and p.grad is None
+        assert id(p) == before[k][0] and torch.equal(p.detach(), before[k][1])
+    assert_plain_torch()
+    # The module and hvp work again afterwards.
+    out = model(x)
+    assert type(out) is torch.Tensor and out.grad_fn is not None
+    del out  # a live graph that saved the weight would (rightly) block the closure form
+    hv = fwdgrad.hvp(lambda: model(x).tanh().pow(2).sum(), params, v)
+    ref = torch.autograd.functional.hvp(
+        lambda w, b: torch.func.functional_call(model, {"weight": w, "bias": b}, (x,)).tanh().pow(2).sum(),
+        (model.weight.detach(), model.bias.detach()),
+        (v["weight"], v["bias"]),
+    )[1]
+    torch.testing.assert_close(tuple(hv.values()), ref)
+
+
+def test_no_dual_outlives_any_hvp_exception():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    params = dict(model.named_parameters())
+    v = {k: torch.ones_like(p) for k, p in params.items()}
+    with NoNewDuals():
+        for where in ("in the loss", "in the backward pass"):
+            closure, pure = _hvp_loss_raising(where, model, x)
+            for loss in (closure, pure):
+                for make_error in ERRORS.values():
+                    error = ERROR["error"] = make_error()
+                    try:
+                        fwdgrad.hvp(loss, params, v)
+                    except BaseException as e:  # noqa: BLE001
+                        assert e is error
+                    error = None
+                    _forget_errors()
