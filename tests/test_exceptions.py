@@ -266,5 +266,7 @@ def test_no_dual_outlives_any_hvp_exception():
                         fwdgrad.hvp(loss, params, v)
                     except BaseException as e:  # noqa: BLE001
                         assert e is error
+                    else:
+                        raise AssertionError("hvp did not raise")
                     error = None
                     _forget_errors()
