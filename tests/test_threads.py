@@ -1,5 +1,6 @@
-"""Thread safety: transforms in several threads at once each get the right
-answer, and plain torch code in other threads is untouched.
+"""Thread safety: transforms (jvp, forward_grad, hvp in both forms) in several
+threads at once each get the right answer, and plain torch code in other
+threads is untouched.
 
 fwdgrad keeps its levels on the dual tensors, not in process-global state, so
 threads share nothing.  (PyTorch's forward-AD level is process-global:
@@ -9,6 +10,7 @@ threads share nothing.  (PyTorch's forward-AD level is process-global:
 
 import threading
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd.functional import hvp as autograd_hvp
@@ -18,6 +20,16 @@ import fwdgrad
 DT = torch.float64
 N_THREADS = 4
 ITERATIONS = 15
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """Python threads x OpenMP threads oversubscribe a small CI machine; the point
+    here is concurrency between Python threads, so keep each op single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _data(seed, *shape):
@@ -105,6 +117,38 @@ def _hvp_worker(x, v, expected):
     return work
 
 
+def _hvp_pure_worker(x, v, expected):
+    def work():
+        for _ in range(ITERATIONS):
+            torch.testing.assert_close(fwdgrad.hvp(loss, x, v), expected)
+
+    return work
+
+
+def _hvp_closure_worker(seed):
+    """A model of its own per thread: the closure form swaps its live parameters."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    x = _data(seed, 5, 6)
+    params = dict(model.named_parameters())
+    v = {k: _data(seed + i, *p.shape) for i, (k, p) in enumerate(params.items())}
+    names = list(params)
+
+    def pure(*ws):
+        return torch.func.functional_call(model, dict(zip(names, ws)), (x,)).softmax(-1).pow(2).sum()
+
+    detached = tuple(p.detach() for p in params.values())
+    expected = torch.autograd.functional.hvp(pure, detached, tuple(v.values()))[1]
+
+    def work():
+        for _ in range(ITERATIONS):
+            hv = fwdgrad.hvp(lambda: model(x).softmax(-1).pow(2).sum(), params, v)
+            torch.testing.assert_close(tuple(hv.values()), expected)
+        assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+
+    return work
+
+
 def _plain_torch_worker(seed):
     x = _data(seed, 5, 6)
     expected_grad = 2 * (x @ W) @ W.t()
@@ -155,4 +199,12 @@ def test_plain_torch_threads_are_untouched_while_transforms_run():
         _plain_torch_worker(5),
         _plain_torch_worker(6),
     ]
+    _run_threads(workers)
+
+
+def test_hvp_in_many_threads_pure_and_closure():
+    cases = [(_data(i, 5, 6), _data(30 + i, 5, 6)) for i in range(2)]
+    expected = [autograd_hvp(loss, x, v)[1] for x, v in cases]
+    workers = [_hvp_pure_worker(x, v, e) for (x, v), e in zip(cases, expected)]
+    workers += [_hvp_closure_worker(40), _hvp_closure_worker(41)]
     _run_threads(workers)
