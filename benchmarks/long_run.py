@@ -84,7 +84,7 @@ def make_workload():
 
 def run(name, step, calls, every):
     print(f"\n{name}: {calls} calls")
-    print(f"{'calls':>7} {'RSS MiB':>9} {'duals':>6} {'tensors':>8} {'op cache':>9} {'ms/call':>8}")
+    print(f"{'calls':>7} {'RSS MiB':>9} {'duals':>6} {'tensors':>8} {'op cache':>9} {'mean ms':>8}")
     first = None
     start = time.perf_counter()
     for i in range(calls + 1):
