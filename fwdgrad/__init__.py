@@ -2,7 +2,8 @@
 
 from . import rules  # noqa: F401  (registers the JVP rules)
 from .registry import register_jvp
+from .jacobian import hessian, jacfwd, linearize
 from .transforms import forward_grad, jvp
 
-__all__ = ["jvp", "forward_grad", "register_jvp"]
+__all__ = ["jvp", "forward_grad", "jacfwd", "linearize", "hessian", "register_jvp"]
 __version__ = "0.1.0"

@@ -115,7 +115,7 @@ def split_aux(out, has_aux, name):
     return out[0], out[1]
 
 
-def jvp(func, primals, tangents, *, has_aux=False):
+def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
 
     Returns ``(output, jvp_out)``, or ``(output, jvp_out, aux)`` with ``has_aux``.
@@ -127,6 +127,11 @@ def jvp(func, primals, tangents, *, has_aux=False):
     >>> out, t = fwdgrad.jvp(torch.sin, (x,), (torch.ones(2),))
     >>> torch.allclose(t, torch.cos(x))
     True
+
+    ``batched=True``: every tangent has a leading batch dimension of the same
+    size ``k``; the ``k`` jvps share one primal computation (``fwdgrad.jacobian``).
+    ``trace=True``: record the program once per input signature and replay it
+    on later calls (``fwdgrad.traced``).
     """
     name = "jvp"
     check_callable(func, name)
@@ -138,6 +143,16 @@ def jvp(func, primals, tangents, *, has_aux=False):
         raise ValueError(
             f"{name}: got {len(primals)} primals but {len(tangents)} tangents; they must match"
         )
+    if batched and trace:
+        raise ValueError(f"{name}: batched=True and trace=True cannot be combined")
+    if batched:
+        from .jacobian import batched_jvp
+
+        return batched_jvp(func, primals, tangents, has_aux, name)
+    if trace:
+        from .traced import jvp_traced
+
+        return jvp_traced(func, primals, tangents, has_aux)
     level = new_level()
     duals = lift(tuple(primals), tuple(tangents), level, name)
     out = func(*duals)
@@ -148,7 +163,7 @@ def jvp(func, primals, tangents, *, has_aux=False):
     return primal_out, tangent_out
 
 
-def forward_grad(func, *, has_aux=False):
+def forward_grad(func, *, has_aux=False, trace=False):
     """HIPS/Tangent-style forward derivative: ``df(x, dx, y, dy, ...) -> (r, dr)``.
 
     Arguments come in (value, tangent) pairs; a ``None`` tangent is zero and a
@@ -160,9 +175,16 @@ def forward_grad(func, *, has_aux=False):
     >>> r, dr = df(torch.tensor(2.0), torch.tensor(1.0), torch.tensor(3.0), None)
     >>> float(r), float(dr)
     (6.0, 3.0)
+
+    ``trace=True`` records the program once per input signature and replays it
+    on later calls; ``df.code`` shows it (``fwdgrad.traced``).
     """
     name = "forward_grad"
     check_callable(func, name)
+    if trace:
+        from .traced import TracedForwardGrad
+
+        return TracedForwardGrad(func, has_aux)
 
     @functools.wraps(func)
     def df(*pairs, **kwargs):

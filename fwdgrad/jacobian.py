@@ -1,0 +1,423 @@
+"""Many tangents at one point: ``linearize``, batched ``jvp``, ``jacfwd`` and ``hessian``.
+
+All four share one step (``Linearized``): run ``func``'s jvp once under the
+``Recorder`` (``fwdgrad.trace``), with zero tangents and its heavy tangent ops
+skipped, which yields the primal outputs, the tangent program as a graph of
+plain aten ops, and the primal values that program reads (residuals).  The tangent program is then replayed alone: once per call
+of ``linearize``'s ``jvp_fn``, or under ``torch.vmap`` for a whole batch of
+directions (batched ``jvp``, and ``jacfwd``'s basis in chunks of
+``chunk_size``).  The primal is computed once.
+
+Tracing happens at the given inputs, so Python control flow takes the branch
+that those inputs take, which is what a derivative at that point needs.  When
+the tangent program itself reads a value into Python, or writes a tangent
+into a primal tensor in a way no functionalization removes, it cannot be
+replayed for other tangents; fwdgrad then warns and pushes the directions
+one at a time through the eager interpreter.  So it does, silently, for
+tensor-subclass inputs (the duals of an enclosing fwdgrad transform, as in
+``jacfwd(jacfwd(f))``), which the recorder cannot see through.
+"""
+
+import functools
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import trace
+from .transforms import check_callable, check_tangent
+
+
+def _is_float(x):
+    return x.is_floating_point() or x.is_complex()
+
+
+def _rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class Linearized:
+    """``func``'s jvp at fixed primals, ready to push any number of tangents.
+
+    ``push(tangents)`` takes one tensor per differentiable leaf and returns the
+    flat tangent outputs; ``push_batched`` does the same for tangents with a
+    leading batch dimension, under ``torch.vmap``.  When the recording could
+    not be reused (see the module docstring) both fall back to the eager
+    interpreter, one direction at a time.
+    """
+
+    def __init__(self, func, args, diff, has_aux, name):
+        self.func = func
+        self.name = name
+        leaves = pytree.tree_leaves(args)
+        tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        self.call = trace.FlatJvp(
+            func, args, {}, set(tensors), [i for i in tensors if diff[i]], has_aux, name
+        )
+        self.inputs = [leaves[i] for i in self.call.tangent_idx]
+        self.program = None
+        self.reason = None
+        if any(type(leaves[i]) not in (torch.Tensor, torch.nn.Parameter) for i in tensors):
+            # Tensor subclasses (e.g. duals of an enclosing fwdgrad transform) are
+            # invisible to the recorder: push tangents eagerly.
+            self._set_outputs(self._eager([None] * len(self.inputs)))
+            return
+        self._record([leaves[i] for i in tensors])
+
+    def _record(self, primals):
+        call = self.call
+        rng = _rng_state()
+        names = trace.Captures(self.func).names()
+        zeros = [torch.zeros_like(x) for x in self.inputs]
+        # The recording's tangent values are not needed: skip the heavy tangent ops.
+        rec = call.record(primals, zeros, keep_residuals=True, constant_names=names, skip_tangent_work=True)
+        if rec.unbatchable_mutation is not None or rec.stale_residuals():
+            try:
+                rec = trace.functionalized(
+                    rec, [*primals, *zeros], call.is_tangent(), lambda: _set_rng_state(rng)
+                )
+            except Exception as e:  # an op functionalization cannot handle
+                self._fall_back(rec, f"functionalizing its in-place ops failed ({type(e).__name__}: {e})")
+                return
+            if rec.unbatchable_mutation is not None:
+                self._fall_back(rec, f"it writes a tangent in place ({rec.unbatchable_mutation})")
+                return
+        reads = rec.value_reads(tangent_only=True)
+        if reads:
+            self._fall_back(
+                rec, "its tangent computation reads tensor values into Python: "
+                + ", ".join(sorted({trace.describe_read(f) for f in reads}))
+            )
+            return
+        self._set_outputs(rec.outputs)
+        n = call.n_out
+        self.program, self.residuals = trace.tangent_program(rec, range(n, 2 * n))
+
+    def _set_outputs(self, outputs):
+        self.primal_out, _, self.aux = self.call.unflatten(outputs)
+        self.primal_leaves = outputs[: self.call.n_out]
+        self.out_spec = self.call.out_spec
+
+    def _fall_back(self, rec, reason):
+        self.reason = reason
+        self._set_outputs(rec.outputs)
+        trace.warn(
+            f"fwdgrad.{self.name}: cannot replay the traced tangent program of "
+            f"{getattr(self.func, '__name__', self.func)!r} because {reason}; pushing tangents "
+            f"one at a time through the eager interpreter instead (slower, same values)."
+        )
+
+    def _eager(self, tangent_leaves):
+        """All flat outputs of one eager jvp along ``tangent_leaves``."""
+        call = self.call
+        return call(*[call.leaves[i] for i in call.tensor_idx], *tangent_leaves)
+
+    # -- pushing tangents ----------------------------------------------------
+
+    def push(self, tangent_leaves):
+        """The flat tangent outputs for one tangent per differentiable leaf."""
+        if self.program is None:
+            n = self.call.n_out
+            return self._eager(tangent_leaves)[n:2 * n]
+        return list(self.program(*self.residuals, *tangent_leaves))
+
+    def push_batched(self, tangent_leaves):
+        """Like ``push`` for tangents with a leading batch dimension (all the same size)."""
+        if self.program is None:
+            k = tangent_leaves[0].shape[0]
+            cols = [self.push([t[j] for t in tangent_leaves]) for j in range(k)]
+            return [torch.stack(c) for c in zip(*cols)]
+        residuals, program = self.residuals, self.program
+        out = torch.vmap(lambda *ts: program(*residuals, *ts))(*tangent_leaves)
+        return list(out)
+
+
+# --------------------------------------------------------------------------
+# Argument checking shared by jacfwd, linearize and batched jvp.
+
+
+def _check_argnums(argnums, n_args, name):
+    if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
+        raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    if not nums:
+        raise ValueError(f"{name}: argnums must not be an empty tuple")
+    out = []
+    for a in nums:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(f"{name}: argnums must contain ints, got {type(a).__name__}")
+        if not -n_args <= a < n_args:
+            raise ValueError(
+                f"{name}: argnums {a} is out of range for a call with {n_args} positional "
+                f"argument(s)"
+            )
+        out.append(a % n_args)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: argnums {argnums} contains duplicates")
+    return out
+
+
+def _check_differentiable(args, argnums, name, names):
+    """Every leaf of ``args[i]`` for ``i`` in ``argnums`` must be a floating tensor."""
+    for i in argnums:
+        for path, leaf in pytree.tree_flatten_with_path(args[i])[0]:
+            where = f"argument {i} ({names[i]}{''.join(str(k) for k in path)})"
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(
+                    f"{name}: {where} is a {type(leaf).__name__}; the arguments selected by "
+                    f"argnums must be tensors (or pytrees of tensors)"
+                )
+            if not _is_float(leaf):
+                raise TypeError(
+                    f"{name}: {where} has dtype {leaf.dtype}; only floating point or complex "
+                    f"inputs can be differentiated"
+                )
+
+
+def _diff_mask(args, argnums):
+    mask = []
+    for i, a in enumerate(args):
+        mask.extend([i in argnums] * len(pytree.tree_leaves(a)))
+    return mask
+
+
+# --------------------------------------------------------------------------
+# linearize
+
+
+def linearize(func, *primals):
+    """``(output, jvp_fn)``: ``func(*primals)`` and a function pushing tangents through it.
+
+    ``jvp_fn(*tangents)`` (tangents structured like ``primals``) returns the
+    jvp at ``primals`` without computing the primal again: the tangent
+    program is recorded once and only it is replayed.  Matches
+    ``torch.func.linearize``.
+
+    >>> import torch, fwdgrad
+    >>> out, jvp_fn = fwdgrad.linearize(torch.sin, torch.tensor([0.0, 1.0]))
+    >>> torch.allclose(jvp_fn(torch.ones(2)), torch.cos(torch.tensor([0.0, 1.0])))
+    True
+    """
+    name = "linearize"
+    check_callable(func, name)
+    _check_differentiable(primals, range(len(primals)), name, trace._param_names(func, len(primals)))
+    lin = Linearized(func, primals, [True] * len(pytree.tree_leaves(primals)), False, name)
+    in_spec = pytree.tree_structure(tuple(primals))
+
+    def jvp_fn(*tangents):
+        if len(tangents) != len(primals):
+            raise ValueError(f"{name}: jvp_fn expected {len(primals)} tangent(s), got {len(tangents)}")
+        t_leaves, t_spec = pytree.tree_flatten(tangents)
+        if t_spec != in_spec:
+            raise ValueError(
+                f"{name}: jvp_fn's tangents must have the structure of the primals; primals "
+                f"are {in_spec}, tangents are {t_spec}"
+            )
+        for path, p, t in zip(pytree.tree_flatten_with_path(tangents)[0], lin.inputs, t_leaves):
+            if t is None:
+                raise TypeError(f"{name}: jvp_fn tangent {pytree.keystr(path[0])} is None; pass a tensor")
+            check_tangent(name, pytree.keystr(path[0]), p, t)
+        return pytree.tree_unflatten(lin.push(t_leaves), lin.out_spec)
+
+    return lin.primal_out, jvp_fn
+
+
+# --------------------------------------------------------------------------
+# batched jvp (called from transforms.jvp)
+
+
+def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
+    """``jvp`` with a leading batch dimension on every tangent; one primal computation."""
+    p_leaves, p_spec = pytree.tree_flatten(tuple(primals))
+    t_leaves, t_spec = pytree.tree_flatten(tuple(tangents), is_leaf=lambda x: x is None)
+    if p_spec != t_spec:
+        raise ValueError(
+            f"{name}: tangents must have the same structure as primals; primals are "
+            f"{p_spec}, tangents are {t_spec}"
+        )
+    paths = [pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(tuple(primals))[0]]
+    k = None
+    diff = []
+    for where, p, t in zip(paths, p_leaves, t_leaves):
+        if t is None:
+            check_tangent(name, where, p, None)
+            diff.append(False)
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            raise ValueError(
+                f"{name}: with batched=True, tangent {where} must be a tensor with a leading "
+                f"batch dimension, got {t.shape if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
+        if k is None:
+            k = t.shape[0]
+        elif t.shape[0] != k:
+            raise ValueError(
+                f"{name}: with batched=True, every tangent needs the same leading batch size; "
+                f"tangent {where} has {t.shape[0]}, an earlier one has {k}"
+            )
+        check_tangent(name, where, p, t[0] if k else t.new_empty(t.shape[1:]))
+        diff.append(True)
+    if k is None:
+        raise ValueError(f"{name}: with batched=True, at least one tangent must be a tensor (not None)")
+    lin = Linearized(func, tuple(primals), diff, has_aux, name)
+    batch = [t for t, d in zip(t_leaves, diff) if d]
+    if k == 0:
+        outs = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
+    else:
+        outs = lin.push_batched(batch)
+    tangent_out = pytree.tree_unflatten(outs, lin.out_spec)
+    if has_aux:
+        return lin.primal_out, tangent_out, lin.aux
+    return lin.primal_out, tangent_out
+
+
+# --------------------------------------------------------------------------
+# jacfwd
+
+
+def _basis_chunk(start, stop, offset, leaf):
+    """Rows ``start:stop`` of the identity restricted to ``leaf``'s columns, shaped like ``leaf``."""
+    n = leaf.numel()
+    rows = torch.zeros(stop - start, n, dtype=leaf.dtype, device=leaf.device)
+    rows.diagonal(start - offset).fill_(1)
+    return rows.view(stop - start, *leaf.shape)
+
+
+def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
+    """The Jacobian of ``func`` by forward mode, in ``torch.func.jacfwd``'s layout.
+
+    Each output leaf gets a Jacobian with the output's dims followed by the
+    input's dims; with a tuple ``argnums`` there is one per selected argument.
+    All basis directions go through one batched (``torch.vmap``) replay of the
+    recorded tangent program, ``chunk_size`` directions at a time if given
+    (fewer directions at once: less memory).
+
+    >>> import torch, fwdgrad
+    >>> J = fwdgrad.jacfwd(torch.sin)(torch.tensor([0.0, 1.0]))
+    >>> torch.allclose(J, torch.diag(torch.cos(torch.tensor([0.0, 1.0]))))
+    True
+    """
+    name = "jacfwd"
+    check_callable(func, name)
+    if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
+        raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"{name}: chunk_size must be None or an int, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"{name}: chunk_size must be at least 1, got {chunk_size}")
+
+    @functools.wraps(func)
+    def jac_fn(*args):
+        nums = _check_argnums(argnums, len(args), name)
+        _check_differentiable(args, nums, name, trace._param_names(func, len(args)))
+        lin = Linearized(func, args, _diff_mask(args, nums), has_aux, name)
+        inputs = lin.inputs
+        sizes = [x.numel() for x in inputs]
+        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+        total = sum(sizes)
+        step = total if chunk_size is None else min(chunk_size, total)
+        if total == 0:
+            full = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
+        elif step == total:
+            full = lin.push_batched([_basis_chunk(0, total, o, x) for o, x in zip(offsets, inputs)])
+        else:
+            full = None
+            for start in range(0, total, step):
+                stop = min(start + step, total)
+                part = lin.push_batched([_basis_chunk(start, stop, o, x) for o, x in zip(offsets, inputs)])
+                if full is None:
+                    full = [p.new_empty((total, *p.shape[1:])) for p in part]
+                for f, p in zip(full, part):
+                    f[start:stop] = p
+        jac = []
+        for f in full:  # one output leaf: (total, *out_shape)
+            per_leaf = [
+                f[o:o + n].movedim(0, -1).reshape((*f.shape[1:], *x.shape))
+                for o, n, x in zip(offsets, sizes, inputs)
+            ]
+            jac.append(_arrange(per_leaf, args, nums, argnums))
+        result = pytree.tree_unflatten(jac, lin.out_spec)
+        return (result, lin.aux) if has_aux else result
+
+    return jac_fn
+
+
+def _arrange(per_leaf, args, nums, argnums):
+    """Per-leaf Jacobians of one output (in argument order), arranged like ``args[argnums]``.
+
+    A tuple ``argnums`` gives a tuple in the order of ``argnums``.
+    """
+    trees = {}
+    pos = 0
+    for i in sorted(nums):
+        leaves, spec = pytree.tree_flatten(args[i])
+        trees[i] = pytree.tree_unflatten(per_leaf[pos:pos + len(leaves)], spec)
+        pos += len(leaves)
+    return trees[nums[0]] if isinstance(argnums, int) else tuple(trees[i] for i in nums)
+
+
+# --------------------------------------------------------------------------
+# hessian
+
+
+def _reverse_grad(func, argnums, many):
+    """The gradient of a scalar ``func`` by ``torch.autograd`` (composable with forward mode).
+
+    A tuple (one entry per argument in ``argnums``) if ``many``.
+    """
+
+    def grad_fn(*args):
+        args = list(args)
+        with torch.enable_grad():
+            for i in argnums:
+                args[i] = pytree.tree_map(lambda x: x.clone().requires_grad_(True), args[i])
+            out = func(*args)
+            if not isinstance(out, torch.Tensor) or out.numel() != 1:
+                raise ValueError(
+                    f"hessian: func must return a tensor with one element, got "
+                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+                )
+            wrt = [pytree.tree_flatten(args[i]) for i in argnums]
+            flat = [x for leaves, _ in wrt for x in leaves]
+            grads = torch.autograd.grad(out, flat, create_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, flat)]
+        trees, pos = [], 0
+        for leaves, spec in wrt:
+            trees.append(pytree.tree_unflatten(grads[pos:pos + len(leaves)], spec))
+            pos += len(leaves)
+        return tuple(trees) if many else trees[0]
+
+    return grad_fn
+
+
+def hessian(func, argnums=0):
+    """The Hessian of a scalar ``func``: ``jacfwd(grad(func))``, forward over reverse.
+
+    Layout as ``torch.func.hessian``.
+
+    >>> import torch, fwdgrad
+    >>> H = fwdgrad.hessian(lambda x: (x ** 3).sum())(torch.tensor([1.0, 2.0]))
+    >>> torch.allclose(H, torch.diag(torch.tensor([6.0, 12.0])))
+    True
+    """
+    name = "hessian"
+    check_callable(func, name)
+
+    @functools.wraps(func)
+    def hess_fn(*args):
+        nums = _check_argnums(argnums, len(args), name)
+        many = isinstance(argnums, tuple)
+        return jacfwd(_reverse_grad(func, nums, many), argnums)(*args)
+
+    return hess_fn
+
+
+__all__ = ["jacfwd", "linearize", "hessian", "batched_jvp", "Linearized"]

@@ -1,0 +1,315 @@
+"""The traced mode: record a jvp once as an fx graph, replay it while the inputs match.
+
+``forward_grad(f, trace=True)`` and ``jvp(f, ..., trace=True)`` run through a
+``TracedJvp``.  The first call with a given input signature records the
+primal-plus-tangent program (``fwdgrad.trace``); later calls whose signature
+matches replay that graph, a straight line of aten calls with none of the
+interpreter's per-op work.  ``.code`` shows the program as Python; tangent
+values are named ``d...``.
+
+The signature (the guard) holds everything the recording may depend on:
+
+- the pytree structure of the arguments, and which leaves carry tangents;
+- every tensor's shape, strides, dtype, device and ``requires_grad``;
+- every non-tensor argument's value (by equality; identity if unhashable);
+- grad mode, inference mode and autocast;
+- the tensors ``f`` captures: tensors and ``nn.Module``\\ s (or lists,
+  tuples and dicts of them) in its closure, its defaults or the globals it
+  names, and, for a module (or a bound method of one), every parameter and
+  buffer by identity plus every submodule's ``training`` flag.
+
+Captured tensors are graph constants held by reference, never copied, so an
+in-place update (``optimizer.step()``, ``load_state_dict``) is seen by the
+next replay, and replacing one (``model.weight = nn.Parameter(...)``) is a
+guard miss that records again.  A tensor the guard cannot see (reached
+through an attribute of a plain object) is still held by reference, so
+in-place changes reach the replay but replacing it does not; a tensor built
+inside ``f`` from Python data that is not an argument
+(``torch.tensor(some_global)``) is baked in.  Pass such values as arguments.
+``jvp(f, ..., trace=True)`` keeps one cache per function object (the last 64
+functions), so define ``f`` once rather than as a new lambda on every call.
+
+A guard miss records a new program (up to ``max_traces`` per function).  A
+recording that read tensor values into Python (``.item()``, ``if t:``,
+boolean indexing: data-dependent control flow) is not reused: those inputs
+run eagerly, with a warning (once).  So do tensor-subclass inputs, such as
+the duals of an enclosing fwdgrad transform.
+"""
+
+import collections
+import functools
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import trace
+from .transforms import check_tangent
+
+_EAGER = object()  # a cache value: run these inputs eagerly
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _autocast_state():
+    return (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+
+
+class _Entry:
+    __slots__ = ("program", "call", "keep")
+
+    def __init__(self, program, call, keep):
+        self.program = program
+        self.call = call
+        self.keep = keep  # captured objects, so the ids in the key stay theirs
+
+
+def _leaf_key(x):
+    if isinstance(x, torch.Tensor):
+        return (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+    try:
+        hash(x)
+    except TypeError:
+        return ("id", id(x))
+    return (type(x), x)
+
+
+class TracedJvp:
+    """A jvp of ``func`` that records its program once per input signature and replays it.
+
+    Call it as ``traced(args, kwargs, dual, tangents)``: ``args`` the positional
+    arguments, ``dual`` the indices of the leaves of ``(args, kwargs)`` that
+    are wrapped as duals, ``tangents`` a dict from leaf index to tangent.
+    Returns ``(primal_out, tangent_out, aux)``.
+    """
+
+    def __init__(self, func, has_aux, name, max_traces=8):
+        self.func = func
+        self.has_aux = has_aux
+        self.name = name
+        self.max_traces = max_traces
+        self.cache = {}
+        self.last = None
+        self.captures = trace.Captures(func)
+        self._warned = set()
+
+    def _warn(self, reason, detail):
+        if reason in self._warned:
+            return
+        self._warned.add(reason)
+        fname = getattr(self.func, "__name__", type(self.func).__name__)
+        trace.warn(f"fwdgrad.{self.name}(trace=True) on {fname!r}: {detail}")
+
+    @property
+    def graph_module(self):
+        """The most recently used program as a ``torch.fx.GraphModule``.
+
+        It takes the tensor arguments, then the tangents, and returns the flat
+        primal outputs, tangent outputs and aux; hand it to ``torch.compile``
+        to fuse the ops (worth it for long chains of tiny ops).
+        """
+        if self.last is None:
+            raise RuntimeError(
+                f"fwdgrad.{self.name}(trace=True): nothing has been traced yet; call the "
+                f"function once first"
+            )
+        return self.last.program.graph_module
+
+    @property
+    def code(self):
+        """The Python code of the most recently used program (primal and tangent ops)."""
+        return self.graph_module.code
+
+    def __call__(self, args, kwargs, dual, tangents):
+        if not kwargs and all(type(a) in _PLAIN for a in args):
+            leaves, spec = args, len(args)  # the common case, without pytree's cost
+        else:
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        for t in tensors:
+            if type(t) not in _PLAIN:
+                self._warn(
+                    "subclass",
+                    f"an argument is a {type(t).__name__}, not a plain tensor (for example a "
+                    f"dual of an enclosing fwdgrad transform); running eagerly.",
+                )
+                return self._eager(args, kwargs, dual, tangents)
+        captured, keep = self.captures.state()
+        key = (
+            spec,
+            tuple(map(_leaf_key, leaves)),
+            tuple(dual),
+            tuple((i, _leaf_key(t)) for i, t in tangents.items()),
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            _autocast_state(),
+            captured,
+        )
+        entry = self.cache.get(key)
+        if entry is None:
+            if len(self.cache) >= self.max_traces:
+                self._warn(
+                    "full",
+                    f"{len(self.cache)} programs were recorded already (guard misses: new "
+                    f"shapes, dtypes, strides, arguments or captured tensors); running new "
+                    f"signatures eagerly.",
+                )
+                return self._eager(args, kwargs, dual, tangents)
+            return self._record(key, keep, args, kwargs, dual, tangents)
+        if entry is _EAGER:
+            return self._eager(args, kwargs, dual, tangents)
+        self.last = entry
+        t_leaves = [tangents[i] for i in entry.call.tangent_idx]
+        grad = torch.is_grad_enabled()
+        try:
+            outputs = entry.program(*tensors, *t_leaves)
+        finally:
+            torch._C._set_grad_enabled(grad)
+        return entry.call.unflatten(outputs)
+
+    def _call(self, args, kwargs, dual, tangents):
+        return trace.FlatJvp(self.func, args, kwargs, set(dual), sorted(tangents), self.has_aux, self.name)
+
+    def _eager(self, args, kwargs, dual, tangents):
+        call = self._call(args, kwargs, dual, tangents)
+        primals = [call.leaves[i] for i in call.tensor_idx]
+        return call.unflatten(call(*primals, *[tangents[i] for i in call.tangent_idx]))
+
+    def _record(self, key, keep, args, kwargs, dual, tangents):
+        call = self._call(args, kwargs, dual, tangents)
+        primals = [call.leaves[i] for i in call.tensor_idx]
+        rec = call.record(
+            primals, [tangents[i] for i in call.tangent_idx], constant_names=self.captures.names()
+        )
+        reads = rec.value_reads()
+        if reads:
+            self.cache[key] = _EAGER
+            self._warn(
+                "reads",
+                "the function reads tensor values into Python ("
+                + ", ".join(sorted({trace.describe_read(f) for f in reads}))
+                + "), so its program may depend on the values (data-dependent control flow) "
+                "and cannot be replayed; running these inputs eagerly.",
+            )
+        else:
+            rec.graph.eliminate_dead_code()
+            call.forget_values()
+            entry = _Entry(rec.program(), call, keep)
+            self.cache[key] = entry
+            self.last = entry
+        return call.unflatten(rec.outputs)
+
+
+# --------------------------------------------------------------------------
+# One TracedJvp per function for ``jvp(..., trace=True)``.
+
+_MAX_FUNCTIONS = 64
+_by_function = collections.OrderedDict()  # (func, has_aux) -> TracedJvp, least recently used first
+_codes_seen = collections.Counter()  # __code__ -> function objects seen with it (re-created lambdas)
+
+
+def traced_jvp_for(func, has_aux):
+    """The ``TracedJvp`` that ``jvp(func, ..., trace=True)`` uses (one per function object).
+
+    The last ``_MAX_FUNCTIONS`` functions keep their programs (and stay alive).
+    """
+    try:
+        key = (func, has_aux)
+        hash(key)
+    except TypeError:
+        key = (id(func), has_aux)
+    traced = _by_function.get(key)
+    if traced is not None and traced.func is func:
+        _by_function.move_to_end(key)
+        return traced
+    traced = _by_function[key] = TracedJvp(func, has_aux, "jvp")
+    if len(_by_function) > _MAX_FUNCTIONS:
+        _by_function.popitem(last=False)
+    code = getattr(func, "__code__", None)
+    if code is not None:
+        _codes_seen[code] += 1
+        if _codes_seen[code] == 4:
+            trace.warn(
+                f"fwdgrad.jvp(trace=True): 4 function objects with the same code "
+                f"({getattr(func, '__qualname__', func)!r}); programs are cached per function "
+                f"object, so each new one records again.  Define the function once, outside "
+                f"the loop, or use fwdgrad.forward_grad(f, trace=True)."
+            )
+    return traced
+
+
+def _check_leaves(name, primal, tangent, prefix, first, dual, tangents):
+    """Check matching pytrees ``primal``/``tangent``; note their leaves from index ``first``."""
+    p_leaves, p_spec = pytree.tree_flatten(primal)
+    t_leaves, t_spec = pytree.tree_flatten(tangent, is_leaf=lambda x: x is None)
+    if p_spec != t_spec:
+        raise ValueError(
+            f"{name}: tangents must have the same structure as primals; primals are "
+            f"{p_spec}, tangents are {t_spec}"
+        )
+    paths = pytree.tree_flatten_with_path(primal)[0]
+    for j, ((path, _), p, t) in enumerate(zip(paths, p_leaves, t_leaves)):
+        check_tangent(name, prefix + pytree.keystr(path), p, t)
+        dual.append(first + j)
+        if t is not None:
+            tangents[first + j] = t
+    return first + len(p_leaves)
+
+
+def jvp_traced(func, primals, tangents, has_aux):
+    """``jvp(func, primals, tangents, trace=True)`` (arguments already checked for shape)."""
+    dual, tans = [], {}
+    if all(type(p) in _PLAIN for p in primals):
+        for i, (p, t) in enumerate(zip(primals, tangents)):
+            check_tangent("jvp", f"primals[{i}]", p, t)
+            dual.append(i)
+            if t is not None:
+                tans[i] = t
+    else:
+        _check_leaves("jvp", tuple(primals), tuple(tangents), "primals", 0, dual, tans)
+    primal, tangent, aux = traced_jvp_for(func, has_aux)(tuple(primals), {}, dual, tans)
+    return (primal, tangent, aux) if has_aux else (primal, tangent)
+
+
+class TracedForwardGrad:
+    """``forward_grad(func, trace=True)``: ``df(x, dx, y, dy, ...)`` with a traced program.
+
+    ``df.code`` shows the most recently used program.
+    """
+
+    def __init__(self, func, has_aux):
+        functools.update_wrapper(self, func, updated=())
+        self.traced = TracedJvp(func, has_aux, "forward_grad")
+
+    @property
+    def code(self):
+        """The Python code of the most recently used program (tangent values are ``d...``)."""
+        return self.traced.code
+
+    @property
+    def graph_module(self):
+        """The most recently used program as a ``torch.fx.GraphModule``."""
+        return self.traced.graph_module
+
+    def __call__(self, *pairs, **kwargs):
+        name = "forward_grad"
+        if len(pairs) % 2:
+            raise TypeError(
+                f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
+            )
+        args, dual, tangents = [], [], {}
+        first = 0
+        for i in range(0, len(pairs), 2):
+            p, t = pairs[i], pairs[i + 1]
+            args.append(p)
+            if t is None and not isinstance(p, torch.Tensor):
+                first += len(pytree.tree_leaves(p))  # a constant
+                continue
+            if isinstance(p, torch.Tensor):
+                check_tangent(name, f"of argument {i // 2}", p, t)
+                dual.append(first)
+                if t is not None:
+                    tangents[first] = t
+                first += 1
+            else:
+                first = _check_leaves(name, p, t, f"argument {i // 2}", first, dual, tangents)
+        primal, tangent, aux = self.traced(tuple(args), kwargs, dual, tangents)
+        return (primal, tangent, aux) if self.traced.has_aux else (primal, tangent)
