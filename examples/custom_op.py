@@ -23,7 +23,7 @@ def softclip(x: torch.Tensor) -> torch.Tensor:
 
 
 @softclip.register_fake
-def _(x):  # shapes only; lets tracing transforms (jacfwd, linearize) see the op
+def _(x):  # shapes only, for tracers such as torch.compile
     return torch.empty_like(x)
 
 

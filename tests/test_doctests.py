@@ -1,16 +1,21 @@
-"""Run the examples in fwdgrad's docstrings, and require one for every public function.
+"""Run the examples in fwdgrad's docstrings and in the README and docs/*.rst,
+and require one for every public function.
 
-The docstring examples are what users copy first, so they must run and print
-what they claim (``doctest`` compares the printed output).
+These examples are what users copy first, so they must run and print what they
+claim (``doctest`` compares the printed output).
 """
 
 import doctest
 import importlib
+import pathlib
 import pkgutil
 
 import pytest
 
 import fwdgrad
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
 def fwdgrad_modules():
@@ -24,7 +29,7 @@ def fwdgrad_modules():
 def test_docstring_examples_run(module_name):
     module = importlib.import_module(module_name)
     finder = doctest.DocTestFinder(exclude_empty=True)
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    runner = doctest.DocTestRunner(optionflags=FLAGS)
     for test in finder.find(module, module_name, globs={}):
         if test.examples:
             runner.run(test, out=lambda s: print(s, end=""))
@@ -38,3 +43,14 @@ def test_public_function_has_runnable_example(name):
     doc = obj.__doc__ or ""
     assert doc.strip(), f"fwdgrad.{name} has no docstring"
     assert ">>>" in doc, f"fwdgrad.{name}'s docstring has no runnable (>>>) example"
+
+
+def documents():
+    files = [ROOT / "README.rst", *sorted((ROOT / "docs").glob("*.rst"))]
+    return [str(f.relative_to(ROOT)) for f in files if f.exists()]
+
+
+@pytest.mark.parametrize("document", documents())
+def test_document_examples_run(document):
+    results = doctest.testfile(str(ROOT / document), module_relative=False, optionflags=FLAGS)
+    assert results.failed == 0, f"{results.failed} example(s) failed in {document}"
