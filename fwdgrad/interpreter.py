@@ -336,11 +336,8 @@ def interpret(func, args, kwargs):
 def _view(func, entry, args, kwargs, pargs, pkwargs, targs, any_t, level):
     base = args[0]
     if func is _aten_detach:
-        # Autograd's internal detach of saved outputs: keep the tangent, and keep
-        # the inner autograd history (an alias, not a detach, underneath).
-        ans = torch.ops.aten.alias.default(pargs[0])
-    else:
-        ans = func(*pargs, **pkwargs)
+        return _saved_output(pargs[0], targs[0], level)
+    ans = func(*pargs, **pkwargs)
     if not (isinstance(base, Dual) and base._level == level):
         # A view of a lower-level tensor that takes a tangent-carrying argument
         # (rare; e.g. view_as_real of a plain tensor is not one).  Treat as functional.
@@ -366,6 +363,21 @@ def _view(func, entry, args, kwargs, pargs, pkwargs, targs, any_t, level):
 
 
 _aten_detach = torch.ops.aten.detach.default
+
+
+def _saved_output(primal, tangent, level):
+    """Autograd's internal detach of a saved output: keep the tangent, and keep
+    the inner autograd history (an alias, not a detach, underneath).
+
+    The result is a root sharing the base's current tangent, not a view that
+    refers to its base: autograd stores it in the base's own ``grad_fn``, so a
+    reference back to the base would be a cycle through C++ that the garbage
+    collector cannot see, leaking the graph whenever it is kept
+    (``create_graph=True``, or a backward that raised).  Autograd's version
+    counter forbids using the saved value after the base changes in place, so
+    the tangent of the moment is the right one.
+    """
+    return Dual(torch.ops.aten.alias.default(primal), tangent, level)
 
 
 def _root(d):

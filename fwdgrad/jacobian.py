@@ -24,7 +24,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import trace
-from .transforms import check_callable, check_tangent
+from .reverse import grad
+from .transforms import check_argnums, check_callable, check_tangent
 
 
 def _is_float(x):
@@ -141,27 +142,6 @@ class Linearized:
 
 # --------------------------------------------------------------------------
 # Argument checking shared by jacfwd, linearize and batched jvp.
-
-
-def _check_argnums(argnums, n_args, name):
-    if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
-        raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
-    nums = (argnums,) if isinstance(argnums, int) else argnums
-    if not nums:
-        raise ValueError(f"{name}: argnums must not be an empty tuple")
-    out = []
-    for a in nums:
-        if isinstance(a, bool) or not isinstance(a, int):
-            raise TypeError(f"{name}: argnums must contain ints, got {type(a).__name__}")
-        if not -n_args <= a < n_args:
-            raise ValueError(
-                f"{name}: argnums {a} is out of range for a call with {n_args} positional "
-                f"argument(s)"
-            )
-        out.append(a % n_args)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{name}: argnums {argnums} contains duplicates")
-    return out
 
 
 def _check_differentiable(args, argnums, name, names):
@@ -316,7 +296,7 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
 
     @functools.wraps(func)
     def jac_fn(*args):
-        nums = _check_argnums(argnums, len(args), name)
+        nums = check_argnums(argnums, len(args), name)
         _check_differentiable(args, nums, name, trace._param_names(func, len(args)))
         lin = Linearized(func, args, _diff_mask(args, nums), has_aux, name)
         inputs = lin.inputs
@@ -368,36 +348,6 @@ def _arrange(per_leaf, args, nums, argnums):
 # hessian
 
 
-def _reverse_grad(func, argnums, many):
-    """The gradient of a scalar ``func`` by ``torch.autograd`` (composable with forward mode).
-
-    A tuple (one entry per argument in ``argnums``) if ``many``.
-    """
-
-    def grad_fn(*args):
-        args = list(args)
-        with torch.enable_grad():
-            for i in argnums:
-                args[i] = pytree.tree_map(lambda x: x.clone().requires_grad_(True), args[i])
-            out = func(*args)
-            if not isinstance(out, torch.Tensor) or out.numel() != 1:
-                raise ValueError(
-                    f"hessian: func must return a tensor with one element, got "
-                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
-                )
-            wrt = [pytree.tree_flatten(args[i]) for i in argnums]
-            flat = [x for leaves, _ in wrt for x in leaves]
-            grads = torch.autograd.grad(out, flat, create_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, flat)]
-        trees, pos = [], 0
-        for leaves, spec in wrt:
-            trees.append(pytree.tree_unflatten(grads[pos:pos + len(leaves)], spec))
-            pos += len(leaves)
-        return tuple(trees) if many else trees[0]
-
-    return grad_fn
-
-
 def hessian(func, argnums=0):
     """The Hessian of a scalar ``func``: ``jacfwd(grad(func))``, forward over reverse.
 
@@ -413,9 +363,7 @@ def hessian(func, argnums=0):
 
     @functools.wraps(func)
     def hess_fn(*args):
-        nums = _check_argnums(argnums, len(args), name)
-        many = isinstance(argnums, tuple)
-        return jacfwd(_reverse_grad(func, nums, many), argnums)(*args)
+        return jacfwd(grad(func, argnums), argnums)(*args)
 
     return hess_fn
 

@@ -17,6 +17,22 @@ def _is_float(x):
     return x.is_floating_point() or x.is_complex()
 
 
+def check_outside_functorch(name):
+    """Refuse to start a transform inside a torch.func transform (grad, jacrev, vmap).
+
+    functorch's wrappers cannot see the tangents that fwdgrad's duals carry in
+    ``__torch_dispatch__``: ``torch.func.grad`` of a function calling
+    ``fwdgrad.jvp`` would be silently wrong.  The other order works.
+    """
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError(
+            f"{name}: fwdgrad's forward-mode transforms cannot run inside a torch.func "
+            f"transform (torch.func.grad, jacrev, vmap, ...), whose wrappers do not see "
+            f"fwdgrad's tangents.  Nest them the other way round (e.g. "
+            f"fwdgrad.jvp(torch.func.grad(f), ...)), or use fwdgrad.grad for the reverse part."
+        )
+
+
 def check_callable(func, name, what="func"):
     if not callable(func):
         raise TypeError(f"{name}: {what} must be callable, got {type(func).__name__}")
@@ -24,6 +40,29 @@ def check_callable(func, name, what="func"):
 
 def _describe(path):
     return "".join(str(k) for k in path)
+
+
+def check_argnums(argnums, n_args, name):
+    """``argnums`` (an int or a tuple of ints) as a list of non-negative positions."""
+    if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
+        raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+    if not nums:
+        raise ValueError(f"{name}: argnums must not be an empty tuple")
+    out = []
+    for a in nums:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(f"{name}: argnums must contain ints, got {type(a).__name__}")
+        if not -n_args <= a < n_args:
+            raise ValueError(
+                f"{name}: argnums {a} is out of range for a call with {n_args} positional "
+                f"argument(s)"
+            )
+        out.append(a % n_args)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: argnums {argnums} contains duplicates")
+    return out
+
 
 
 def check_tangent(name, where, p, t):
@@ -135,6 +174,7 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
     """
     name = "jvp"
     check_callable(func, name)
+    check_outside_functorch(name)
     if not isinstance(primals, (tuple, list)):
         raise TypeError(f"{name}: primals must be a tuple of func's positional arguments, got {type(primals).__name__}")
     if not isinstance(tangents, (tuple, list)):
@@ -192,6 +232,7 @@ def forward_grad(func, *, has_aux=False, trace=False):
             raise TypeError(
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
+        check_outside_functorch(name)
         level = new_level()
         args = []
         for i in range(0, len(pairs), 2):

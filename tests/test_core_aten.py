@@ -70,25 +70,23 @@ NON_FLOAT_OUTPUT = {
 # decomposition, else linearization of their reverse-mode formula) instead of
 # an explicit rule.  Keep this list short; each entry needs a reason.
 FALLBACK_ALLOWED = {
-    # Backward ops reach the interpreter only in forward-over-reverse (hvp); their
-    # explicit rules belong to the backward-ops module of the reverse-mode work
-    # (issue 3).  Until it lands, a decomposition or their double-backward formula
-    # linearizes them.
-    "_adaptive_avg_pool2d_backward.default": "backward op (issue 3)",
-    "avg_pool2d_backward.default": "backward op (issue 3)",
-    "convolution_backward.default": "backward op (issue 3)",
-    "embedding_dense_backward.default": "backward op (issue 3)",
-    "max_pool2d_with_indices_backward.default": "backward op (issue 3)",
-    "native_group_norm_backward.default": "backward op (issue 3)",
-    "native_layer_norm_backward.default": "backward op (issue 3)",
+    # Core ops left to the fallback chain (a decomposition, or linearization of
+    # their double-backward formula), with the reason.  Empty: the backward ops
+    # have their rules in fwdgrad/rules/backward.py.
 }
 
 
 def _decomposes_above_the_interpreter(op):
     """CompositeImplicitAutograd ops (``var.dim``, ``upsample_bilinear2d.vec``) are
-    decomposed by the dispatcher before a ``Dual`` sees them."""
-    return _in_dispatcher(op) and torch._C._dispatch_has_kernel_for_dispatch_key(
-        op.name(), "CompositeImplicitAutograd")
+    decomposed by the dispatcher before a ``Dual`` sees them, unless they also
+    have their own autograd kernel (``silu_backward``: it reaches the interpreter
+    when autograd runs it)."""
+    name = op.name()
+    return (
+        _in_dispatcher(op)
+        and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd")
+        and not torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd")
+    )
 
 
 def _needs_rule(op):

@@ -12,6 +12,7 @@ forward over reverse through these ops is right.
 import torch
 
 from ..registry import def_linear, def_multilinear, defrule
+from ..slicing import in_place_ok
 
 aten = torch.ops.aten
 
@@ -24,26 +25,63 @@ def_multilinear(aten._trilinear.default, 0, 1, 2)
 for _op in (aten._fft_c2c.default, aten._fft_r2c.default, aten._fft_c2r.default):
     def_linear(_op)
 
+# Accumulating a second product into the first in place (``out.addmm_(a, b)``)
+# makes one output-sized tensor instead of three; a product's output is not
+# saved by its backward, so this is safe under autograd too (but not under a
+# tracer: see ``slicing.in_place_ok``).
+_ACCUMULATE = {
+    torch.mm: torch.Tensor.addmm_,
+    torch.bmm: torch.Tensor.baddbmm_,
+    torch.mv: torch.Tensor.addmv_,
+    torch.outer: torch.Tensor.addr_,
+}
 
-def _add_scaled(out, c, scale):
-    if c is None:
+
+def _accumulate_product(out, product, a, b):
+    """``out += product(a, b)``, in place; ``out`` is a fresh tensor of the output's shape."""
+    if out is None:
+        return product(a, b)
+    if not in_place_ok():
+        return out + product(a, b)
+    accumulate = _ACCUMULATE.get(product)
+    return accumulate(out, a, b) if accumulate is not None else out.add_(product(a, b))
+
+
+def _product_rule(product):
+    """``ta @ b + a @ tb`` for a matrix product, built in one tensor."""
+
+    def rule(t, ans, a, b):
+        out = None
+        if t[0] is not None:
+            out = product(t[0], b)
+        if t[1] is not None:
+            out = _accumulate_product(out, product, a, t[1])
         return out
-    if scale != 1:
-        c = c * scale
-    return c if out is None else out + c
+
+    return rule
+
+
+for _op, _product in ((aten.mm.default, torch.mm), (aten.bmm.default, torch.bmm), (aten.mv.default, torch.mv)):
+    defrule(_op)(_product_rule(_product))
 
 
 def _affine_product(product):
-    """Rules for ``beta * self + alpha * product(a, b)`` ops (addmm, baddbmm, addmv, addr, addbmm)."""
+    """Rules for ``beta * self + alpha * product(a, b)`` ops (addmm, baddbmm, addmv, addr, addbmm).
+
+    The products' tangents are accumulated in place into one fresh tensor of
+    the output's shape, which then takes the (broadcasting) tangent of ``self``.
+    """
+    pair = _product_rule(product)
 
     def rule(t, ans, s, a, b, *, beta=1, alpha=1):
-        out = None
+        out = pair((t[1], t[2]), None, a, b)
+        inplace = in_place_ok()
+        if out is not None and alpha != 1:
+            out = out.mul_(alpha) if inplace else out * alpha
         if t[0] is not None and beta != 0:
-            out = _add_scaled(out, t[0], beta)
-        if t[1] is not None:
-            out = _add_scaled(out, product(t[1], b), alpha)
-        if t[2] is not None:
-            out = _add_scaled(out, product(a, t[2]), alpha)
+            if out is None:
+                return t[0] if beta == 1 else t[0] * beta
+            out = out.add_(t[0], alpha=beta) if inplace else torch.add(out, t[0], alpha=beta)
         return out
 
     return rule

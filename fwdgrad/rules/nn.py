@@ -48,12 +48,13 @@ def _normalized_tangent(x, tx, mean, rstd, dims):
     return xhat, dxhat, dmean, drstd
 
 
-def _affine_tangent(xhat, dxhat, w, tw, tb, shape):
+def _affine_tangent(dxhat, w, xhat, tw, tb, shape):
+    """Tangent of ``xhat * w + b`` given ``dxhat``; ``xhat()`` is computed only if ``w`` has a tangent."""
     out = None
     if dxhat is not None:
         out = dxhat if w is None else dxhat * w.reshape(shape)
     if tw is not None:
-        c = xhat * tw.reshape(shape)
+        c = xhat() * tw.reshape(shape)
         out = c if out is None else out + c
     if tb is not None:
         c = tb.reshape(shape)
@@ -61,18 +62,40 @@ def _affine_tangent(xhat, dxhat, w, tw, tb, shape):
     return out
 
 
+# The Jacobian of xhat = (x - mean) * rstd with respect to x, with the statistics
+# taken over n elements, is rstd (I - 1 1^T / n - xhat xhat^T / n): symmetric.  So
+# its JVP equals its VJP, and PyTorch's fused normalisation backward kernel
+# computes it in one pass.  Autograd differentiates that kernel correctly (its
+# double-backward formula), but it treats the forward kernel's mean and rstd
+# outputs as constants; the few terms below that use them directly take
+# differentiable statistics when reverse mode may differentiate them.
+
+
+def _visible_stats(x, mean, rstd, dims, eps):
+    """``mean`` and ``rstd`` as reverse mode must see them: recomputed with
+    differentiable ops when ``x`` requires grad, else the kernel's outputs."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return mean, rstd
+    m = x.mean(dims, keepdim=True)
+    r = (x.var(dims, correction=0, keepdim=True) + eps).rsqrt()
+    return m.reshape(mean.shape), r.reshape(rstd.shape)
+
+
 @defrule(aten.native_layer_norm.default)
 def _layer_norm_jvp(t, ans, x, normalized_shape, w, b, eps):
     out, mean, rstd = ans
-    axis = x.dim() - len(normalized_shape)
-    dims = list(range(axis, x.dim()))
-    tx = t[0]
+    tx, tw, tb = t[0], t[2], t[3]
+    dims = list(range(x.dim() - len(normalized_shape), x.dim()))
+    vmean, vrstd = _visible_stats(x, mean, rstd, dims, eps)
+    dxhat = dmean = drstd = None
     if tx is not None:
-        xhat, dxhat, dmean, drstd = _normalized_tangent(x, tx, mean, rstd, dims)
-    else:
-        xhat, dxhat, dmean, drstd = (x - mean) * rstd, None, None, None
-    shape = list(normalized_shape)
-    dout = _affine_tangent(xhat, dxhat, w, t[2], t[3], shape)
+        dxhat = aten.native_layer_norm_backward.default(
+            tx, x, normalized_shape, mean, rstd, None, None, [True, False, False]
+        )[0]
+        dmean = tx.mean(dims, keepdim=True)
+        # rstd = (var + eps)^(-1/2), d var = 2 mean((x - mean) tx)
+        drstd = -(vrstd * vrstd * vrstd) * ((x - vmean) * tx).mean(dims, keepdim=True)
+    dout = _affine_tangent(dxhat, w, lambda: (x - vmean) * vrstd, tw, tb, list(normalized_shape))
     return dout, dmean, drstd
 
 
@@ -80,24 +103,35 @@ def _channel_shape(x):
     return [1, -1] + [1] * (x.dim() - 2)
 
 
-def _batch_norm_train(t, x, w, b, mean_out, invstd_out, tx, tw, tb):
-    dims = [0] + list(range(2, x.dim()))
+def _batch_norm_train(x, w, save_mean, save_invstd, eps, tx, tw, tb):
     shape = _channel_shape(x)
-    mean = mean_out.reshape(shape)
-    rstd = invstd_out.reshape(shape)
+    dims = [0] + list(range(2, x.dim()))
+    vmean, vrstd = _visible_stats(x, save_mean.reshape(shape), save_invstd.reshape(shape), dims, eps)
+    dout = dmean = drstd = None
     if tx is not None:
-        xhat, dxhat, dmean, drstd = _normalized_tangent(x, tx, mean, rstd, dims)
-        dmean, drstd = dmean.reshape(-1), drstd.reshape(-1)
-    else:
-        xhat, dxhat, dmean, drstd = (x - mean) * rstd, None, None, None
-    return _affine_tangent(xhat, dxhat, w, tw, tb, shape), dmean, drstd
+        # The weight scales whole channels and the Jacobian acts within each
+        # channel, so they commute: the kernel's input gradient with weight w is
+        # w * dxhat, our tangent.  Its weight and bias gradients are sum(tx * xhat)
+        # and sum(tx) per channel: the statistics' tangents come for free.  (Its
+        # double-backward formula differentiates all three outputs, but only
+        # with a weight: pass ones when there is none.)
+        wk = w if w is not None else torch.ones_like(save_invstd)
+        dout, sum_t_xhat, sum_t = aten.native_batch_norm_backward.default(
+            tx, x, wk, None, None, save_mean, save_invstd, True, eps, [True, True, True]
+        )
+        n = x.numel() // x.shape[1]
+        dmean = sum_t / n
+        drstd = -vrstd.reshape(-1) * vrstd.reshape(-1) * sum_t_xhat / n
+
+    # dout already holds the weight: pass w=None so it is not applied twice.
+    dout = _affine_tangent(dout, None, lambda: (x - vmean) * vrstd, tw, tb, shape)
+    return dout, dmean, drstd
 
 
 def _batch_norm_eval(x, w, rm, rv, eps, tx, tw, tb, trm, trv):
     shape = _channel_shape(x)
     rstd = (rv + eps).rsqrt().reshape(shape)
     xc = x - rm.reshape(shape)
-    xhat = xc * rstd
     dxhat = None
     if tx is not None:
         dxhat = tx * rstd
@@ -107,13 +141,13 @@ def _batch_norm_eval(x, w, rm, rv, eps, tx, tw, tb, trm, trv):
     if trv is not None:
         c = -0.5 * xc * rstd * rstd * rstd * trv.reshape(shape)
         dxhat = c if dxhat is None else dxhat + c
-    return _affine_tangent(xhat, dxhat, w, tw, tb, shape)
+    return _affine_tangent(dxhat, w, lambda: xc * rstd, tw, tb, shape)
 
 
 def _batch_norm(t, ans, x, w, b, rm, rv, training, eps, trm=None, trv=None):
     out, save_mean, save_invstd = ans[0], ans[1], ans[2]
     if training:
-        dout, dmean, drstd = _batch_norm_train(t, x, w, b, save_mean, save_invstd, t[0], t[1], t[2])
+        dout, dmean, drstd = _batch_norm_train(x, w, save_mean, save_invstd, eps, t[0], t[1], t[2])
         return dout, dmean, drstd
     return _batch_norm_eval(x, w, rm, rv, eps, t[0], t[1], t[2], trm, trv), None, None
 
@@ -161,8 +195,7 @@ def _group_norm_jvp(t, ans, x, w, b, N, C, HxW, group, eps):
         dmean, drstd = dmean.reshape(N, group), drstd.reshape(N, group)
     else:
         xhat, dxhat, dmean, drstd = (xg - m) * r, None, None, None
-    xhat = xhat.reshape(x.shape)
-    return _affine_tangent(xhat, dxhat, w, t[1], t[2], shape), dmean, drstd
+    return _affine_tangent(dxhat, w, lambda: xhat.reshape(x.shape), t[1], t[2], shape), dmean, drstd
 
 
 # ---- pooling and resampling ---------------------------------------------------
@@ -263,7 +296,10 @@ def _attention_probs(q, k, lse, attn_mask, is_causal, scale):
         L, S = q.shape[-2], k.shape[-2]
         causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~causal, float("-inf"))
-    p = (s - lse.unsqueeze(-1)).exp()
+    if lse is None:  # differentiable in q and k for reverse mode (the kernel's lse is not)
+        p = s.softmax(-1)
+    else:
+        p = (s - lse.unsqueeze(-1)).exp()
     return p.nan_to_num(0.0)
 
 
@@ -282,7 +318,10 @@ def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=
         )[0]
     dlse = None
     if tq is not None or tk is not None or tmask is not None:
-        p = _attention_probs(q, k, lse, attn_mask, is_causal, scale)
+        visible = torch.is_grad_enabled() and any(
+            a is not None and a.requires_grad for a in (q, k, attn_mask)
+        )
+        p = _attention_probs(q, k, None if visible else lse, attn_mask, is_causal, scale)
         ds = None
         if tq is not None:
             ds = (tq @ k.transpose(-2, -1)) * scale

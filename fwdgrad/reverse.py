@@ -1,0 +1,489 @@
+"""Composition with reverse mode: ``grad``, ``value_and_grad``, and forward-over-reverse ``hvp``.
+
+``grad`` is a thin wrapper over ``torch.autograd.grad``.  Inside a fwdgrad
+transform the function's inputs are duals, so the backward pass that
+``torch.autograd.grad`` runs goes through the interpreter and the gradient
+comes back carrying its own tangent: forward over reverse.  The graph of the
+backward pass itself is built (``create_graph``) only when something outside
+may differentiate the gradient again.
+
+``hvp`` is Pearlmutter's Hessian-vector product computed that way in one pass:
+the parameters become duals whose tangent is ``v``, the loss and its gradient
+are computed once, and the tangent of the gradient is ``H v``.  With a closure
+``loss()`` the live parameter objects are turned into duals in place
+(``torch.utils.swap_tensors``) for the duration of the call.
+"""
+
+import functools
+import gc
+import inspect
+import traceback
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .interpreter import Dual, new_level, tangent_of
+from .transforms import check_argnums, check_callable, check_outside_functorch, split_aux
+
+_aten_detach = torch.ops.aten.detach.default
+
+
+def detach_keeping_tangents(x):
+    """``x`` without autograd history at the outermost level, but with its tangents.
+
+    ``x.detach()`` drops tangents (that is what a user's detach means).  The
+    aten op called directly is the route autograd uses for saved outputs, and
+    the interpreter keeps the tangent for it.
+    """
+    return _aten_detach(x)
+
+
+def _is_float(x):
+    return x.is_floating_point() or x.is_complex()
+
+
+# --------------------------------------------------------------------------
+# grad and value_and_grad.
+
+
+def _input_leaf(x):
+    """A fresh tensor to differentiate with respect to, equal to ``x`` with its tangents.
+
+    If ``x`` already takes part in a graph, the new tensor is a view of it, so
+    that an enclosing ``grad`` can differentiate through this one; otherwise it
+    is a new leaf.  Either way gradients w.r.t. the new tensor count only the
+    uses of this argument, not other uses of ``x`` (captured by a closure).
+    """
+    if x.requires_grad:
+        return x.view_as(x)
+    return detach_keeping_tangents(x).requires_grad_()
+
+
+def _reaches_other_leaves(out, inputs):
+    """Whether ``out``'s graph leads to a leaf other than ``inputs`` (a captured parameter)."""
+    ours = {id(x) for x in inputs}
+    seen = set()
+    stack = [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad
+        if variable is not None:
+            if id(variable) not in ours:
+                return True
+            continue
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
+
+
+def _check_scalar_output(out, name, what="func"):
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: {what} must return a scalar tensor, got {type(out).__name__}")
+    if out.dim() != 0:
+        raise ValueError(
+            f"{name}: {what} must return a scalar (0-dim) tensor, got one of shape "
+            f"{tuple(out.shape)}; reduce it first (e.g. .sum() or .mean())"
+        )
+    if not _is_float(out):
+        raise TypeError(f"{name}: {what} must return a floating-point tensor, got dtype {out.dtype}")
+
+
+def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
+    nums, many = check_argnums(argnums, len(args), name), isinstance(argnums, tuple)
+    args = list(args)
+    specs, leaves_per_arg = [], []
+    for n in nums:
+        leaves, spec = pytree.tree_flatten(args[n])
+        for path, leaf in pytree.tree_flatten_with_path(args[n])[0]:
+            where = f"argument {n}" + "".join(str(k) for k in path)
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(f"{name}: {where} is a {type(leaf).__name__}; only tensors can be differentiated")
+            if not _is_float(leaf):
+                raise TypeError(
+                    f"{name}: {where} has dtype {leaf.dtype}; only floating-point or complex "
+                    f"tensors can be differentiated"
+                )
+        specs.append(spec)
+        leaves_per_arg.append(leaves)
+    outer_grad = torch.is_grad_enabled()
+    originals = [x for leaves in leaves_per_arg for x in leaves]
+    with torch.enable_grad():
+        inputs = []
+        for n, leaves, spec in zip(nums, leaves_per_arg, specs):
+            fresh = [_input_leaf(x) for x in leaves]
+            inputs.extend(fresh)
+            args[n] = pytree.tree_unflatten(fresh, spec)
+        out = func(*args, **kwargs)
+        out, aux = split_aux(out, has_aux, name)
+        _check_scalar_output(out, name)
+        # Keep the graph of the backward pass only if someone may differentiate
+        # the gradient again: an enclosing grad (or jvp over params that require
+        # grad), or a captured tensor that requires grad.
+        create_graph = outer_grad and (
+            any(x.requires_grad for x in originals) or _reaches_other_leaves(out, inputs)
+        )
+        if out.requires_grad:
+            grads = torch.autograd.grad(
+                out, inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
+            )
+        else:
+            grads = [torch.zeros_like(x) for x in inputs]
+    if not create_graph:
+        out = detach_keeping_tangents(out)
+        aux = pytree.tree_map_only(torch.Tensor, detach_keeping_tangents, aux)
+    grads = iter(grads)
+    results = []
+    for leaves, spec in zip(leaves_per_arg, specs):
+        results.append(pytree.tree_unflatten([next(grads) for _ in leaves], spec))
+    g = tuple(results) if many else results[0]
+    return out, g, aux
+
+
+def grad(func, argnums=0, *, has_aux=False):
+    """Reverse-mode gradient of a scalar-valued ``func``, as a function (``torch.func.grad``'s interface).
+
+    ``grad(f)(x)`` is ``df/dx``; ``argnums`` (an int or a tuple of ints) picks
+    the positional arguments to differentiate, each a tensor or a pytree of
+    tensors.  With ``has_aux=True``, ``func`` returns ``(output, aux)`` and the
+    result is ``(gradient, aux)``.  It composes with fwdgrad's transforms in
+    both directions (``jvp(grad(f))`` is forward over reverse) and with itself.
+
+    >>> import torch, fwdgrad
+    >>> x = torch.tensor([1.0, 2.0])
+    >>> fwdgrad.grad(lambda x: (x ** 3).sum())(x)
+    tensor([ 3., 12.])
+    """
+    name = "grad"
+    check_callable(func, name)
+
+    @functools.wraps(func)
+    def grad_f(*args, **kwargs):
+        _, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
+        return (g, aux) if has_aux else g
+
+    return grad_f
+
+
+def value_and_grad(func, argnums=0, *, has_aux=False):
+    """Like :func:`grad`, but the function returns ``(value, gradient)`` from the same pass.
+
+    With ``has_aux=True`` it returns ``((value, aux), gradient)`` (JAX's convention).
+
+    >>> import torch, fwdgrad
+    >>> v, g = fwdgrad.value_and_grad(lambda x: (x ** 2).sum())(torch.tensor([1.0, 2.0]))
+    >>> float(v), g
+    (5.0, tensor([2., 4.]))
+    """
+    name = "value_and_grad"
+    check_callable(func, name)
+
+    @functools.wraps(func)
+    def value_and_grad_f(*args, **kwargs):
+        out, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
+        return ((out, aux), g) if has_aux else (out, g)
+
+    return value_and_grad_f
+
+
+# --------------------------------------------------------------------------
+# hvp and value_grad_and_hvp.
+
+
+def _flatten_params(params, v, name):
+    """Leaves of ``params`` and ``v`` (checked to match exactly), and a function to rebuild."""
+    if isinstance(params, torch.Tensor):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name}: params is a tensor, so v must be a tensor, got {type(v).__name__}")
+        keys, p_leaves, v_leaves = [""], [params], [v]
+
+        def rebuild(xs):
+            return xs[0]
+
+    elif isinstance(params, dict):
+        if not isinstance(v, dict):
+            raise TypeError(f"{name}: params is a dict, so v must be a dict with the same keys, got {type(v).__name__}")
+        missing = [k for k in params if k not in v]
+        extra = [k for k in v if k not in params]
+        if missing or extra:
+            raise ValueError(
+                f"{name}: v must have exactly the keys of params; missing {missing}, unexpected {extra}"
+            )
+        names = list(params)
+        keys = [f"[{k!r}]" for k in names]
+        p_leaves = [params[k] for k in names]
+        v_leaves = [v[k] for k in names]
+
+        def rebuild(xs):
+            return dict(zip(names, xs))
+
+    elif isinstance(params, (list, tuple)):
+        if not isinstance(v, (list, tuple)):
+            raise TypeError(
+                f"{name}: params is a {type(params).__name__}, so v must be a sequence of the same "
+                f"length, got {type(v).__name__}"
+            )
+        if len(v) != len(params):
+            raise ValueError(f"{name}: params has {len(params)} tensors but v has {len(v)}")
+        keys = [f"[{i}]" for i in range(len(params))]
+        p_leaves, v_leaves = list(params), list(v)
+        kind = type(params)
+
+        def rebuild(xs):
+            return kind(xs)
+
+    else:
+        raise TypeError(
+            f"{name}: params must be a tensor, a list/tuple of tensors or a dict of tensors, got "
+            f"{type(params).__name__} (for a model, pass dict(model.named_parameters()) or "
+            f"list(model.parameters()))"
+        )
+    if not p_leaves:
+        raise ValueError(f"{name}: params is empty")
+    for k, p, t in zip(keys, p_leaves, v_leaves):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{name}: params{k} is a {type(p).__name__}, expected a tensor")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: v{k} is a {type(t).__name__}, expected a tensor")
+        if not _is_float(p):
+            raise TypeError(f"{name}: params{k} has dtype {p.dtype}; only floating-point parameters have a Hessian")
+        if t.shape != p.shape:
+            raise ValueError(f"{name}: v{k} has shape {tuple(t.shape)} but params{k} has shape {tuple(p.shape)}")
+        if t.dtype != p.dtype:
+            raise ValueError(f"{name}: v{k} has dtype {t.dtype} but params{k} has dtype {p.dtype}")
+        if t.device != p.device:
+            raise ValueError(f"{name}: v{k} is on {t.device} but params{k} is on {p.device}")
+    return keys, p_leaves, v_leaves, rebuild
+
+
+def _is_closure(loss, pure_args):
+    """Whether ``loss`` takes no arguments (it reads the parameters where they live)."""
+    try:
+        sig = inspect.signature(loss)
+    except (TypeError, ValueError):
+        return False
+    try:
+        sig.bind()
+    except TypeError:
+        return False
+    try:
+        sig.bind(*pure_args)
+    except TypeError:
+        return True
+    return False
+
+
+def _scalar_loss(out, name):
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: loss must return a scalar tensor, got {type(out).__name__}")
+    if out.numel() != 1:
+        raise ValueError(
+            f"{name}: loss must return a scalar tensor (one element), got one of shape "
+            f"{tuple(out.shape)}; reduce it first (e.g. .sum() or .mean())"
+        )
+    if not _is_float(out):
+        raise TypeError(f"{name}: loss must return a floating-point tensor, got dtype {out.dtype}")
+    return out
+
+
+def _loss_and_grads(loss, call_args, inputs, level, name):
+    """Run ``loss`` and autograd on duals; return plain ``(value, grads, Hvs)``.
+
+    Kept in its own frame so that nothing here outlives the call: the closure
+    form can swap the parameters back only once the graph is gone.
+    """
+    with torch.enable_grad():
+        out = _scalar_loss(loss(*call_args), name)
+        if out.requires_grad:
+            grads = torch.autograd.grad(out, inputs, allow_unused=True)
+        else:
+            grads = (None,) * len(inputs)
+    value = out._primal if isinstance(out, Dual) and out._level == level else out
+    gs, hvs = [], []
+    for x, g in zip(inputs, grads):
+        if isinstance(g, Dual) and g._level == level:
+            gs.append(g._primal)
+            hvs.append(tangent_of(g))
+        else:
+            gs.append(g)
+            hvs.append(None)
+    # Results carry no graph (a loss that captures tensors requiring grad would
+    # give the value one); lower-level tangents, if any, stay.
+    return (
+        _no_graph(value),
+        [_no_graph(g) for g in gs],
+        [_no_graph(h) for h in hvs],
+    )
+
+
+def _no_graph(t):
+    if t is not None and t.requires_grad:
+        return detach_keeping_tangents(t)
+    return t
+
+
+def _own(t, like, foreign):
+    """``t`` as a result the caller may modify: zeros if absent, copied if it aliases an input."""
+    if t is None:
+        return torch.zeros_like(like)
+    if t.stride() != like.stride() or _storage_ptr(t) in foreign:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def _storage_ptr(t):
+    from .interpreter import strip
+
+    return strip(t).untyped_storage().data_ptr()
+
+
+def _forward_over_reverse(loss, params, v, name):
+    check_callable(loss, name, "loss")
+    check_outside_functorch(name)
+    keys, p_leaves, v_leaves, rebuild = _flatten_params(params, v, name)
+    if isinstance(params, (list, tuple)):
+        pure_args = p_leaves
+    else:
+        pure_args = [params]
+    closure = _is_closure(loss, pure_args)
+    level = new_level()
+    duals = [
+        Dual(detach_keeping_tangents(p), t, level, requires_grad=True)
+        for p, t in zip(p_leaves, v_leaves)
+    ]
+    if closure:
+        value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name)
+    else:
+        call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
+        value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
+    del duals
+    foreign = {_storage_ptr(x) for x in p_leaves + v_leaves}
+    grads = [_own(g, p, foreign) for g, p in zip(gs, p_leaves)]
+    hvps = [_own(h, p, foreign) for h, p in zip(hvs, p_leaves)]
+    return value, rebuild(grads), rebuild(hvps)
+
+
+def _in_closure(loss, keys, params, duals, level, name):
+    """Run the closure with each live parameter object temporarily turned into its dual."""
+    seen = set()
+    for k, p in zip(keys, params):
+        if id(p) in seen:
+            raise ValueError(f"{name}: params{k} appears twice in params")
+        seen.add(id(p))
+        if p._use_count() > 1:
+            raise RuntimeError(
+                f"{name}: cannot use params{k} in the closure form: another reference to it is "
+                f"alive (most likely an autograd graph that saved it, e.g. a loss you have not "
+                f"called .backward() on yet).  Call hvp before building that graph, or use the "
+                f"pure form loss(params)."
+            )
+    swapped = []
+    try:
+        for p, d in zip(params, duals):
+            _swap(p, d)
+            swapped.append((p, d))
+        return _loss_and_grads(loss, (), params, level, name)
+    except BaseException as e:
+        # The traceback's frames hold the partial graph, which holds the
+        # parameters; free it so that they can be swapped back.
+        traceback.clear_frames(e.__traceback__)
+        gc.collect()
+        raise
+    finally:
+        failed = []
+        for p, d in reversed(swapped):
+            try:
+                _swap_back(p, d, name)
+            except RuntimeError as e:
+                failed.append(e)  # restore the others before reporting
+        if failed:
+            raise failed[0]
+
+
+def _poisoned(grad_outputs):
+    raise RuntimeError(
+        "fwdgrad.hvp: this graph used a parameter while hvp had turned it into a dual "
+        "(closure form); it cannot be differentiated after hvp returned"
+    )
+
+
+def _swap(t1, t2):
+    """Exchange the contents of two tensor objects, keeping their identities.
+
+    Like ``torch.utils.swap_tensors``, but weak references are allowed: a weak
+    reference to a parameter (``nn.LSTM`` keeps them) goes on pointing at the
+    same object, which is what the temporary swap of the closure form needs.
+    """
+    for t in (t1, t2):
+        if t._use_count() > 1:
+            # A leaf may also be held by its AccumulateGrad node (a graph that
+            # outlives the call): that node must not run on the swapped tensor.
+            if t._use_count() == 2 and t.is_leaf:
+                node = torch.autograd.graph.get_gradient_edge(t).node
+                if t._use_count() == 2:
+                    node.register_prehook(lambda grad_outputs: _poisoned(grad_outputs))
+                    continue
+            raise RuntimeError(
+                f"a tensor to swap has {t._use_count()} references from C++ (a live graph?)"
+            )
+    for attr in ("__class__", "__dict__"):
+        tmp = getattr(t1, attr)
+        setattr(t1, attr, getattr(t2, attr))
+        setattr(t2, attr, tmp)
+    torch._C._swap_tensor_impl(t1, t2)
+
+
+def _swap_back(p, d, name):
+    try:
+        _swap(p, d)
+    except RuntimeError:
+        gc.collect()
+        try:
+            _swap(p, d)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{name}: could not restore a parameter after the closure ran, because a "
+                f"reference to it taken during the call is still alive (an output or graph "
+                f"stored by the closure?): {e}"
+            ) from None
+
+
+def hvp(loss, params, v):
+    """Hessian-vector product ``H v`` of a scalar ``loss``, forward over reverse, in one pass.
+
+    ``params`` is a tensor, a list/tuple of tensors or a dict of tensors, and
+    ``v`` matches it exactly (structure, shapes and dtypes).  ``loss`` is either
+
+    * pure: ``loss(params)`` for a tensor or dict, ``loss(*params)`` for a sequence, or
+    * a closure ``loss()`` that reads the parameters where they live, e.g.
+      ``hvp(lambda: F.cross_entropy(model(x), y), dict(model.named_parameters()), v)``.
+      The parameters stay the same objects with the same values; ``.grad`` is
+      not touched.
+
+    Returns ``H v`` in the structure of ``params``.  It is not differentiable;
+    compose :func:`fwdgrad.jvp` and :func:`grad` for higher derivatives.
+
+    >>> import torch, fwdgrad
+    >>> w = torch.tensor([1.0, 2.0])
+    >>> fwdgrad.hvp(lambda w: (w ** 3).sum(), w, torch.tensor([1.0, 0.0]))
+    tensor([6., 0.])
+    """
+    return _forward_over_reverse(loss, params, v, "hvp")[2]
+
+
+def value_grad_and_hvp(loss, params, v):
+    """``(loss_value, grad, H v)`` from the single forward-over-reverse pass of :func:`hvp`.
+
+    The gradient is the primal of that pass, so it costs nothing extra.
+
+    >>> import torch, fwdgrad
+    >>> w = torch.tensor([1.0, 2.0])
+    >>> value, g, hv = fwdgrad.value_grad_and_hvp(lambda w: (w ** 3).sum(), w, torch.ones(2))
+    >>> float(value), g, hv
+    (9.0, tensor([ 3., 12.]), tensor([ 6., 12.]))
+    """
+    return _forward_over_reverse(loss, params, v, "value_grad_and_hvp")
+
+
+__all__ = ["grad", "value_and_grad", "hvp", "value_grad_and_hvp"]

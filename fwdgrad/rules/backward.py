@@ -1,0 +1,682 @@
+"""The backward ops that autograd runs: rules that make forward over reverse cheap.
+
+When ``torch.autograd.grad`` runs inside a transform (``hvp``, ``jvp(grad(f))``)
+every backward op reaches the interpreter.  Without a rule they would go
+through the fallback chain (a decomposition, or linearizing the op's own
+double backward), which is correct but slow and keeps extra graphs alive.
+
+Nearly every backward op is linear in its incoming gradient ``go``: the
+tangent is the op applied to ``dgo`` plus, for ops whose saved values enter
+nonlinearly, ``go`` times the derivative of the local Jacobian (a second
+derivative of the forward function).  Saved values that act only through a
+mask, an index or a shape (``relu``'s input, max-pool indices) contribute
+nothing almost everywhere.  The elementwise parts are evaluated in slices
+(``fwdgrad/slicing.py``) so that their temporaries do not set the peak memory
+of ``hvp``.  Names: ``go`` the incoming gradient, ``d*`` a
+tangent, ``t`` the tangents of the op's arguments, ``ans`` its outputs.
+"""
+
+import math
+
+import torch
+
+from ..fallback import rule_for
+from ..slicing import accumulate, in_place_ok, in_row_slices
+from ..registry import aten_ops, defrule
+from .nn import _attention_probs, _channel_shape
+
+aten = torch.ops.aten
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _mul(a, b):
+    return None if a is None or b is None else a * b
+
+
+# ---- linear in the incoming gradient -----------------------------------------
+
+
+def _linear_in_grad(op):
+    """Register ``op`` as linear in its gradient argument; other arguments act only
+    through masks, indices or shapes, so their tangents contribute nothing."""
+
+    def rule(t, ans, go, *args, **kwargs):
+        return None if t[0] is None else op(t[0], *args, **kwargs)
+
+    defrule(op)(rule)
+
+
+for _op in aten_ops(
+    "threshold_backward",
+    "leaky_relu_backward",
+    "hardtanh_backward",
+    "hardshrink_backward",
+    "softshrink_backward",
+    "hardsigmoid_backward",
+    "rrelu_with_noise_backward",
+    "native_dropout_backward",
+    "max_pool2d_with_indices_backward",
+    "max_pool3d_with_indices_backward",
+    "adaptive_max_pool2d_backward",
+    "adaptive_max_pool3d_backward",
+    "avg_pool2d_backward",
+    "avg_pool3d_backward",
+    "_adaptive_avg_pool2d_backward",
+    "_adaptive_avg_pool3d_backward",
+    "embedding_dense_backward",
+    "select_backward",
+    "slice_backward",
+    "diagonal_backward",
+    "unfold_backward",
+    "reflection_pad1d_backward",
+    "reflection_pad2d_backward",
+    "reflection_pad3d_backward",
+    "replication_pad1d_backward",
+    "replication_pad2d_backward",
+    "replication_pad3d_backward",
+    "upsample_nearest1d_backward",
+    "upsample_nearest2d_backward",
+    "upsample_nearest3d_backward",
+    "_upsample_nearest_exact1d_backward",
+    "_upsample_nearest_exact2d_backward",
+    "_upsample_nearest_exact3d_backward",
+    "upsample_linear1d_backward",
+    "upsample_bilinear2d_backward",
+    "upsample_bicubic2d_backward",
+    "upsample_trilinear3d_backward",
+    "_upsample_bilinear2d_aa_backward",
+    "_upsample_bicubic2d_aa_backward",
+):
+    _linear_in_grad(_op)
+
+
+def _linear_in_grad_unless(op, *weights):
+    """``op`` is linear in its gradient; arguments ``weights`` enter its value, so when
+    they carry a tangent (rare: a differentiated class weight) use the fallback."""
+    fallback = rule_for(op)
+
+    def rule(t, ans, go, *args, **kwargs):
+        if any(i < len(t) and t[i] is not None for i in weights):
+            return fallback(t, ans, go, *args, **kwargs)
+        return None if t[0] is None else op(t[0], *args, **kwargs)
+
+    defrule(op)(rule)
+
+
+_linear_in_grad_unless(aten.nll_loss_backward.default, 3, 6)
+_linear_in_grad_unless(aten.nll_loss2d_backward.default, 3, 6)
+
+
+# The embedding-bag backward ops (bilinear in the gradient and the per-sample
+# weights) have their rules in nn.py.
+
+
+def _activation(op, second, saved_arg=1):
+    """``op(go, *args)`` computes ``go * f'(saved)``; ``second(go, *args)`` is ``go``
+    times the derivative of ``f'`` with respect to the saved tensor ``args[saved_arg - 1]``.
+    The tangent is ``op(dgo, *args) + second(go, *args) * dsaved``."""
+    i = saved_arg - 1
+
+    def rule(t, ans, go, *args, **kwargs):
+        out = None if t[0] is None else op(t[0], *args, **kwargs)
+        ds = t[saved_arg]
+        if ds is None:
+            return out
+        saved = args[i]
+
+        def term(go_, saved_, ds_):
+            a = list(args)
+            a[i] = saved_
+            return second(go_, *a, **kwargs) * ds_
+
+        return accumulate(out, term, saved, go, saved, ds)
+
+    defrule(op)(rule)
+
+
+# tanh' = 1 - y^2 in terms of the output y, so d/dy = -2 y.
+_activation(aten.tanh_backward.default, lambda go, y: -2 * go * y)
+# sigmoid' = y (1 - y), d/dy = 1 - 2 y.
+_activation(aten.sigmoid_backward.default, lambda go, y: go * (1 - 2 * y))
+
+
+def _gelu_second(go, x, approximate="none"):
+    if approximate == "tanh":
+        k = math.sqrt(2 / math.pi)
+        c = 0.044715
+        u = k * (x + c * x * x * x)
+        th = u.tanh()
+        du = k * (1 + 3 * c * x * x)
+        sech2 = 1 - th * th
+        return go * sech2 * (du + 0.5 * x * (6 * k * c * x - 2 * th * du * du))
+    pdf = (-0.5 * x * x).exp() * (1 / math.sqrt(2 * math.pi))
+    return go * pdf * (2 - x * x)
+
+
+_activation(aten.gelu_backward.default, _gelu_second)
+
+
+def _silu_second(go, x):
+    s = x.sigmoid()
+    return go * s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+_activation(aten.silu_backward.default, _silu_second)
+
+
+def _mish_second(go, x):
+    s = x.sigmoid()
+    tsp = torch.nn.functional.softplus(x).tanh()
+    return go * (1 - tsp * tsp) * s * (2 + x * (1 - s - 2 * tsp * s))
+
+
+_activation(aten.mish_backward.default, _mish_second)
+
+
+def _hardswish_second(go, x):
+    return go * ((x > -3) & (x < 3)).to(go.dtype) / 3
+
+
+_activation(aten.hardswish_backward.default, _hardswish_second)
+
+
+def _softplus_second(go, x, beta, threshold):
+    s = (x * beta).sigmoid()
+    return go * torch.where(x * beta > threshold, 0.0, beta * s * (1 - s)).to(go.dtype)
+
+
+_activation(aten.softplus_backward.default, _softplus_second)
+
+
+def _log_sigmoid_second(go, x, buffer):
+    s = x.sigmoid()
+    return -go * s * (1 - s)
+
+
+_activation(aten.log_sigmoid_backward.default, _log_sigmoid_second)
+
+
+def _logit_second(go, x, eps=None):
+    d = go * (2 * x - 1) / (x * (1 - x)).square()
+    if eps is not None:
+        d = torch.where((x < eps) | (x > 1 - eps), 0.0, d).to(go.dtype)
+    return d
+
+
+_activation(aten.logit_backward.default, _logit_second)
+
+
+def _elu_second(go, alpha, scale, input_scale, is_result, s):
+    # For s <= 0 the gradient is go * input_scale * (s + alpha * scale) when s is
+    # the result, and go * input_scale * alpha * scale * exp(s * input_scale) when
+    # it is the input; for s > 0 it is go * scale, whose derivative is zero.
+    if is_result:
+        d = go * input_scale
+    else:
+        d = go * (input_scale * input_scale * alpha * scale) * (s * input_scale).exp()
+    return torch.where(s > 0, 0.0, d).to(go.dtype)
+
+
+_activation(aten.elu_backward.default, _elu_second, saved_arg=5)
+
+
+@defrule(aten.glu_backward.default)
+def _glu_backward_jvp(t, ans, go, x, dim):
+    # glu(x) = a * sigmoid(b) with x = [a, b]: grad_a = go * s, grad_b = go * a * s (1 - s).
+    a, b = x.chunk(2, dim)
+    s = b.sigmoid()
+    ds1 = s * (1 - s)
+    dgo, dx = t[0], t[1]
+    da = db = None
+    if dx is not None:
+        da, db = dx.chunk(2, dim)
+    d_ga = _add(_mul(dgo, s), None if db is None else go * ds1 * db)
+    d_gb = _mul(dgo, a * ds1)
+    if dx is not None:
+        d_gb = _add(d_gb, go * ds1 * (da + a * (1 - 2 * s) * db))
+    if d_ga is None and d_gb is None:
+        return None
+    if d_ga is None:
+        d_ga = torch.zeros_like(d_gb)
+    if d_gb is None:
+        d_gb = torch.zeros_like(d_ga)
+    return torch.cat([d_ga, d_gb], dim)
+
+
+# ---- softmax ------------------------------------------------------------------
+
+
+@defrule(aten._softmax_backward_data.default)
+def _softmax_backward_jvp(t, ans, go, y, dim, input_dtype):
+    # gi = y * (go - sum(go * y))
+    dgo, dy = t[0], t[1]
+    out = None if dgo is None else aten._softmax_backward_data.default(dgo, y, dim, input_dtype)
+    if dy is not None:
+        s = (go * y).sum(dim, keepdim=True)
+        out = _add(out, dy * (go - s) - y * (go * dy).sum(dim, keepdim=True))
+    return out
+
+
+@defrule(aten._log_softmax_backward_data.default)
+def _log_softmax_backward_jvp(t, ans, go, out, dim, input_dtype):
+    # gi = go - exp(out) * sum(go)
+    dgo, dout = t[0], t[1]
+    res = None if dgo is None else aten._log_softmax_backward_data.default(dgo, out, dim, input_dtype)
+    if dout is not None:
+        res = _add(res, -(out.exp() * dout) * go.sum(dim, keepdim=True))
+    return res
+
+
+# ---- losses ---------------------------------------------------------------------
+
+
+def _difference(dx, dy, x):
+    if dx is None and dy is None:
+        return None
+    if dy is None:
+        return dx
+    if dx is None:
+        return -dy.expand_as(x)
+    return dx - dy
+
+
+@defrule(aten.mse_loss_backward.default)
+def _mse_backward_jvp(t, ans, go, x, y, reduction):
+    # gi = c * go * (x - y): linear in go and in (x - y).
+    out = None if t[0] is None else aten.mse_loss_backward.default(t[0], x, y, reduction)
+    dd = _difference(t[1], t[2], x)
+    if dd is not None:
+        out = _add(out, go * dd * (2 * _mean_scale(x, reduction)))
+    return out
+
+
+def _mean_scale(x, reduction):
+    """The factor a loss's reduction puts on each element's gradient (1/N for 'mean')."""
+    return 1.0 / x.numel() if reduction == 1 else 1.0
+
+
+@defrule(aten.binary_cross_entropy_backward.default)
+def _bce_backward_jvp(t, ans, go, x, y, weight=None, reduction=1):
+    # gi = c * go * w * (x - y) / max(x (1 - x), 1e-12), c = 1/N for 'mean'.
+    if len(t) > 3 and t[3] is not None:
+        return _bce_backward_fallback(t, ans, go, x, y, weight, reduction)
+    out = None if t[0] is None else aten.binary_cross_entropy_backward.default(t[0], x, y, weight, reduction)
+    dx, dy = t[1], t[2]
+    if dx is None and dy is None:
+        return out
+    q = x * (1 - x)
+    clamped = q < 1e-12
+    q = q.clamp_min(1e-12)
+    scale = go * _mean_scale(x, reduction)
+    if weight is not None:
+        scale = scale * weight
+    term = None
+    if dx is not None:
+        # d/dx (x - y) / q = (q - (x - y)(1 - 2x)) / q^2 where q = x (1 - x) is not clamped.
+        dq = torch.where(clamped, 0.0, (1 - 2 * x) / q).to(x.dtype)
+        term = (1 - (x - y) * dq) / q * dx
+    if dy is not None:
+        term = _add(term, -dy / q)
+    return _add(out, scale * term)
+
+
+_bce_backward_fallback = rule_for(aten.binary_cross_entropy_backward.default)
+
+
+@defrule(aten.smooth_l1_loss_backward.default)
+def _smooth_l1_backward_jvp(t, ans, go, x, y, reduction, beta):
+    out = None if t[0] is None else aten.smooth_l1_loss_backward.default(t[0], x, y, reduction, beta)
+    dd = _difference(t[1], t[2], x)
+    if dd is not None:
+        quadratic = ((x - y).abs() < beta).to(go.dtype)
+        out = _add(out, go * quadratic * dd * (_mean_scale(x, reduction) / beta))
+    return out
+
+
+@defrule(aten.huber_loss_backward.default)
+def _huber_backward_jvp(t, ans, go, x, y, reduction, delta):
+    out = None if t[0] is None else aten.huber_loss_backward.default(t[0], x, y, reduction, delta)
+    dd = _difference(t[1], t[2], x)
+    if dd is not None:
+        quadratic = ((x - y).abs() <= delta).to(go.dtype)
+        out = _add(out, go * quadratic * dd * _mean_scale(x, reduction))
+    return out
+
+
+# ---- convolution ------------------------------------------------------------------
+
+
+@defrule(aten.convolution_backward.default)
+def _convolution_backward_jvp(t, ans, go, x, w, bias_sizes, stride, padding, dilation,
+                              transposed, output_padding, groups, output_mask):
+    # grad_input is bilinear in (go, w), grad_weight in (go, x), grad_bias linear in go.
+    def conv_bwd(g, inp, weight, mask):
+        return aten.convolution_backward.default(
+            g, inp, weight, bias_sizes, stride, padding, dilation, transposed, output_padding,
+            groups, mask,
+        )
+
+    dgo, dx, dw = t[0], t[1], t[2]
+    di = dgw = dgb = None
+    if dgo is not None:
+        di, dgw, dgb = conv_bwd(dgo, x, w, output_mask)
+        if not output_mask[0]:
+            di = None
+        if not output_mask[1]:
+            dgw = None
+        if not output_mask[2]:
+            dgb = None
+    if dw is not None and output_mask[0]:
+        di = _add(di, conv_bwd(go, x, dw, [True, False, False])[0])
+    if dx is not None and output_mask[1]:
+        dgw = _add(dgw, conv_bwd(go, dx, w, [False, True, False])[1])
+    return di, dgw, dgb
+
+
+# ---- normalisation ------------------------------------------------------------------
+
+
+def _mean(x, dims):
+    return x.mean(dims, keepdim=True)
+
+
+def _normalized_grad_tangent(G, dG, xhat, dxhat, rstd, drstd, dims):
+    """Tangent of ``gi = rstd * (G - mean(G) - xhat * mean(G * xhat))`` (means over ``dims``).
+
+    This is the input gradient of a normalisation whose statistics are taken
+    over ``dims``; ``G`` is the incoming gradient times the affine weight.
+    """
+    dh = None
+    if dG is not None:
+        dh = dG - _mean(dG, dims) - xhat * _mean(dG * xhat, dims)
+    if dxhat is not None:
+        dh = _add(dh, -dxhat * _mean(G * xhat, dims) - xhat * _mean(G * dxhat, dims))
+    out = None if dh is None else rstd * dh
+    if drstd is not None:
+        h = G - _mean(G, dims) - xhat * _mean(G * xhat, dims)
+        out = _add(out, drstd * h)
+    return out
+
+
+def _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd):
+    """``xhat = (x - mean) * rstd`` and its tangent (``None`` if zero)."""
+    xc = x - mean
+    dxhat = None
+    if dx is not None or dmean is not None:
+        dxhat = _difference(dx, dmean, x) * rstd
+    if drstd is not None:
+        dxhat = _add(dxhat, xc * drstd)
+    return xc * rstd, dxhat
+
+
+def _param_grad_tangents(go, dgo, xhat, dxhat, dims, output_mask):
+    """Tangents of ``grad_weight = sum(go * xhat)`` and ``grad_bias = sum(go)`` over ``dims``."""
+    dgw = dgb = None
+    if output_mask[1]:
+        dgw = _add(_mul(dgo, xhat), _mul(go, dxhat))
+        if dgw is not None:
+            dgw = dgw.sum(dims)
+    if output_mask[2] and dgo is not None:
+        dgb = dgo.sum(dims)
+    return dgw, dgb
+
+
+def _weighted(go, dgo, w, dw):
+    """``G = go * w`` and its tangent (``w`` broadcasts; ``None`` means 1)."""
+    if w is None:
+        return go, dgo
+    dG = _mul(dgo, w)
+    if dw is not None:
+        dG = _add(dG, go * dw)
+    return go * w, dG
+
+
+@defrule(aten.native_layer_norm_backward.default)
+def _layer_norm_backward_jvp(t, ans, go, x, normalized_shape, mean, rstd, w, b, output_mask):
+    dgo, dx, dmean, drstd, dw = t[0], t[1], t[3], t[4], t[5]
+    features = 1
+    for n in normalized_shape:
+        features *= n
+    rows = x.numel() // max(1, features)
+
+    def as_rows(a, width):
+        return None if a is None else a.reshape(rows, width)
+
+    wf = None if w is None else w.reshape(features)
+    dwf = None if dw is None else dw.reshape(features)
+
+    def piece(go, dgo, x, dx, mean, dmean, rstd, drstd):
+        xhat, dxhat = _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd)
+        di = None
+        if output_mask[0]:
+            G, dG = _weighted(go, dgo, wf, dwf)
+            di = _normalized_grad_tangent(G, dG, xhat, dxhat, rstd, drstd, [1])
+        return (di, *_param_grad_tangents(go, dgo, xhat, dxhat, [0], output_mask))
+
+    di, dgw, dgb = in_row_slices(piece, rows, features, [
+        as_rows(go, features), as_rows(dgo, features), as_rows(x, features), as_rows(dx, features),
+        as_rows(mean, 1), as_rows(dmean, 1), as_rows(rstd, 1), as_rows(drstd, 1),
+    ])
+    shape = list(normalized_shape)
+    return (
+        None if di is None else di.reshape(x.shape),
+        None if dgw is None else dgw.reshape(shape),
+        None if dgb is None else dgb.reshape(shape),
+    )
+
+
+@defrule(aten.native_group_norm_backward.default)
+def _group_norm_backward_jvp(t, ans, go, x, mean, rstd, w, N, C, HxW, group, output_mask):
+    dgo, dx, dmean, drstd, dw = t[0], t[1], t[2], t[3], t[4]
+    per_group = C // group
+    # Layout (N, group, channels per group, HxW): statistics over dims (2, 3),
+    # affine parameters per (group, channel), parameter sums over dims (0, 3).
+    wg = None if w is None else w.reshape(group, per_group, 1)
+    dwg = None if dw is None else dw.reshape(group, per_group, 1)
+
+    def layout(a):
+        return None if a is None else a.reshape(N, group, per_group, -1)
+
+    def stats(a):
+        return None if a is None else a.reshape(N, group, 1, 1)
+
+    def piece(go, dgo, x, dx, mean, dmean, rstd, drstd):
+        xhat, dxhat = _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd)
+        di = None
+        if output_mask[0]:
+            G, dG = _weighted(go, dgo, wg, dwg)
+            di = _normalized_grad_tangent(G, dG, xhat, dxhat, rstd, drstd, [2, 3])
+        return (di, *_param_grad_tangents(go, dgo, xhat, dxhat, [0, 3], output_mask))
+
+    di, dgw, dgb = in_row_slices(piece, N, x.numel() // max(1, N), [
+        layout(go), layout(dgo), layout(x), layout(dx), stats(mean), stats(dmean), stats(rstd), stats(drstd),
+    ])
+    return (
+        None if di is None else di.reshape(x.shape),
+        None if dgw is None else dgw.reshape(C),
+        None if dgb is None else dgb.reshape(C),
+    )
+
+
+def per_channel_sum(shape, terms, centered=None, const=None):
+    """``sum(full * coef) [+ (x - mu) * c] [+ const]`` with per-channel coefficients
+    (reshaped to ``shape``), built in place in one tensor: batch-norm tangents
+    need no other temporary the size of the input.  ``centered = (x, mu, c)``
+    keeps ``x - mu`` together, so a large mean does not cancel."""
+    inplace = in_place_ok()
+    out = None
+    if centered is not None and centered[2] is not None:
+        x, mu, c = centered
+        out = x - mu.reshape(shape)
+        out = out.mul_(c.reshape(shape)) if inplace else out * c.reshape(shape)
+    for full, coef in terms:
+        if full is None or coef is None:
+            continue
+        coef = coef.reshape(shape)
+        if out is None:
+            out = full * coef
+        else:
+            out = out.addcmul_(full, coef) if inplace else torch.addcmul(out, full, coef)
+    if const is not None:
+        const = const.reshape(shape)
+        out = const if out is None else (out.add_(const) if inplace else out + const)
+    return out
+
+
+def channel_sums(g, x, mu, rho):
+    """Per channel ``(sum(g * (x - mu) * rho), sum(g))``: the weight and bias gradients
+    of the batch-norm backward kernel, so no temporary the size of ``x``.  Under
+    reverse mode (the kernel's own derivative does not cover this use) plain ops."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in (g, x, mu, rho)):
+        shape = _channel_shape(x)
+        dims = [0] + list(range(2, x.dim()))
+        return (g * (x - mu.reshape(shape)) * rho.reshape(shape)).sum(dims), g.sum(dims)
+    _, gw, gb = aten.native_batch_norm_backward.default(
+        g, x, None, None, None, mu, rho, True, 0.0, [False, True, True]
+    )
+    return gw, gb
+
+
+def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps, output_mask):
+    """Shared by the batch-norm backward overloads; ``t`` indexed as in native_batch_norm_backward.
+
+    With ``mu``/``rho`` the mean and inverse standard deviation used (batch
+    statistics in training, running ones otherwise), ``xhat = (x - mu) rho``,
+    ``w`` the weight, ``a = mean(go)`` and ``b = mean(go xhat)``:
+
+    * training: ``gi = rho w (go - a - xhat b)``;  evaluation: ``gi = rho w go``;
+    * ``grad_weight = sum(go xhat)``, ``grad_bias = sum(go)``.
+
+    Every term of the tangent of ``gi`` is a full-size tensor (``dgo``, ``go``,
+    ``dx``, ``x - mu``) times a per-channel coefficient, and the channel sums
+    come from the kernel, so the tangent is built in place in one tensor.
+    """
+    dgo, dx, dw, drm, drv, dsm, dsi = t[0], t[1], t[2], t[3], t[4], t[5], t[6]
+    shape = _channel_shape(x)
+    count = x.numel() // x.shape[1]
+    if train:
+        mu, rho, dmu, drho = save_mean, save_invstd, dsm, dsi
+    else:
+        mu, rho, dmu = rm, (rv + eps).rsqrt(), drm
+        drho = None if drv is None else -0.5 * rho ** 3 * drv
+    wv = w if w is not None else torch.ones_like(rho)
+    d_rho_w = _add(_mul(drho, wv), _mul(rho, dw))  # tangent of rho * w
+    sum_go_xhat, sum_go = channel_sums(go, x, mu, rho)
+    # S1 = sum(dgo xhat), S2 = sum(dgo); m3 = sum(go dxhat), dxhat = (dx - dmu) rho + (x - mu) drho.
+    s1 = s2 = m3 = None
+    if dgo is not None:
+        s1, s2 = channel_sums(dgo, x, mu, rho)
+    if dx is not None:
+        m3 = rho * channel_sums(go, dx, torch.zeros_like(mu), torch.ones_like(rho))[0]
+    if dmu is not None:
+        m3 = _add(m3, -rho * dmu * sum_go)
+    if drho is not None:
+        m3 = _add(m3, drho * sum_go_xhat / rho)
+    dgw = _add(s1, m3) if output_mask[1] else None
+    dgb = s2 if output_mask[2] else None
+    di = None
+    if output_mask[0]:
+        rw = rho * wv
+        c_dgo = None if dgo is None else rw
+        c_go, c_dx, c_x, c_1 = d_rho_w, None, None, None
+        if train:
+            a, b = sum_go / count, sum_go_xhat / count
+            # d(rho w) (go - a - xhat b) + rho w (dgo - mean(dgo) - xhat mean(dgo xhat))
+            #   - rho w (b dxhat + xhat mean(go dxhat)), with the mean's terms cancelled.
+            if d_rho_w is not None:
+                c_x = -d_rho_w * rho * b
+                c_1 = -d_rho_w * a
+            if dgo is not None:
+                c_x = _add(c_x, -rw * rho * s1 / count)
+                c_1 = _add(c_1, -rw * s2 / count)
+            if dx is not None:
+                c_dx = -rw * rho * b
+            if dmu is not None:
+                c_1 = _add(c_1, rw * rho * b * dmu)
+            if drho is not None:
+                c_x = _add(c_x, -rw * b * drho)
+            if m3 is not None:
+                c_x = _add(c_x, -rw * rho * m3 / count)
+        di = per_channel_sum(shape, [(dgo, c_dgo), (go, c_go), (dx, c_dx)], (x, mu, c_x), c_1)
+    return di, dgw, dgb
+
+
+@defrule(aten.native_batch_norm_backward.default)
+def _native_batch_norm_backward_jvp(t, ans, go, x, w, rm, rv, save_mean, save_invstd, train, eps, output_mask):
+    return _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps, output_mask)
+
+
+@defrule(aten.batch_norm_backward.default)
+def _batch_norm_backward_jvp(t, ans, go, x, w, rm, rv, save_mean, save_var, update, eps, output_mask, reserve):
+    # The first seven arguments sit where native_batch_norm_backward has them.
+    return _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_var, update, eps, output_mask)
+
+
+# ---- attention ----------------------------------------------------------------------
+
+
+@defrule(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+def _sdpa_cpu_backward_jvp(t, ans, go, q, k, v, out, lse, dropout_p, is_causal, *,
+                           attn_mask=None, scale=None):
+    # With S = scale q k^T (+ mask), P = exp(S - lse), D = rowsum(go * out):
+    #   gv = P^T go,  dS = P * (go v^T - D),  gq = scale dS k,  gk = scale dS^T q.
+    if dropout_p:
+        raise NotImplementedError(
+            "fwdgrad: forward over reverse through scaled_dot_product_attention with "
+            "dropout_p > 0 needs the dropout mask, which the fused CPU kernel does not "
+            "return; use dropout_p=0 (e.g. model.eval()) inside the transform"
+        )
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    dgo, dq, dk, dv, dout, dlse = t[0], t[1], t[2], t[3], t[4], t[5]
+    dmask = t.kw.get("attn_mask")
+    if dgo is not None:
+        # Every term linear in go, from the fused kernel itself.
+        dgq, dgk, dgv = aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+            dgo, q, k, v, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale
+        )
+    else:
+        dgq = dgk = dgv = None
+    if all(a is None for a in (dq, dk, dv, dout, dlse, dmask)):
+        return dgq, dgk, dgv
+    p = _attention_probs(q, k, lse, attn_mask, is_causal, scale)
+    # Tangent of P = exp(S - lse).
+    ds_in = None
+    if dq is not None:
+        ds_in = (dq @ k.transpose(-2, -1)) * scale
+    if dk is not None:
+        ds_in = _add(ds_in, (q @ dk.transpose(-2, -1)) * scale)
+    if dmask is not None:
+        ds_in = _add(ds_in, dmask)
+    if dlse is not None:
+        ds_in = _add(ds_in, -dlse.unsqueeze(-1))
+    dp = None if ds_in is None else p * ds_in
+    dP = go @ v.transpose(-2, -1)
+    D = (go * out).sum(-1, keepdim=True)
+    # Tangent of dS = P * (dP - D), the dgo terms excluded (they came from the kernel).
+    d_dS = None if dp is None else dp * (dP - D)
+    inner = None
+    if dv is not None:
+        inner = go @ dv.transpose(-2, -1)
+    if dout is not None:
+        inner = _add(inner, -(go * dout).sum(-1, keepdim=True))
+    if inner is not None:
+        d_dS = _add(d_dS, p * inner)
+    if dp is not None:
+        dgv = _add(dgv, dp.transpose(-2, -1) @ go)
+    dS = p * (dP - D)
+    if d_dS is not None:
+        dgq = _add(dgq, (d_dS @ k) * scale)
+        dgk = _add(dgk, (d_dS.transpose(-2, -1) @ q) * scale)
+    if dk is not None:
+        dgq = _add(dgq, (dS @ dk) * scale)
+    if dq is not None:
+        dgk = _add(dgk, (dS.transpose(-2, -1) @ dq) * scale)
+    return dgq, dgk, dgv

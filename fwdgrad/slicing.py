@@ -1,0 +1,145 @@
+"""Keeping the temporaries of tangent formulas small: evaluation in slices.
+
+A tangent formula such as ``go * pdf(x) * (2 - x * x) * dx`` builds three or
+four temporaries the size of an activation before the result exists.  In a
+forward-over-reverse pass those temporaries, not the saved values, set the
+peak memory.  When nothing records autograd on the result (no reverse mode
+over the rule), no tracer watches (``in_place_ok``) and the tensors are plain,
+the formula is evaluated over slices
+of ``SLICE`` elements along the first dimension (or the flattened tensor) and
+written into one output, so the temporaries are slice-sized.  Slices of 64K
+elements also keep the temporaries in cache, so this is not slower.
+"""
+
+import torch
+
+from . import registry
+
+SLICE = 1 << 16  # elements per slice
+
+
+def in_place_ok(tensors=()):
+    """Whether memory tricks (in-place updates of fresh temporaries, slices) may be
+    used: nothing records autograd on these tensors, and no dispatch mode (a
+    tracer such as make_fx or jacfwd's recorder) watches, which would see the
+    in-place writes as mutations of recorded values."""
+    return torch._C._len_torch_dispatch_stack() == 0 and not records(tensors)
+
+
+def records(tensors):
+    """Whether autograd records ops on these (reverse mode over the formula)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in tensors
+    )
+
+
+def _plain(tensors):
+    from .interpreter import Dual
+
+    return not any(isinstance(a, Dual) for a in tensors)
+
+
+def accumulate(out, fn, like, *args):
+    """``out + fn(*args)`` for an elementwise, broadcasting ``fn`` whose result has
+    ``like``'s shape.  ``out`` (``None`` for zero) must be a fresh tensor the
+    caller owns: it is updated in place when the work is sliced."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if (
+        like.dim() == 0
+        or like.numel() <= SLICE
+        or not in_place_ok(tensors)
+        or not _plain(tensors + ([out] if out is not None else []))
+        or (out is not None and (out.shape != like.shape or out.requires_grad))
+    ):
+        term = fn(*args)
+        return term if out is None else out + term
+    fresh = out is None
+    if fresh:
+        out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    if out.is_contiguous() and all(a.shape == like.shape and a.is_contiguous() for a in tensors):
+        # Same shape and layout everywhere: slice the flat views.
+        target = out.view(-1)
+        args = [a.view(-1) if isinstance(a, torch.Tensor) else a for a in args]
+        step = SLICE
+    else:
+        # Broadcasting arguments (per-row statistics): slice whole rows.
+        target = out
+        step = max(1, SLICE // max(1, like.numel() // like.shape[0]))
+    rows = target.shape[0]
+
+    def part(a, i, k):
+        if isinstance(a, torch.Tensor) and a.dim() == target.dim() and a.shape[0] == rows:
+            return a.narrow(0, i, k)
+        return a  # broadcast along the first dimension
+
+    for i in range(0, rows, step):
+        k = min(step, rows - i)
+        piece = fn(*(part(a, i, k) for a in args))
+        if fresh:
+            target.narrow(0, i, k).copy_(piece)
+        else:
+            target.narrow(0, i, k).add_(piece)
+    return out
+
+
+def in_row_slices(piece, rows, row_numel, row_args):
+    """``piece(*row_args)``, run on slices of the leading dimension when that is safe.
+
+    ``piece`` returns the rows of one result (written into a full tensor) and
+    any number of sums over rows (added up across slices).
+    """
+    present = [a for a in row_args if a is not None]
+    if rows <= 1 or rows * row_numel <= SLICE or not in_place_ok(present) or not _plain(present):
+        return piece(*row_args)
+    step = max(1, SLICE // max(1, row_numel))
+    first = sums = None
+    for i in range(0, rows, step):
+        k = min(step, rows - i)
+        outs = piece(*(None if a is None else a.narrow(0, i, k) for a in row_args))
+        if outs[0] is not None:
+            if first is None:
+                first = outs[0].new_empty((rows,) + tuple(outs[0].shape[1:]))
+            first.narrow(0, i, k).copy_(outs[0])
+        if sums is None:
+            sums = list(outs[1:])
+        else:
+            sums = [b if a is None else (a if b is None else a + b) for a, b in zip(sums, outs[1:])]
+    return (first, *sums)
+
+
+def sliced_unary(rule):
+    """Wrap the rule of an elementwise op ``op(x, *scalars)`` so that, on a large
+    plain tensor, it runs slice by slice into one output tensor."""
+
+    def sliced_rule(t, ans, x, *args, **kwargs):
+        g = t[0]
+        if (
+            g is None
+            or t.kw
+            or any(a is not None for a in t[1:])
+            or not isinstance(ans, torch.Tensor)
+            or x.numel() <= SLICE
+            or not (g.shape == ans.shape == x.shape)
+            or not (g.is_contiguous() and ans.is_contiguous() and x.is_contiguous())
+            or not in_place_ok((g, ans, x))
+            or not _plain((g, ans, x))
+        ):
+            return rule(t, ans, x, *args, **kwargs)
+        gf, af, xf = g.view(-1), ans.view(-1), x.view(-1)
+        rest = (None,) * (len(t) - 1)
+        out = flat = None
+        n = xf.numel()
+        for i in range(0, n, SLICE):
+            k = min(SLICE, n - i)
+            piece = rule(registry.Tangents((gf.narrow(0, i, k),) + rest), af.narrow(0, i, k),
+                         xf.narrow(0, i, k), *args, **kwargs)
+            if piece is None:
+                return None  # a zero tangent is zero on every slice
+            if out is None:
+                out = torch.empty(x.shape, dtype=piece.dtype, device=x.device)
+                flat = out.view(-1)
+            flat.narrow(0, i, k).copy_(piece)
+        return out
+
+    sliced_rule.__wrapped__ = rule
+    return sliced_rule
