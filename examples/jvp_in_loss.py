@@ -92,10 +92,6 @@ def meanflow_loss(model, batch, jvp):
     return residual.pow(2).mean()
 
 
-def fwdgrad_jvp(f, primals, tangents):
-    return fwdgrad.jvp(f, primals, tangents)
-
-
 def double_backward_jvp(f, primals, tangents):
     """The oracle: a JVP from two reverse passes, with the math attention kernel (it has double backward)."""
     with sdpa_kernel(SDPBackend.MATH):
@@ -107,7 +103,7 @@ print(f"transformer with {sum(p.numel() for p in model.parameters())} parameters
 
 # 1. torch.func.jvp cannot differentiate the CPU attention kernel.
 try:
-    meanflow_loss(model, draw_batch(4), lambda f, p, t: torch.func.jvp(f, p, t))
+    meanflow_loss(model, draw_batch(4), torch.func.jvp)
     print("torch.func.jvp: ran")
 except (NotImplementedError, RuntimeError) as e:
     print(f"torch.func.jvp raises {type(e).__name__}: {str(e).splitlines()[0][:110]}...")
@@ -124,7 +120,7 @@ print(f"du/dt vs double-backward oracle: max err {(dudt - dudt_oracle).abs().max
 assert torch.allclose(dudt, dudt_oracle, rtol=1e-10, atol=1e-10)
 
 params = list(model64.parameters())
-grads = torch.autograd.grad(meanflow_loss(model64, batch, fwdgrad_jvp), params)
+grads = torch.autograd.grad(meanflow_loss(model64, batch, fwdgrad.jvp), params)
 double_backward_grads = torch.autograd.grad(meanflow_loss(model64, batch, double_backward_jvp), params)
 
 
@@ -154,7 +150,7 @@ optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
 losses = []
 start = time.perf_counter()
 for step in range(100):
-    loss = meanflow_loss(model, draw_batch(64), fwdgrad_jvp)
+    loss = meanflow_loss(model, draw_batch(64), fwdgrad.jvp)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
