@@ -48,15 +48,22 @@ def _required_args(op):
 def register_jvp(op, rule=None):
     """Add or override the JVP rule of an aten (or custom) op overload.
 
-    Use it as a decorator::
+    Needed for ops whose kernel fwdgrad cannot see into and that have no
+    reverse-mode formula to fall back on (a custom op with a NumPy or C++
+    kernel, say); also lets you replace a built-in rule.  The rule is called
+    as ``rule(tangents, ans, *args, **kwargs)``: ``tangents[i]`` is the tangent
+    of ``args[i]`` (``None`` for zero) and ``ans`` the primal output.  Return
+    the output tangent (``None`` for zero, a tuple for several outputs).
 
-        @fwdgrad.register_jvp(torch.ops.mylib.scale.default)
-        def scale_jvp(tangents, ans, x, factor):
-            return tangents[0] * factor
-
-    ``tangents[i]`` is the tangent of ``args[i]`` (``None`` for zero) and ``ans``
-    the primal output.  Return the output tangent (``None`` for zero, a tuple
-    for several outputs).
+    >>> import torch, fwdgrad
+    >>> @torch.library.custom_op("fwdgrad_doc::cube", mutates_args=())
+    ... def cube(x: torch.Tensor) -> torch.Tensor:
+    ...     return torch.from_numpy(x.numpy() ** 3)   # opaque to autograd
+    >>> @fwdgrad.register_jvp(torch.ops.fwdgrad_doc.cube.default)
+    ... def cube_jvp(tangents, ans, x):
+    ...     return 3 * x ** 2 * tangents[0]
+    >>> fwdgrad.jvp(cube, (torch.tensor([1.0, 2.0]),), (torch.ones(2),))
+    (tensor([1., 8.]), tensor([ 3., 12.]))
     """
     if isinstance(op, torch._ops.OpOverloadPacket):
         raise TypeError(
