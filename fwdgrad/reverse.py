@@ -78,13 +78,14 @@ def _reaches_other_leaves(out, inputs):
     return False
 
 
-def _check_scalar_output(out, name, what="func"):
+def _check_scalar_output(out, name, what="func", any_shape=False):
+    """``out`` must be a real floating scalar (with ``any_shape``, any one-element tensor)."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name}: {what} must return a scalar tensor, got {type(out).__name__}")
-    if out.dim() != 0:
+    if out.numel() != 1 if any_shape else out.dim() != 0:
         raise ValueError(
-            f"{name}: {what} must return a scalar (0-dim) tensor, got one of shape "
-            f"{tuple(out.shape)}; reduce it first (e.g. .sum() or .mean())"
+            f"{name}: {what} must return a scalar {'tensor (one element)' if any_shape else '(0-dim) tensor'}, "
+            f"got one of shape {tuple(out.shape)}; reduce it first (e.g. .sum() or .mean())"
         )
     if not _is_float(out):
         raise TypeError(f"{name}: {what} must return a floating-point tensor, got dtype {out.dtype}")
@@ -275,15 +276,7 @@ def _is_closure(loss, pure_args):
 
 
 def _scalar_loss(out, name):
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{name}: loss must return a scalar tensor, got {type(out).__name__}")
-    if out.numel() != 1:
-        raise ValueError(
-            f"{name}: loss must return a scalar tensor (one element), got one of shape "
-            f"{tuple(out.shape)}; reduce it first (e.g. .sum() or .mean())"
-        )
-    if not _is_float(out):
-        raise TypeError(f"{name}: loss must return a floating-point tensor, got dtype {out.dtype}")
+    _check_scalar_output(out, name, "loss", any_shape=True)
     return out
 
 

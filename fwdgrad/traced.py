@@ -43,7 +43,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import trace
-from .transforms import check_tangent
+from .transforms import check_tangent, checked_leaves
 
 _EAGER = object()  # a cache value: run these inputs eagerly
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -238,20 +238,12 @@ def traced_jvp_for(func, has_aux):
 
 def _check_leaves(name, primal, tangent, prefix, first, dual, tangents):
     """Check matching pytrees ``primal``/``tangent``; note their leaves from index ``first``."""
-    p_leaves, p_spec = pytree.tree_flatten(primal)
-    t_leaves, t_spec = pytree.tree_flatten(tangent, is_leaf=lambda x: x is None)
-    if p_spec != t_spec:
-        raise ValueError(
-            f"{name}: tangents must have the same structure as {prefix}; {prefix}: "
-            f"{pytree.treespec_pprint(p_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
-        )
-    paths = pytree.tree_flatten_with_path(primal)[0]
-    for j, ((path, _), p, t) in enumerate(zip(paths, p_leaves, t_leaves)):
-        check_tangent(name, prefix + pytree.keystr(path), p, t)
+    leaves, _ = checked_leaves(name, primal, tangent, prefix)
+    for j, (_, _, t) in enumerate(leaves):
         dual.append(first + j)
         if t is not None:
             tangents[first + j] = t
-    return first + len(p_leaves)
+    return first + len(leaves)
 
 
 def jvp_traced(func, primals, tangents, has_aux):

@@ -110,8 +110,11 @@ def check_tangent(name, where, p, t):
         )
 
 
-def lift(primals, tangents, level, name, prefix="primals"):
-    """Wrap matching pytrees of primals and tangents as duals at ``level``."""
+def checked_leaves(name, primals, tangents, prefix="primals"):
+    """The leaves of matching pytrees ``primals``/``tangents`` as ``(where, p, t)``, checked.
+
+    Also returns the primals' tree spec.
+    """
     p_leaves, p_spec = pytree.tree_flatten(primals)
     t_leaves, t_spec = pytree.tree_flatten(tangents, is_leaf=lambda x: x is None)
     if p_spec != t_spec:
@@ -120,11 +123,17 @@ def lift(primals, tangents, level, name, prefix="primals"):
             f"{pytree.treespec_pprint(p_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
         )
     paths = [prefix + _describe(path) for path, _ in pytree.tree_flatten_with_path(primals)[0]]
-    duals = []
-    for where, p, t in zip(paths, p_leaves, t_leaves):
+    leaves = list(zip(paths, p_leaves, t_leaves))
+    for where, p, t in leaves:
         check_tangent(name, where, p, t)
-        duals.append(Dual(p, t, level, requires_grad=p.requires_grad))
-    return pytree.tree_unflatten(duals, p_spec)
+    return leaves, p_spec
+
+
+def lift(primals, tangents, level, name, prefix="primals"):
+    """Wrap matching pytrees of primals and tangents as duals at ``level``."""
+    leaves, spec = checked_leaves(name, primals, tangents, prefix)
+    duals = [Dual(p, t, level, requires_grad=p.requires_grad) for _, p, t in leaves]
+    return pytree.tree_unflatten(duals, spec)
 
 
 def lower_output(o, level):
