@@ -1,4 +1,4 @@
-"""Run the examples in fwdgrad's docstrings and in the README and docs/*.rst,
+"""Run the examples in fwdgrad's docstrings and in README.rst,
 and require one for every public function.
 
 These examples are what users copy first, so they must run and print what they
@@ -45,12 +45,7 @@ def test_public_function_has_runnable_example(name):
     assert ">>>" in doc, f"fwdgrad.{name}'s docstring has no runnable (>>>) example"
 
 
-def documents():
-    files = [ROOT / "README.rst", *sorted((ROOT / "docs").glob("*.rst"))]
-    return [str(f.relative_to(ROOT)) for f in files if f.exists()]
-
-
-@pytest.mark.parametrize("document", documents())
-def test_document_examples_run(document):
-    results = doctest.testfile(str(ROOT / document), module_relative=False, optionflags=FLAGS)
-    assert results.failed == 0, f"{results.failed} example(s) failed in {document}"
+def test_readme_examples_run():
+    results = doctest.testfile(str(ROOT / "README.rst"), module_relative=False, optionflags=FLAGS)
+    assert results.attempted > 0, "README.rst has no examples"
+    assert results.failed == 0, f"{results.failed} example(s) failed in README.rst"
