@@ -8,7 +8,8 @@ interpreter, torch itself and the model's parameters are not counted.  glibc's
 mmap threshold is fixed (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors
 leave the resident set instead of being kept for reuse.  Times come from one
 more subprocess per model with default allocator settings, one thread, the
-methods interleaved round by round; the minimum over rounds is reported.
+methods interleaved round by round; the median over rounds is reported
+(helpers in ``benchmarks/common.py``).
 
     python benchmarks/hvp_memory.py            # both models, all methods
     python benchmarks/hvp_memory.py --model cnn --rounds 10
@@ -27,12 +28,10 @@ fwdgrad no slower than torch.func's ``jvp(grad)``.
 """
 
 import argparse
-import gc
 import json
-import os
-import subprocess
 import sys
-import time
+
+from common import peak_growth, run_child, time_interleaved
 
 METHODS = [
     "grad",
@@ -45,7 +44,8 @@ METHODS = [
 MODELS = ["cnn", "mlp"]
 
 
-def build(model_name):
+def build(model_name, batch=None):
+    """The model, a batch of inputs and labels; ``batch`` overrides the default size."""
     import torch
     import torch.nn as nn
 
@@ -66,7 +66,7 @@ def build(model_name):
             nn.Flatten(),
             nn.Linear(64 * 8 * 8, 10),
         )
-        x = torch.randn(64, 3, 32, 32)
+        x = torch.randn(batch or 64, 3, 32, 32)
     else:
         model = nn.Sequential(
             nn.Linear(512, 1024),
@@ -75,20 +75,20 @@ def build(model_name):
             nn.GELU(),
             nn.Linear(1024, 10),
         )
-        x = torch.randn(4096, 512)
+        x = torch.randn(batch or 4096, 512)
     model.eval()  # batch statistics are not needed to compare memory; eval keeps buffers fixed
     y = torch.randint(0, 10, (x.shape[0],))
     return model, x, y
 
 
-def make_call(model_name, method):
+def make_call(model_name, method, batch=None):
     import torch
     import torch.nn.functional as F
     from torch.func import functional_call
 
     import fwdgrad
 
-    model, x, y = build(model_name)
+    model, x, y = build(model_name, batch)
     params = dict(model.named_parameters())
     names = list(params)
     v = {k: torch.randn_like(p) for k, p in params.items()}
@@ -133,65 +133,26 @@ def make_call(model_name, method):
     return call
 
 
-def _rss_kib():
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-
-
-def _reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def measure_memory(model_name, method):
     import torch
 
     torch.set_num_threads(1)
-    call = make_call(model_name, method)
-    out = call()  # warm-up: caches, lazy initialisation
-    del out
-    gc.collect()
-    rss0, _ = _rss_kib()
-    _reset_peak()
-    out = call()
-    _, peak = _rss_kib()
-    return {"peak_mib": (peak - rss0) / 1024}
+    return {"peak_mib": peak_growth(make_call(model_name, method)) / 2**20}
 
 
 def measure_time(model_name, methods, rounds):
-    """Minimum time per call of each method, the methods interleaved round by round
-    so that load from other processes affects them alike."""
+    """Median time per call of each method, interleaved round by round."""
     import torch
 
     torch.set_num_threads(1)
-    calls = {m: make_call(model_name, m) for m in methods}
-    for call in calls.values():
-        call()  # warm-up
-    times = {m: [] for m in methods}
-    for _ in range(rounds):
-        for m, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[m].append(time.perf_counter() - t0)
-    return {m: min(ts) for m, ts in times.items()}
-
-
-def _child(env, *args):
-    proc = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, env=env,
-    )
-    if proc.returncode:
-        print(f"{' '.join(args)} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return time_interleaved({m: make_call(model_name, m) for m in methods}, rounds)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, action="append")
     parser.add_argument("--method", choices=METHODS, action="append")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (minimum is reported)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--time-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,24 +162,21 @@ def main():
     if args.time_child:
         print(json.dumps(measure_time(args.time_child[0], args.time_child[1:], args.rounds)))
         return
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
-    # glibc keeps freed memory resident and raises its mmap threshold after
-    # frees; a fixed threshold makes resident memory follow live tensors.
-    # (Timing runs with the default allocator settings.)
-    mem_env = dict(env, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     methods = args.method or METHODS
     if "grad" not in methods:
         methods = ["grad"] + methods
     for model_name in args.model or MODELS:
-        memory = {m: _child(mem_env, "--memory-child", model_name, m) for m in methods}
-        times = _child(env, "--time-child", model_name, *methods, "--rounds", str(args.rounds)) or {}
-        base_mem = memory["grad"]["peak_mib"] if memory.get("grad") else float("nan")
+        memory = {m: run_child(__file__, ["--memory-child", model_name, m], memory=True) for m in methods}
+        times = run_child(__file__, ["--time-child", model_name, *methods, "--rounds", str(args.rounds)])
+        for what, r in [("time", times)] + [(f"memory of {m}", r) for m, r in memory.items()]:
+            if "error" in r:
+                print(f"{model_name}: {what} failed: {r['error']}", file=sys.stderr)
+        base_mem = memory["grad"].get("peak_mib", float("nan"))
         base_time = times.get("grad", float("nan"))
-        print(f"\n{model_name}: peak memory above the pre-call resident size; minimum time of {args.rounds} interleaved rounds")
+        print(f"\n{model_name}: peak memory above the pre-call resident size; median time of {args.rounds} interleaved rounds")
         print(f"{'method':<26} {'peak MiB':>9} {'x grad':>7} {'time ms':>9} {'x grad':>7}")
         for m in methods:
-            peak = memory[m]["peak_mib"] if memory.get(m) else float("nan")
+            peak = memory[m].get("peak_mib", float("nan"))
             t = times.get(m, float("nan"))
             print(f"{m:<26} {peak:>9.1f} {peak / base_mem:>7.2f} {1000 * t:>9.1f} {t / base_time:>7.2f}")
 

@@ -16,17 +16,12 @@ tall map.
 """
 
 import argparse
-import gc
 import json
-import os
-import statistics
-import subprocess
-import sys
-import time
 
 import torch
 
 import fwdgrad
+from common import peak_growth, run_child, time_interleaved
 
 CASES = {"tall": [16, 256, 1024, 4096], "wide": [4096, 1024, 256, 16]}
 CHUNK = {"tall": 4, "wide": 256}
@@ -54,52 +49,9 @@ def build(case):
     return f, x, methods
 
 
-def time_interleaved(methods, rounds):
-    """Median seconds per call, one call of each method per round, rotating the order."""
-    for fn in methods.values():
-        fn()
-    samples = {name: [] for name in methods}
-    names = list(methods)
-    for r in range(rounds):
-        gc.collect()
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            methods[name]()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def _kib(key):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} missing from /proc/self/status")
-
-
-def peak_here(fn):
-    """Bytes the resident set grows by during one call (after two warm-up calls)."""
-    fn()
-    fn()
-    gc.collect()
-    base = _kib("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to now
-        fh.write("5")
-    out = fn()
-    peak = _kib("VmHWM:")
-    del out
-    return (peak - base) * 1024
-
-
 def peak_in_fresh_process(case, method, threads):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, __file__, "--memory", case, method, "--threads", str(threads)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        return lines[-1] if lines else f"exit status {proc.returncode}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    r = run_child(__file__, ["--memory", case, method, "--threads", str(threads)], memory=True)
+    return r.get("peak_bytes", r.get("error"))
 
 
 def check_agreement(case):
@@ -119,7 +71,7 @@ def main():
     torch.set_num_threads(args.threads)
     if args.memory:
         case, method = args.memory
-        print(json.dumps({"peak_bytes": peak_here(build(case)[2][method])}))
+        print(json.dumps({"peak_bytes": peak_growth(build(case)[2][method])}))
         return
     print(f"torch {torch.__version__}, {args.threads} thread(s), float32 CPU; median of {args.rounds} interleaved rounds")
     ratios = {}

@@ -16,13 +16,12 @@ Target (issue 5): the traced mode at most 0.15x the time of torch.func.jvp.
 """
 
 import argparse
-import gc
-import statistics
 import time
 
 import torch
 
 import fwdgrad
+from common import time_interleaved
 
 LENGTH = 200
 
@@ -46,21 +45,6 @@ def scalar_constants(x, y):
 
 
 CHAINS = {"unary": unary, "tensor constants": tensor_constants, "scalar constants": scalar_constants}
-
-
-def time_interleaved(methods, rounds):
-    for fn in methods.values():
-        fn()
-    samples = {name: [] for name in methods}
-    names = list(methods)
-    for r in range(rounds):
-        gc.collect()
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            methods[name]()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def main():

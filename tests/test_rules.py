@@ -494,3 +494,81 @@ def test_forward_over_reverse_through_distances_bags_and_segments():
     for reduce in ("prod", "max", "mean"):
         assert_gradient_jvp_matches_fd(
             lambda d: torch.segment_reduce(d, reduce, lengths=lengths).sin().sum(), rand(6, 2, low=0.5, high=1.5))
+
+
+# ---- activations: fused tangent kernels (fwdgrad/rules/pointwise.py, FUSED) --------
+
+_ACTIVATIONS = [
+    ("sigmoid", aten.sigmoid.default, torch.sigmoid),
+    ("gelu", aten.gelu.default, F.gelu),
+    ("gelu tanh", aten.gelu.default, lambda x: F.gelu(x, approximate="tanh")),
+    ("silu", aten.silu.default, F.silu),
+    ("mish", aten.mish.default, F.mish),
+    ("elu", aten.elu.default, lambda x: F.elu(x, alpha=0.7)),
+    ("selu", aten.elu.default, F.selu),
+    ("celu", aten.celu.default, lambda x: F.celu(x, alpha=1.5)),
+    ("softplus", aten.softplus.default, lambda x: F.softplus(x, beta=2.0, threshold=1.5)),
+    ("relu", aten.relu.default, torch.relu),
+    ("threshold", aten.threshold.default, lambda x: F.threshold(x, 0.2, -3.0)),
+    ("leaky_relu", aten.leaky_relu.default, lambda x: F.leaky_relu(x, 0.2)),
+    ("hardtanh", aten.hardtanh.default, lambda x: F.hardtanh(x, -0.5, 0.7)),
+    ("hardsigmoid", aten.hardsigmoid.default, F.hardsigmoid),
+    ("hardswish", aten.hardswish.default, F.hardswish),
+    ("hardshrink", aten.hardshrink.default, lambda x: F.hardshrink(x, 0.3)),
+    ("softshrink", aten.softshrink.default, lambda x: F.softshrink(x, 0.3)),
+    ("logsigmoid", aten.log_sigmoid_forward.default, F.logsigmoid),
+]
+
+
+def _away_from_kinks(n=40):
+    """Points in [-4, 4] at least 0.05 away from every activation's kinks."""
+    x = rand(n, low=-4.0, high=4.0)
+    kinks = torch.tensor([-3.0, -1.0, -0.5, -0.3, 0.0, 0.2, 0.3, 0.7, 1.0, 3.0], dtype=D)
+    near = (x.unsqueeze(-1) - kinks).abs().min(-1).values < 0.05
+    return torch.where(near, x + 0.1, x).reshape(5, 8)
+
+
+@pytest.mark.parametrize("name,op,f", _ACTIVATIONS, ids=[a[0] for a in _ACTIVATIONS])
+def test_activation_tangents_forward_and_reverse_over_forward(name, op, f):
+    uses_rule(op)
+    torch.manual_seed(0)
+    x, v, w = _away_from_kinks(), torch.randn(5, 8, dtype=D), torch.randn(5, 8, dtype=D)
+    assert_jvp_matches_fd(f, x)
+    _, ours = fwdgrad.jvp(f, (x,), (v,))
+    _, ref = torch.func.jvp(f, (x,), (v,))
+    torch.testing.assert_close(ours, ref)
+    # reverse over forward: the gradient of phi(x, v) = <w, J(x) v> with respect to
+    # x and v, along a random direction against central differences of phi
+    xg, vg = x.clone().requires_grad_(), v.clone().requires_grad_()
+    _, t = fwdgrad.jvp(f, (xg,), (vg,))
+    gx, gv = torch.autograd.grad((w * t).sum(), (xg, vg), allow_unused=True, materialize_grads=True)
+    ux, uv, eps = torch.randn(5, 8, dtype=D), torch.randn(5, 8, dtype=D), 1e-6
+
+    def phi(s):
+        return (w * torch.func.jvp(f, (x + s * ux,), (v + s * uv,))[1]).sum()
+
+    fd = (phi(eps) - phi(-eps)) / (2 * eps)
+    torch.testing.assert_close((gx * ux).sum() + (gv * uv).sum(), fd, rtol=1e-6, atol=1e-6)
+    # forward over forward: a second-order directional derivative
+    u = torch.randn(5, 8, dtype=D)
+    inner = lambda x: fwdgrad.jvp(f, (x,), (v,))[1]  # noqa: E731
+    ours = fwdgrad.jvp(inner, (x,), (u,))[1]
+    eps = 1e-6
+    fd = (inner(x + eps * u) - inner(x - eps * u)) / (2 * eps)
+    torch.testing.assert_close(ours, fd, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("f", [torch.sigmoid, F.silu], ids=["sigmoid", "silu"])
+def test_complex_activations_keep_the_formula(f):
+    # The fused backward kernels conjugate the derivative for complex inputs.
+    # (torch.func.jvp of a complex silu is wrong: compare with finite differences.)
+    x = torch.randn(4, 6, dtype=torch.complex128) * 0.5
+    assert_jvp_matches_fd(f, x)
+
+
+def test_addmm_activation_tangents():
+    # (on CPU the GELU variant is the exact GELU, not the tanh approximation)
+    uses_rule(aten._addmm_activation.default)
+    for use_gelu in (False, True):
+        assert_jvp_matches_fd(lambda b, x, w: aten._addmm_activation.default(b, x, w, use_gelu=use_gelu),
+                              rand(5), rand(3, 4), rand(4, 5))

@@ -103,9 +103,16 @@ def _addmm_activation_jvp(t, ans, s, a, b, *, beta=1, alpha=1, use_gelu=False):
     if use_gelu:
         from .pointwise import _gelu_jvp
 
+        # CUDA's cuBLASLt epilogue is the tanh approximation; the CPU kernel
+        # applies the exact GELU.
+        approximate = "none" if ans.device.type == "cpu" else "tanh"
         z = torch.addmm(s, a, b, beta=beta, alpha=alpha)
-        return _gelu_jvp(pre, ans, z, "tanh")
-    return pre * (ans > 0)
+        if z.is_complex():
+            return _gelu_jvp(pre, ans, z, approximate)
+        return aten.gelu_backward.default(pre, z, approximate=approximate)  # one fused kernel
+    if ans.is_complex():
+        return pre * (ans > 0)
+    return aten.threshold_backward.default(pre, ans, 0)
 
 
 def _tr(x):
