@@ -26,6 +26,7 @@ import torch
 from . import registry
 
 _level_counter = itertools.count(1)
+_make_wrapper = torch.Tensor._make_wrapper_subclass
 _restore_autograd = torch._C._RestorePythonTLSSnapshot
 _disable_torch_function = torch._C.DisableTorchFunctionSubclass
 
@@ -58,9 +59,14 @@ class View:
 class Dual(torch.Tensor):
     """A tensor with a primal, a tangent (``None`` means zero) and a level."""
 
+    # Defaults read through the class, so that a new dual stores only what differs.
+    _view = None
+    _tangent_from = None  # for views: the base tangent the cached tangent came from
+    _owns_tangent = False  # for roots: the tangent may be written in place
+
     @staticmethod
     def __new__(cls, primal, tangent, level, view=None, requires_grad=False):
-        r = torch.Tensor._make_wrapper_subclass(
+        r = _make_wrapper(
             cls,
             primal.size(),
             strides=primal.stride(),
@@ -73,9 +79,8 @@ class Dual(torch.Tensor):
         r._primal = primal
         r._tangent = tangent
         r._level = level
-        r._view = view
-        r._tangent_from = None  # for views: the base tangent the cached tangent came from
-        r._owns_tangent = False  # for roots: the tangent may be written in place
+        if view is not None:
+            r._view = view
         return r
 
     def __repr__(self):
@@ -138,10 +143,11 @@ FUNCTIONAL, VIEW, INPLACE, INPLACE_VIEW, OUT = "functional", "view", "inplace", 
 
 
 class OpEntry:
-    __slots__ = ("func", "kind", "_rule", "_functional", "out_args")
+    __slots__ = ("func", "kind", "_rule", "_functional", "out_args", "functional_kind", "call")
 
     def __init__(self, func):
         self.func = func
+        self.call = getattr(func, "_op", func)  # the C++ entry point, without OpOverload.__call__
         self._rule = None
         self._functional = None
         schema = func._schema
@@ -161,6 +167,7 @@ class OpEntry:
             self.kind = VIEW
         else:
             self.kind = FUNCTIONAL
+        self.functional_kind = self.kind is FUNCTIONAL
 
     @property
     def rule(self):
@@ -307,23 +314,56 @@ def _differentiable(ans):
     return False
 
 
+def _tangents(targs, tkwargs):
+    """``registry.Tangents`` without the Python-level constructor (the hot path)."""
+    t = _new_tuple(_Tangents, targs)
+    if tkwargs:
+        t.kw = tkwargs
+    return t
+
+
+_Tangents = registry.Tangents
+_new_tuple = tuple.__new__
+_DIFFERENTIABLE = frozenset(
+    d for d in vars(torch).values() if isinstance(d, torch.dtype) and (d.is_floating_point or d.is_complex)
+)
+
+
 def interpret(func, args, kwargs):
     entry = _entries.get(func)
     if entry is None:
         entry = entry_for(func)
     level = _top_level(args, kwargs)
     pargs, targs, any_t = _unwrap(args, level)
-    pkwargs, tkwargs, any_kt = _unwrap_kwargs(kwargs, level)
-    any_t = any_t or any_kt
-    kind = entry.kind
-    with _restore_autograd():
-        if kind is FUNCTIONAL:
-            ans = func(*pargs, **pkwargs)
+    if kwargs:
+        pkwargs, tkwargs, any_kt = _unwrap_kwargs(kwargs, level)
+        any_t = any_t or any_kt
+    else:
+        pkwargs, tkwargs = kwargs, registry.NO_KW_TANGENTS
+    if entry.functional_kind:
+        with _restore_autograd():
+            ans = entry.call(*pargs, **pkwargs)
+            if isinstance(ans, torch.Tensor):
+                # The common case, inlined: one tensor output.
+                if not any_t or ans.dtype not in _DIFFERENTIABLE:
+                    return Dual(ans, None, level)
+                rule = entry._rule
+                if rule is None:
+                    rule = entry.rule
+                t = rule(_tangents(targs, tkwargs), ans, *pargs, **pkwargs)
+                if t is not None:
+                    if t.dtype != ans.dtype or t.shape != ans.shape:
+                        t = _fit(t, ans)
+                    if CHECK_TANGENTS:
+                        _check(func, ans, t)
+                return Dual(ans, t, level)
             if any_t and _differentiable(ans):
-                tans = entry.rule(registry.Tangents(targs, tkwargs), ans, *pargs, **pkwargs)
+                tans = entry.rule(_tangents(targs, tkwargs), ans, *pargs, **pkwargs)
             else:
                 tans = None
             return _wrap(func, entry, ans, tans, level)
+    kind = entry.kind
+    with _restore_autograd():
         if kind is VIEW:
             return _view(func, entry, args, kwargs, pargs, pkwargs, targs, any_t, level)
         if kind is INPLACE:

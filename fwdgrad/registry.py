@@ -184,6 +184,16 @@ def def_elementwise(op, *arg_rules):
     for zero); contributions are summed.  ``None`` in place of a rule marks a
     non-differentiable argument."""
 
+    if len(arg_rules) == 1 and arg_rules[0] is not None:
+        only = arg_rules[0]
+
+        def rule(t, ans, *args, **kwargs):  # one differentiable argument: the hot path
+            g = t[0]
+            return None if g is None else only(g, ans, *args, **kwargs)
+
+        RULES[op] = rule
+        return rule
+
     def rule(t, ans, *args, **kwargs):
         out = None
         for i, r in enumerate(arg_rules):

@@ -114,11 +114,11 @@ def sliced_unary(rule):
     def sliced_rule(t, ans, x, *args, **kwargs):
         g = t[0]
         if (
-            g is None
+            x.numel() <= SLICE  # small tensors first: the common, cheap exit
+            or g is None
             or t.kw
             or any(a is not None for a in t[1:])
             or not isinstance(ans, torch.Tensor)
-            or x.numel() <= SLICE
             or not (g.shape == ans.shape == x.shape)
             or not (g.is_contiguous() and ans.is_contiguous() and x.is_contiguous())
             or not in_place_ok((g, ans, x))
