@@ -206,10 +206,25 @@ def def_elementwise(op, *arg_rules):
     return rule
 
 
+def add_to_fresh(out, c):
+    """``out + c`` for a tangent ``out`` that the calling rule made itself (so no
+    one else holds it), in place where that is safe: no temporary the size of
+    the output."""
+    if out is None:
+        return c
+    if c is None:
+        return out
+    from .slicing import fresh_ok
+
+    if out.shape == torch.broadcast_shapes(out.shape, c.shape) and out.dtype == c.dtype and fresh_ok(out, c):
+        return out.add_(c)
+    return out + c
+
+
 def def_multilinear(op, *argnums):
     """The op is linear in each of ``argnums`` separately (``mm``, ``mul``, ``bmm``):
     the tangent is the sum over those arguments of the op with that one argument
-    replaced by its tangent."""
+    replaced by its tangent (accumulated in place where safe)."""
 
     def rule(t, ans, *args, **kwargs):
         out = None
@@ -217,7 +232,7 @@ def def_multilinear(op, *argnums):
             if i < len(t) and t[i] is not None:
                 a = list(args)
                 a[i] = t[i]
-                out = _sum_tangents(out, op(*a, **kwargs))
+                out = add_to_fresh(out, op(*a, **kwargs))
         return out
 
     RULES[op] = rule

@@ -39,6 +39,13 @@ def _plain(tensors):
     return not any(isinstance(a, Dual) for a in tensors)
 
 
+def fresh_ok(*tensors):
+    """Whether a rule may update a fresh temporary of its own in place
+    (``out.addcmul_(x, ty)`` instead of ``out + x * ty``): ``in_place_ok`` for
+    ``tensors``, all of them plain tensors (not duals of a lower level)."""
+    return in_place_ok(tensors) and _plain(tensors)
+
+
 def accumulate(out, fn, like, *args):
     """``out + fn(*args)`` for an elementwise, broadcasting ``fn`` whose result has
     ``like``'s shape.  ``out`` (``None`` for zero) must be a fresh tensor the

@@ -221,6 +221,68 @@ def test_scaled_dot_product_attention(mask, is_causal):
                           q, k, v)
 
 
+@pytest.mark.parametrize("which", ["q", "k", "v", "mask", "qk", "qkv"])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_sdpa_cpu_tangent_subsets_and_reverse_over_forward(which, is_causal):
+    # Each subset of tangents takes its own branch of the rule (the in-place one
+    # without autograd, the plain one while autograd records); both against
+    # finite differences, and reverse mode through the tangent too.
+    op = aten._scaled_dot_product_flash_attention_for_cpu.default
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _qkv()
+    m = rand(2, 3, 5, 6)
+    args = {"q": q, "k": k, "v": v, "mask": m}
+    names = ["mask"] if which == "mask" else list(which)
+
+    def f(*xs):
+        a = dict(args, **dict(zip(names, xs)))
+        return op(a["q"], a["k"], a["v"], 0.0, is_causal, attn_mask=a["mask"], scale=0.7)
+
+    primals = tuple(args[n] for n in names)
+    assert_jvp_matches_fd(f, *primals)
+    tangents = tuple(torch.randn(p.shape, dtype=D, generator=gen) for p in primals)
+    w = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=D, generator=gen)
+    # (the kernel refuses a mask that requires grad: only its tangent does)
+    leaves = [p.clone().requires_grad_(n != "mask") for n, p in zip(names + names, primals + tangents)]
+    leaves[-1].requires_grad_()
+    _, (t_out, _) = fwdgrad.jvp(f, tuple(leaves[:len(names)]), tuple(leaves[len(names):]))
+    grads = torch.autograd.grad((w * t_out).sum(), [a for a in leaves if a.requires_grad],
+                                allow_unused=True, materialize_grads=True)
+    us = [torch.randn(p.shape, dtype=D, generator=gen) if p.requires_grad else torch.zeros_like(p)
+          for p in leaves]
+
+    def phi(eps):
+        ps = [p + eps * u for p, u in zip(primals + tangents, us)]
+        return (w * fwdgrad.jvp(f, tuple(ps[:len(names)]), tuple(ps[len(names):]))[1][0]).sum()
+
+    fd = (phi(1e-6) - phi(-1e-6)) / 2e-6
+    directional = sum((g * u).sum() for g, u in zip(grads, [u for a, u in zip(leaves, us) if a.requires_grad]))
+    torch.testing.assert_close(directional, fd, rtol=1e-6, atol=1e-6)
+
+
+def test_softmax_tangent_reverse_over_forward():
+    x, v, w = rand(4, 7), rand(4, 7), rand(4, 7)
+    for f in (lambda x: x.softmax(-1), lambda x: x.softmax(0), lambda x: F.softmax(x.float(), -1).double()):
+        _, ours = fwdgrad.jvp(f, (x,), (v,))
+        torch.testing.assert_close(ours, torch.func.jvp(f, (x,), (v,))[1])
+        xg, vg = x.clone().requires_grad_(), v.clone().requires_grad_()
+        gx, gv = torch.autograd.grad((w * fwdgrad.jvp(f, (xg,), (vg,))[1]).sum(), (xg, vg))
+        rx, rv = torch.autograd.grad((w * torch.func.jvp(f, (xg,), (vg,))[1]).sum(), (xg, vg))
+        torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gv, rv, rtol=1e-5, atol=1e-6)
+
+
+def test_mul_tangent_in_place_and_recorded():
+    x, y, tx, ty = rand(3, 4), rand(4), rand(3, 4), rand(4)
+    expected = tx * y + x * ty
+    torch.testing.assert_close(fwdgrad.jvp(torch.mul, (x, y), (tx, ty))[1], expected)
+    leaves = [a.clone().requires_grad_() for a in (x, y, tx, ty)]
+    t = fwdgrad.jvp(torch.mul, tuple(leaves[:2]), tuple(leaves[2:]))[1]
+    grads = torch.autograd.grad(t.sum(), leaves)
+    for g, ref in zip(grads, (ty.expand(3, 4), tx.sum(0), y.expand(3, 4), x.sum(0))):
+        torch.testing.assert_close(g, ref)
+
+
 def test_sdpa_with_dropout_uses_the_primal_mask():
     # On CPU dropout takes the math path, whose dropout op returns its mask.
     q, k, v = _qkv()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import Tangents, curvature_term, def_linear, def_multilinear, defrule
+from ..slicing import fresh_ok
 from .reductions import _vector_norm_jvp
 
 aten = torch.ops.aten
@@ -285,19 +286,27 @@ defrule(aten.grid_sampler_3d.default)(_grid_sampler_jvp(aten.grid_sampler_3d_bac
 # ---- attention ----------------------------------------------------------------
 
 
-def _attention_probs(q, k, lse, attn_mask, is_causal, scale):
-    s = (q @ k.transpose(-2, -1)) * scale
+def _attention_probs(q, k, lse, attn_mask, is_causal, scale, in_place=False):
+    """The attention weights P, from the kernel's log-sum-exp ``lse`` (or, when
+    ``lse`` is None, a differentiable softmax).  ``in_place``: build them in one
+    buffer (no reverse mode over them, no tracer)."""
+    if in_place:
+        s = (q * scale) @ k.transpose(-2, -1)
+    else:
+        s = (q @ k.transpose(-2, -1)) * scale
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            s = s.masked_fill(~attn_mask, float("-inf"))
+            s = s.masked_fill_(~attn_mask, float("-inf")) if in_place else s.masked_fill(~attn_mask, float("-inf"))
         else:
-            s = s + attn_mask
+            s = s.add_(attn_mask) if in_place else s + attn_mask
     if is_causal:
         L, S = q.shape[-2], k.shape[-2]
         causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~causal, float("-inf"))
+        s = s.masked_fill_(~causal, float("-inf")) if in_place else s.masked_fill(~causal, float("-inf"))
     if lse is None:  # differentiable in q and k for reverse mode (the kernel's lse is not)
         p = s.softmax(-1)
+    elif in_place:
+        return s.sub_(lse.unsqueeze(-1)).exp_().nan_to_num_(0.0)
     else:
         p = (s - lse.unsqueeze(-1)).exp()
     return p.nan_to_num(0.0)
@@ -310,32 +319,60 @@ def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=
     tmask = t.kw.get("attn_mask")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    dout = None
-    if tv is not None:
+    if tq is None and tk is None and tmask is None:
+        if tv is None:
+            return None, None
         # P dV with the fused kernel: the same attention weights, new values.
         dout = aten._scaled_dot_product_flash_attention_for_cpu.default(
             q, k, tv, 0.0, is_causal, attn_mask=attn_mask, scale=scale
         )[0]
-    dlse = None
-    if tq is not None or tk is not None or tmask is not None:
-        visible = torch.is_grad_enabled() and any(
-            a is not None and a.requires_grad for a in (q, k, attn_mask)
-        )
-        p = _attention_probs(q, k, None if visible else lse, attn_mask, is_causal, scale)
-        ds = None
-        if tq is not None:
-            ds = (tq @ k.transpose(-2, -1)) * scale
-        if tk is not None:
-            c = (q @ tk.transpose(-2, -1)) * scale
-            ds = c if ds is None else ds + c
-        if tmask is not None:
-            ds = tmask if ds is None else ds + tmask
-        pds = p * ds
-        r = pds.sum(-1, keepdim=True)
-        c = pds @ v - r * out
-        dout = c if dout is None else dout + c
-        dlse = r.squeeze(-1)
-    return dout, dlse
+        return dout, None
+    # With S = scale q k^T + mask and P = softmax(S): dP = P * (dS - rowsum(P * dS)),
+    # so d out = P dV + (P * dS) V - rowsum(P * dS) out, and d lse = rowsum(P * dS).
+    visible = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (q, k, attn_mask))
+    tensors = [a for a in (q, k, v, out, lse, attn_mask, tq, tk, tv, tmask) if a is not None]
+    if not visible and fresh_ok(*tensors):
+        return _sdpa_tangent_in_place(q, k, v, out, lse, attn_mask, is_causal, scale, tq, tk, tv, tmask)
+    p = _attention_probs(q, k, None if visible else lse, attn_mask, is_causal, scale)
+    dout = None if tv is None else p @ tv
+    ds = None
+    if tq is not None:
+        ds = (tq @ k.transpose(-2, -1)) * scale
+    if tk is not None:
+        c = (q @ tk.transpose(-2, -1)) * scale
+        ds = c if ds is None else ds + c
+    if tmask is not None:
+        ds = tmask if ds is None else ds + tmask
+    pds = p * ds
+    r = pds.sum(-1, keepdim=True)
+    c = pds @ v - r * out
+    dout = c if dout is None else dout + c
+    return dout, r.squeeze(-1)
+
+
+def _sdpa_tangent_in_place(q, k, v, out, lse, attn_mask, is_causal, scale, tq, tk, tv, tmask):
+    """The SDPA tangent with two L x S buffers (P and P * dS) instead of six."""
+    p = _attention_probs(q, k, lse, attn_mask, is_causal, scale, in_place=True)
+    dout = None if tv is None else p @ tv
+    # dS = scale (dq k^T + q dk^T) as one product over the concatenated features
+    if tq is not None and tk is not None:
+        ds = torch.cat([tq, q], -1).mul_(scale) @ torch.cat([k, tk], -1).transpose(-2, -1)
+    elif tq is not None:
+        ds = (tq * scale) @ k.transpose(-2, -1)
+    elif tk is not None:
+        ds = (q * scale) @ tk.transpose(-2, -1)
+    else:
+        ds = tmask.expand(p.shape).clone()
+        tmask = None
+    if tmask is not None:
+        ds = ds.add_(tmask)
+    pds = ds.mul_(p)
+    del p
+    r = pds.sum(-1, keepdim=True)
+    c = (pds @ v).addcmul_(r, out, value=-1)
+    del pds
+    dout = c if dout is None else dout.add_(c)
+    return dout, r.squeeze(-1)
 
 
 # ---- distances ----------------------------------------------------------------

@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from ..registry import aten_ops, def_elementwise, def_linear, def_multilinear, def_zero, defrule
-from ..slicing import records
+from ..registry import aten_ops, def_elementwise, def_linear, def_zero, defrule
+from ..slicing import fresh_ok, records
 
 aten = torch.ops.aten
 
@@ -422,7 +422,19 @@ def _rsub_jvp(t, ans, x, y, alpha=1):
 for _op in (aten.add.Scalar, aten.sub.Scalar):
     def_elementwise(_op, _identity)
 def_elementwise(aten.rsub.Scalar, lambda g, ans, x, y, alpha=1: -g * alpha)
-def_multilinear(aten.mul.Tensor, 0, 1)
+
+
+@defrule(aten.mul.Tensor)
+def _mul_jvp(t, ans, x, y):
+    tx, ty = t[0], t[1]
+    if ty is None:
+        return None if tx is None else tx * y
+    if tx is None:
+        return x * ty
+    out = tx * y
+    if out.shape == ans.shape and out.dtype == ans.dtype and fresh_ok(out, x, ty):
+        return out.addcmul_(x, ty)  # one output-sized tensor, two kernels
+    return out + x * ty
 
 
 @defrule(aten.div.Tensor)

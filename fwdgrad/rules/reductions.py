@@ -151,7 +151,11 @@ def _softmax_jvp(t, ans, x, dim, half_to_float):
     g = t[0]
     if half_to_float:
         g = g.to(ans.dtype)
-    return ans * (g - (ans * g).sum(dim, keepdim=True))
+    if ans.is_complex():
+        return ans * (g - (ans * g).sum(dim, keepdim=True))
+    # The Jacobian diag(y) - y y^T is symmetric, so the JVP is the backward
+    # kernel's VJP: one fused pass (differentiable, with a rule in backward.py).
+    return aten._softmax_backward_data.default(g, ans, dim, ans.dtype)
 
 
 @defrule(aten._log_softmax.default)
