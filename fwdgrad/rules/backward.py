@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..fallback import rule_for
-from ..slicing import accumulate, in_place_ok, in_row_slices
+from ..slicing import accumulate, fresh_ok, in_place_ok, in_row_slices
 from ..registry import aten_ops, defrule
 from .nn import _attention_probs, _channel_shape
 
@@ -134,7 +134,10 @@ def _activation(op, second, saved_arg=1):
         def term(go_, saved_, ds_):
             a = list(args)
             a[i] = saved_
-            return second(go_, *a, **kwargs) * ds_
+            r = second(go_, *a, **kwargs)
+            if r.shape == ds_.shape and r.dtype == ds_.dtype and fresh_ok(r, ds_):
+                return r.mul_(ds_)  # r is this rule's own temporary
+            return r * ds_
 
         return accumulate(out, term, saved, go, saved, ds)
 
@@ -156,6 +159,10 @@ def _gelu_second(go, x, approximate="none"):
         du = k * (1 + 3 * c * x * x)
         sech2 = 1 - th * th
         return go * sech2 * (du + 0.5 * x * (6 * k * c * x - 2 * th * du * du))
+    if fresh_ok(go, x):  # two temporaries, updated in place
+        x2 = x * x
+        pdf = (x2 * -0.5).exp_()
+        return pdf.mul_(x2.neg_().add_(2)).mul_(go).mul_(1 / math.sqrt(2 * math.pi))
     pdf = (-0.5 * x * x).exp() * (1 / math.sqrt(2 * math.pi))
     return go * pdf * (2 - x * x)
 
