@@ -249,25 +249,26 @@ def _fmt(x, spec):
     return format(x, spec) if x is not None else "-".rjust(int(spec.split(".")[0]))
 
 
+SHORT = {FORWARD: "fwd", GRAD: "grad", FUNC: "func", FUNC_HVP: "func", AUTOGRAD: "autograd",
+         AUTOGRAD_HVP: "autograd"}
+
+
 def print_table(name, case, times, peaks):
-    mem_base = peaks.get(case.anchors[0])
-    print(f"\n{name}")
-    head = f"  {'method':28s} {'ms':>9s}" + "".join(f" {'x ' + a:>14.14s}" for a in case.anchors)
-    head += f" {'peak MiB':>9s}" + "".join(f" {'x ' + a:>14.14s}" for a in case.anchors)
-    print(head)
+    anchors = case.anchors
+    mem_base = peaks.get(anchors[0])
+    small = mem_base is not None and mem_base < 2**20  # below a MiB: noise, no ratios
+    print(f"\n{name}  (ratios: x {', x '.join(f'{SHORT[a]} = {a}' for a in anchors)})")
+    ratios = "".join(f" {'x ' + SHORT[a]:>10s}" for a in anchors)
+    print(f"  {'method':28s} {'ms':>9s}{ratios} {'peak MiB':>9s}{ratios}")
     for m in list(case.methods) + list(case.unavailable):
         if m in case.unavailable:
             print(f"  {m:28s} {case.unavailable[m]}")
             continue
-        t = times[m]
-        peak = peaks.get(m)
+        t, peak = times[m], peaks.get(m)
         row = f"  {m:28s} {t * 1e3:9.3f}"
-        row += "".join(f" {_fmt(_ratio(t, times.get(a)), '13.2f')}x" for a in case.anchors)
+        row += "".join(f" {_fmt(_ratio(t, times.get(a)), '10.2f')}" for a in anchors)
         row += f" {_fmt(None if peak is None else peak / 2**20, '9.1f')}"
-        small = mem_base is not None and mem_base < 2**20  # below a MiB: noise, no ratio
-        row += "".join(
-            f" {_fmt(None if small else _ratio(peak, peaks.get(a)), '13.2f')}x" for a in case.anchors
-        )
+        row += "".join(f" {_fmt(None if small else _ratio(peak, peaks.get(a)), '10.2f')}" for a in anchors)
         print(row)
 
 
@@ -313,10 +314,10 @@ def print_targets(results):
     print("\nTargets (issue 5)")
     for desc, value, limit in targets(results):
         if value is None:
-            print(f"  {desc:66s} {'':>7s}  met")
+            print(f"  {desc:66s} {'':>8s}  met")
         else:
-            verdict = "met" if value <= limit else f"missed by {100 * (value / limit - 1):.0f}%"
-            print(f"  {desc:66s} {value:6.2f}x  {verdict}")
+            verdict = "met" if value <= limit else f"missed by {100 * (value / limit - 1):.1f}%"
+            print(f"  {desc:66s} {value:7.3f}x  {verdict}")
 
 
 COLORS = {FORWARD: "#888888", GRAD: "#888888", FWDGRAD: "#1f77b4", TRACED: "#17becf", HVP_PURE: "#1f77b4",

@@ -558,7 +558,9 @@ def test_forward_over_reverse_through_distances_bags_and_segments():
             lambda d: torch.segment_reduce(d, reduce, lengths=lengths).sin().sum(), rand(6, 2, low=0.5, high=1.5))
 
 
-# ---- activations: fused tangent kernels (fwdgrad/rules/pointwise.py, FUSED) --------
+# ---- activations and unary math: fused tangent kernels and in-place formulas ------
+# (fwdgrad/rules/pointwise.py, FUSED and LEAN): forward mode against torch.func and
+# finite differences, reverse over forward (the formulas), forward over forward.
 
 _ACTIVATIONS = [
     ("sigmoid", aten.sigmoid.default, torch.sigmoid),
@@ -590,7 +592,27 @@ def _away_from_kinks(n=40):
     return torch.where(near, x + 0.1, x).reshape(5, 8)
 
 
-@pytest.mark.parametrize("name,op,f", _ACTIVATIONS, ids=[a[0] for a in _ACTIVATIONS])
+# Unary math with an in-place formula when nothing records the tangent (LEAN):
+# positive inputs where the domain needs them.
+_LEAN = [
+    ("tanh", aten.tanh.default, torch.tanh, False),
+    ("sin", aten.sin.default, torch.sin, False),
+    ("cos", aten.cos.default, torch.cos, False),
+    ("exp", aten.exp.default, torch.exp, False),
+    ("log", aten.log.default, torch.log, True),
+    ("sqrt", aten.sqrt.default, torch.sqrt, True),
+    ("rsqrt", aten.rsqrt.default, torch.rsqrt, True),
+    ("erf", aten.erf.default, torch.erf, False),
+    ("pow 3", aten.pow.Tensor_Scalar, lambda x: x ** 3, False),
+    ("pow 1", aten.pow.Tensor_Scalar, lambda x: torch.pow(x, 1), False),
+    ("pow 0", aten.pow.Tensor_Scalar, lambda x: torch.pow(x, 0), False),
+    ("pow -1.5", aten.pow.Tensor_Scalar, lambda x: x ** -1.5, True),
+]
+_UNARY = [(n, op, f) for n, op, f in _ACTIVATIONS] + [(n, op, (lambda x, f=f: f(x.abs() + 0.5)) if pos else f)
+                                                       for n, op, f, pos in _LEAN]
+
+
+@pytest.mark.parametrize("name,op,f", _UNARY, ids=[a[0] for a in _UNARY])
 def test_activation_tangents_forward_and_reverse_over_forward(name, op, f):
     uses_rule(op)
     torch.manual_seed(0)
@@ -603,7 +625,10 @@ def test_activation_tangents_forward_and_reverse_over_forward(name, op, f):
     # x and v, along a random direction against central differences of phi
     xg, vg = x.clone().requires_grad_(), v.clone().requires_grad_()
     _, t = fwdgrad.jvp(f, (xg,), (vg,))
-    gx, gv = torch.autograd.grad((w * t).sum(), (xg, vg), allow_unused=True, materialize_grads=True)
+    if t.requires_grad:
+        gx, gv = torch.autograd.grad((w * t).sum(), (xg, vg), allow_unused=True, materialize_grads=True)
+    else:  # a zero tangent (x ** 0)
+        gx, gv = torch.zeros_like(x), torch.zeros_like(v)
     ux, uv, eps = torch.randn(5, 8, dtype=D), torch.randn(5, 8, dtype=D), 1e-6
 
     def phi(s):

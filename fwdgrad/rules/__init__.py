@@ -37,7 +37,7 @@ for _op in (
     if _op in RULES:
         RULES[_op] = slicing.sliced_unary(RULES[_op])
 
-# Real activations take one fused kernel for the tangent (no temporaries to
-# slice); complex tensors keep the sliced formula.
-for _op, _kernel in pointwise.FUSED.items():
-    RULES[_op] = pointwise.fused_rule(_kernel, RULES[_op], _op not in pointwise.NO_DOUBLE_BACKWARD)
+# Real activations take one fused kernel for the tangent, and other unary math
+# an in-place formula when nothing records it (no temporaries to slice); complex
+# tensors and recorded programs keep the sliced formulas.
+pointwise.install_fast_rules(RULES)

@@ -364,21 +364,61 @@ FUSED = {
 NO_DOUBLE_BACKWARD = {aten.silu.default, aten.mish.default, aten.hardsigmoid.default}
 
 
-def fused_rule(kernel, formula, differentiable=True):
-    """The rule of a unary activation: ``kernel(g, ans, x, *args)`` for real
-    tensors, the ``formula`` rule for complex ones, where the kernel declines
-    (returns ``NotImplemented``), or, for a kernel without a double backward
-    (``differentiable=False``), while autograd records on the tangent."""
+def _pow_lean(g, ans, x, e):
+    if e == 0 or isinstance(e, complex):
+        return NotImplemented
+    return x.pow(e - 1).mul_(g).mul_(e)
+
+
+# When nothing watches the tangent (no autograd recording, no tracer: see
+# ``slicing.fresh_ok``), these formulas update their one fresh tensor in place:
+# no temporaries, so nothing to slice either.  Recorded programs (the traced
+# mode, reverse mode over the tangent) keep the formulas above.
+LEAN = {
+    aten.tanh.default: lambda g, ans, x: aten.tanh_backward.default(g, ans),
+    aten.sin.default: lambda g, ans, x: x.cos().mul_(g),
+    aten.cos.default: lambda g, ans, x: x.sin().mul_(g).neg_(),
+    aten.exp.default: lambda g, ans, x: g * ans,
+    aten.log.default: lambda g, ans, x: g / x,
+    aten.sqrt.default: lambda g, ans, x: torch.div(g, ans).mul_(0.5),
+    aten.rsqrt.default: lambda g, ans, x: ans.pow(3).mul_(g).mul_(-0.5),
+    aten.erf.default: lambda g, ans, x: (x * x).neg_().exp_().mul_(g).mul_(2 / math.sqrt(math.pi)),
+    aten.pow.Tensor_Scalar: _pow_lean,
+}
+
+
+def _unrecorded(g, ans, x):
+    return not records((g, x))
+
+
+def _unwatched(g, ans, x):
+    return fresh_ok(g, ans, x)
+
+
+def fused_rule(kernel, formula, when=None):
+    """The rule of a unary op: ``kernel(g, ans, x, *args)`` for real tensors
+    where ``when(g, ans, x)`` holds (always if ``when`` is None), else the
+    ``formula`` rule; also the formula where the kernel declines by returning
+    ``NotImplemented``."""
 
     def rule(t, ans, x, *args, **kwargs):
         g = t[0]
-        if g is None or x.is_complex() or t.kw or not (differentiable or not records((g, x))):
+        if g is None or x.is_complex() or t.kw or (when is not None and not when(g, ans, x)):
             return formula(t, ans, x, *args, **kwargs)
         out = kernel(g, ans, x, *args, **kwargs)
         return formula(t, ans, x, *args, **kwargs) if out is NotImplemented else out
 
     rule.formula = formula
     return rule
+
+
+def install_fast_rules(rules):
+    """Put the fused kernels (``FUSED``) and the in-place formulas (``LEAN``) in
+    front of the (sliced) formula rules in ``rules``."""
+    for op, kernel in FUSED.items():
+        rules[op] = fused_rule(kernel, rules[op], _unrecorded if op in NO_DOUBLE_BACKWARD else None)
+    for op, kernel in LEAN.items():
+        rules[op] = fused_rule(kernel, rules[op], _unwatched)
 
 
 @defrule(aten.log_sigmoid_forward.default)
