@@ -235,6 +235,32 @@ def _unwrap(args, level):
     return primals, tangents, any_t
 
 
+def _unwrap_simple(args):
+    """``_top_level`` and ``_unwrap`` in one pass for the common call: no list
+    arguments and every dual at one level.  ``None`` for any other call."""
+    level = 0
+    primals = []
+    tangents = []
+    any_t = False
+    for a in args:
+        if isinstance(a, Dual):
+            if a._level != level:
+                if level:
+                    return None  # duals of several levels
+                level = a._level
+            primals.append(a._primal)
+            t = a._tangent if a._view is None else tangent_of(a)
+            tangents.append(t)
+            if t is not None:
+                any_t = True
+        elif isinstance(a, (list, tuple)):
+            return None
+        else:
+            primals.append(a)
+            tangents.append(None)
+    return level, primals, tangents, any_t
+
+
 def _unwrap_kwargs(kwargs, level):
     if not kwargs:
         return kwargs, registry.NO_KW_TANGENTS, False
@@ -333,13 +359,15 @@ def interpret(func, args, kwargs):
     entry = _entries.get(func)
     if entry is None:
         entry = entry_for(func)
-    level = _top_level(args, kwargs)
-    pargs, targs, any_t = _unwrap(args, level)
-    if kwargs:
+    simple = None if kwargs else _unwrap_simple(args)
+    if simple is not None:
+        level, pargs, targs, any_t = simple
+        pkwargs, tkwargs = kwargs, registry.NO_KW_TANGENTS
+    else:
+        level = _top_level(args, kwargs)
+        pargs, targs, any_t = _unwrap(args, level)
         pkwargs, tkwargs, any_kt = _unwrap_kwargs(kwargs, level)
         any_t = any_t or any_kt
-    else:
-        pkwargs, tkwargs = kwargs, registry.NO_KW_TANGENTS
     if entry.functional_kind:
         with _restore_autograd():
             ans = entry.call(*pargs, **pkwargs)

@@ -14,6 +14,7 @@ elements also keep the temporaries in cache, so this is not slower.
 import torch
 
 from . import registry
+from .interpreter import Dual as _Dual
 
 SLICE = 1 << 16  # elements per slice
 
@@ -34,16 +35,24 @@ def records(tensors):
 
 
 def _plain(tensors):
-    from .interpreter import Dual
-
-    return not any(isinstance(a, Dual) for a in tensors)
+    return not any(isinstance(a, _Dual) for a in tensors)
 
 
 def fresh_ok(*tensors):
     """Whether a rule may update a fresh temporary of its own in place
     (``out.addcmul_(x, ty)`` instead of ``out + x * ty``): ``in_place_ok`` for
-    ``tensors``, all of them plain tensors (not duals of a lower level)."""
-    return in_place_ok(tensors) and _plain(tensors)
+    ``tensors``, all of them plain tensors (not duals of a lower level).
+    (Written out: it runs on the hot path of small ops.)"""
+    if _dispatch_stack_len():
+        return False
+    grad = torch.is_grad_enabled()
+    for a in tensors:
+        if isinstance(a, _Dual) or (grad and a.requires_grad):
+            return False
+    return True
+
+
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
 
 
 def accumulate(out, fn, like, *args):
