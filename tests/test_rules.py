@@ -118,6 +118,33 @@ def test_native_batch_norm(training):
     assert_jvp_matches_fd(f, rand(4, 3, 5), rand(3), rand(3))
 
 
+@pytest.mark.parametrize("weight", [True, False])
+def test_batch_norm_training_tangent_in_one_buffer_and_recorded(weight):
+    # Without autograd the tangent is built from the kernel's channel sums in one
+    # buffer; while autograd records it comes from the kernel's input gradient.
+    # Both against finite differences, with reverse mode through the tangent.
+    x, w = rand(4, 3, 5, 2), rand(3)
+
+    def f(x, w):
+        return aten._native_batch_norm_legit.no_stats(x, w if weight else None, None, True, 0.1, 1e-5)
+
+    assert_jvp_matches_fd(f, x, w)
+    gen = torch.Generator().manual_seed(5)
+    v, u, wo = (torch.randn(x.shape, dtype=D, generator=gen) for _ in range(3))
+    xg, vg = x.clone().requires_grad_(), v.clone().requires_grad_()
+    out = fwdgrad.jvp(lambda x: f(x, w), (xg,), (vg,))
+    t_out, t_mean, t_rstd = out[1]
+    torch.testing.assert_close(t_out, fwdgrad.jvp(lambda x: f(x, w), (x,), (v,))[1][0])
+    gx, gv = torch.autograd.grad((wo * t_out).sum() + t_mean.sum() + t_rstd.sum(), (xg, vg))
+
+    def phi(eps):
+        to, tm, tr = fwdgrad.jvp(lambda x: f(x, w), (x + eps * u,), (v + eps * u,))[1]
+        return (wo * to).sum() + tm.sum() + tr.sum()
+
+    fd = (phi(1e-6) - phi(-1e-6)) / 2e-6
+    torch.testing.assert_close((gx * u).sum() + (gv * u).sum(), fd, rtol=1e-6, atol=1e-6)
+
+
 def test_batch_norm_eval_differentiates_the_running_statistics():
     mean, var = _stats()
     assert_jvp_matches_fd(

@@ -144,10 +144,18 @@ def _activation(op, second, saved_arg=1):
     defrule(op)(rule)
 
 
-# tanh' = 1 - y^2 in terms of the output y, so d/dy = -2 y.
-_activation(aten.tanh_backward.default, lambda go, y: -2 * go * y)
-# sigmoid' = y (1 - y), d/dy = 1 - 2 y.
-_activation(aten.sigmoid_backward.default, lambda go, y: go * (1 - 2 * y))
+def _tanh_second(go, y):
+    # tanh' = 1 - y^2 in terms of the output y, so d/dy = -2 y.
+    return (go * y).mul_(-2) if fresh_ok(go, y) else -2 * go * y
+
+
+def _sigmoid_second(go, y):
+    # sigmoid' = y (1 - y), d/dy = 1 - 2 y.
+    return (y * -2).add_(1).mul_(go) if fresh_ok(go, y) else go * (1 - 2 * y)
+
+
+_activation(aten.tanh_backward.default, _tanh_second)
+_activation(aten.sigmoid_backward.default, _sigmoid_second)
 
 
 def _gelu_second(go, x, approximate="none"):

@@ -117,10 +117,19 @@ def _batch_norm_train(x, w, save_mean, save_invstd, eps, tx, tw, tb):
         # double-backward formula differentiates all three outputs, but only
         # with a weight: pass ones when there is none.)
         wk = w if w is not None else torch.ones_like(save_invstd)
-        dout, sum_t_xhat, sum_t = aten.native_batch_norm_backward.default(
-            tx, x, wk, None, None, save_mean, save_invstd, True, eps, [True, True, True]
-        )
         n = x.numel() // x.shape[1]
+        lean = fresh_ok(x, tx, wk, save_mean, save_invstd)
+        # The kernel's input gradient allocates a temporary the size of x; when
+        # nothing records the tangent, take only its channel sums from it and
+        # build w * dxhat = w rstd (tx - sum_t / n) - w rstd^2 (x - mean) sum_t_xhat / n
+        # in one buffer.
+        dout, sum_t_xhat, sum_t = aten.native_batch_norm_backward.default(
+            tx, x, wk, None, None, save_mean, save_invstd, True, eps, [not lean, True, True]
+        )
+        if lean:
+            scale = wk * save_invstd
+            dout = (x - save_mean.reshape(shape)).mul_((-scale * save_invstd * sum_t_xhat / n).reshape(shape))
+            dout = dout.addcmul_(tx, scale.reshape(shape)).sub_((scale * sum_t / n).reshape(shape))
         dmean = sum_t / n
         drstd = -vrstd.reshape(-1) * vrstd.reshape(-1) * sum_t_xhat / n
 
