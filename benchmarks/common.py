@@ -5,6 +5,10 @@
   other processes and the machine's frequency drift affect every method alike.
 * ``peak_growth(fn)``: how far the resident set grows during one call, after
   warm-up calls (Linux: ``/proc/self/clear_refs`` resets the peak ``VmHWM``).
+* ``tensor_peak(fn)``: the peak of live tensor bytes during one call, from the
+  CPU allocator's own accounting.  Exact where the resident set is not: glibc
+  serves a request from a free chunk already resident when it has one, so
+  tensors of a few hundred KiB can come and go without the RSS moving.
 * ``run_child(script, args)``: run ``script`` in a fresh interpreter and read the
   JSON object on its last line of output.  ``MEMORY_ENV`` fixes glibc's mmap
   threshold, so that freed tensors leave the resident set instead of being
@@ -73,6 +77,28 @@ def peak_growth(fn, warmup=2):
     peak = kib("VmHWM:")
     del out
     return (peak - base) * 1024
+
+
+def tensor_peak(fn, warmup=2):
+    """Peak bytes of live tensors (above those alive before) during one call of
+    ``fn``, from the profiler's record of every CPU allocation and free."""
+    import torch
+
+    for _ in range(warmup):
+        out = fn()
+        del out
+    gc.collect()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def child_env(memory=False):
