@@ -336,6 +336,45 @@ def print_targets(results):
             print(f"  {desc:64s} {value:6.3f}x  {verdict} {note}".rstrip())
 
 
+def rst_tables(results):
+    """The figures and the targets as reStructuredText list-tables (for docs/performance.rst)."""
+    lines = [".. list-table:: Median time and peak memory, CPU float32, one thread",
+             "   :header-rows: 1", "",
+             "   * - workload", "     - method", "     - time ms", "     - x baseline", "     - x torch.func",
+             "     - x autograd.functional", "     - tensors MiB", "     - x baseline", "     - x torch.func",
+             "     - RSS MiB", "     - x baseline"]
+
+    def cell(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    for w, r in results.items():
+        base, func, ag = r["anchors"]
+        for i, m in enumerate(r["methods"] + list(r["unavailable"])):
+            first = f"   * - {w if i == 0 else ''}".rstrip()
+            if m in r["unavailable"]:
+                lines += [first, f"     - {m}", f"     - {r['unavailable'][m]}"] + ["     -"] * 8
+                continue
+            t, tb, rss = r["times"][m], r["tensors"].get(m), r["rss"].get(m)
+            lines += [first, f"     - {m}", f"     - {t * 1e3:.2f}",
+                      f"     - {cell(_ratio(t, r['times'].get(base)), '.2f')}",
+                      f"     - {cell(_ratio(t, r['times'].get(func)), '.2f')}",
+                      f"     - {cell(_ratio(t, r['times'].get(ag)), '.2f')}",
+                      f"     - {cell(None if tb is None else tb / 2**20, '.2f')}",
+                      f"     - {cell(_mem_ratio(r, 'tensors', m, base), '.2f')}",
+                      f"     - {cell(_mem_ratio(r, 'tensors', m, func), '.2f')}",
+                      f"     - {cell(None if rss is None else rss / 2**20, '.1f')}",
+                      f"     - {cell(_mem_ratio(r, 'rss', m, base), '.2f')}"]
+    lines += ["", ".. list-table:: Targets of issue 5 (memory: peak live tensor bytes)", "   :header-rows: 1", "",
+              "   * - target", "     - measured", "     - verdict"]
+    for desc, value, limit, note in targets(results):
+        if value is None:
+            lines += [f"   * - {desc}", "     - runs", "     - met"]
+        else:
+            verdict = "met" if value <= limit else f"missed by {100 * (value / limit - 1):.1f}%"
+            lines += [f"   * - {desc}", f"     - {value:.3f}x {note}".rstrip(), f"     - {verdict}"]
+    return "\n".join(lines) + "\n"
+
+
 COLORS = {FORWARD: "#888888", GRAD: "#888888", FWDGRAD: "#1f77b4", TRACED: "#17becf", HVP_PURE: "#1f77b4",
           HVP_CLOSURE: "#17becf", FUNC: "#ff7f0e", FUNC_HVP: "#ff7f0e", AUTOGRAD: "#2ca02c",
           AUTOGRAD_HVP: "#2ca02c"}
@@ -395,6 +434,8 @@ def main():
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--rst", help="also write the tables as reStructuredText to this file")
+    parser.add_argument("--from-json", help="report figures saved by --json instead of measuring")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -406,14 +447,18 @@ def main():
     names = args.workload or list(WORKLOADS)
     print(f"torch {torch.__version__}, CPU float32, 1 thread; median of {rounds} interleaved rounds")
     cases, results = {}, {}
-    for name in names:
+    if args.from_json:
+        with open(args.from_json) as fh:
+            results = json.load(fh)
+        names = list(results)
+    for name in names if not args.from_json else ():
         case = cases[name] = WORKLOADS[name]()
         check(name, case)
         times = time_interleaved(case.methods, rounds, warmup=2)
         results[name] = {"times": times, "tensors": {}, "rss": {}, "anchors": case.anchors,
                          "methods": list(case.methods), "unavailable": case.unavailable}
         print(f"  {name}: checked against torch.func, timed", flush=True)
-    if not args.no_memory:
+    if not args.no_memory and not args.from_json:
         for (name, m), r in measure_memory(cases).items():
             if "error" in r:
                 print(f"  memory of {name}, {m} failed: {r['error']}")
@@ -426,6 +471,9 @@ def main():
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
+    if args.rst:
+        with open(args.rst, "w") as fh:
+            fh.write(rst_tables(results))
     if not args.no_plots:
         img = os.path.join(ROOT, "docs", "img")
         plot(results, "times", "Median time relative to the baseline (CPU, float32, 1 thread; dashed: target)",
