@@ -362,6 +362,9 @@ FUSED = {
 # Backward kernels that autograd cannot differentiate: while reverse mode
 # records the tangent, these ops keep the formula.
 NO_DOUBLE_BACKWARD = {aten.silu.default, aten.mish.default, aten.hardsigmoid.default}
+# ... and one that vmap has no batching rule for: recorded programs (jacfwd
+# batches them) keep the formula too.
+NO_BATCHING_RULE = {aten.mish.default}
 
 
 def _pow_lean(g, ans, x, e):
@@ -416,7 +419,8 @@ def install_fast_rules(rules):
     """Put the fused kernels (``FUSED``) and the in-place formulas (``LEAN``) in
     front of the (sliced) formula rules in ``rules``."""
     for op, kernel in FUSED.items():
-        rules[op] = fused_rule(kernel, rules[op], _unrecorded if op in NO_DOUBLE_BACKWARD else None)
+        when = _unwatched if op in NO_BATCHING_RULE else _unrecorded if op in NO_DOUBLE_BACKWARD else None
+        rules[op] = fused_rule(kernel, rules[op], when)
     for op, kernel in LEAN.items():
         rules[op] = fused_rule(kernel, rules[op], _unwatched)
 
