@@ -39,10 +39,6 @@ def records(tensors):
     )
 
 
-def _plain(tensors):
-    return not any(isinstance(a, _Dual) for a in tensors)
-
-
 def fresh_ok(*tensors):
     """Whether a rule may update a fresh temporary of its own in place
     (``out.addcmul_(x, ty)`` instead of ``out + x * ty``): ``in_place_ok`` for
@@ -68,8 +64,7 @@ def accumulate(out, fn, like, *args):
     if (
         like.dim() == 0
         or like.numel() <= SLICE
-        or not in_place_ok(tensors)
-        or not _plain(tensors + ([out] if out is not None else []))
+        or not fresh_ok(*tensors, *([out] if out is not None else []))
         or (out is not None and (out.shape != like.shape or out.requires_grad))
     ):
         term = fn(*args)
@@ -110,7 +105,7 @@ def in_row_slices(piece, rows, row_numel, row_args):
     any number of sums over rows (added up across slices).
     """
     present = [a for a in row_args if a is not None]
-    if rows <= 1 or rows * row_numel <= SLICE or not in_place_ok(present) or not _plain(present):
+    if rows <= 1 or rows * row_numel <= SLICE or not fresh_ok(*present):
         return piece(*row_args)
     step = max(1, SLICE // max(1, row_numel))
     first = sums = None
@@ -142,8 +137,7 @@ def sliced_unary(rule):
             or not isinstance(ans, torch.Tensor)
             or not (g.shape == ans.shape == x.shape)
             or not (g.is_contiguous() and ans.is_contiguous() and x.is_contiguous())
-            or not in_place_ok((g, ans, x))
-            or not _plain((g, ans, x))
+            or not fresh_ok(g, ans, x)
         ):
             return rule(t, ans, x, *args, **kwargs)
         gf, af, xf = g.view(-1), ans.view(-1), x.view(-1)

@@ -394,10 +394,6 @@ def _unrecorded(g, ans, x):
     return not records((g, x))
 
 
-def _unwatched(g, ans, x):
-    return fresh_ok(g, ans, x)
-
-
 def fused_rule(kernel, formula, when=None):
     """The rule of a unary op: ``kernel(g, ans, x, *args)`` for real tensors
     where ``when(g, ans, x)`` holds (always if ``when`` is None), else the
@@ -419,10 +415,10 @@ def install_fast_rules(rules):
     """Put the fused kernels (``FUSED``) and the in-place formulas (``LEAN``) in
     front of the (sliced) formula rules in ``rules``."""
     for op, kernel in FUSED.items():
-        when = _unwatched if op in NO_BATCHING_RULE else _unrecorded if op in NO_DOUBLE_BACKWARD else None
+        when = fresh_ok if op in NO_BATCHING_RULE else _unrecorded if op in NO_DOUBLE_BACKWARD else None
         rules[op] = fused_rule(kernel, rules[op], when)
     for op, kernel in LEAN.items():
-        rules[op] = fused_rule(kernel, rules[op], _unwatched)
+        rules[op] = fused_rule(kernel, rules[op], fresh_ok)
 
 
 @defrule(aten.log_sigmoid_forward.default)
