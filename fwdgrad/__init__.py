@@ -1,6 +1,6 @@
 """fwdgrad: forward-mode automatic differentiation for PyTorch as higher-order functions."""
 
-from . import rules  # noqa: F401  (registers the JVP rules)
+from . import rules  # noqa: F401  (registers the JVP rules and the fallback chain)
 from .jacobian import hessian, jacfwd, linearize
 from .registry import register_jvp
 from .reverse import grad, hvp, value_and_grad, value_grad_and_hvp

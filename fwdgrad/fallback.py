@@ -13,12 +13,15 @@
 
 Random ops (tagged ``nondeterministic_seeded``) skip 1 and 2: both run the op
 again, which would draw new random numbers.
+
+Importing this module installs ``rule_for`` as the registry's fallback hook.
 """
 
 import torch
 import torch._decomp
 
 from . import registry
+from .interpreter import Dual, new_level, tangent_of
 
 _decompositions = torch._decomp.decomposition_table
 
@@ -41,8 +44,6 @@ def rule_for(func):
 
 
 def _through_decomposition(decomp, t, args, kwargs):
-    from .interpreter import Dual, new_level, tangent_of
-
     level = new_level()
 
     def lift(a, ta):
@@ -148,3 +149,6 @@ def _no_rule(func, why):
         f"    def my_jvp(tangents, ans, *args, **kwargs):\n"
         f"        return ...  # the output tangent; tangents[i] belongs to args[i]\n"
     )
+
+
+registry.set_fallback(rule_for)

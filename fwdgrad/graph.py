@@ -14,29 +14,9 @@ import operator
 import torch
 import torch.fx as fx
 
+from .ops import mutated_args, op_name
+
 _set_grad_enabled = torch._C._set_grad_enabled
-_mutates = {}
-
-
-def mutated_args(func):
-    """Indices of the positional arguments that ``func`` writes in place (cached)."""
-    idx = _mutates.get(func)
-    if idx is None:
-        schema = getattr(func, "_schema", None)
-        idx = ()
-        if schema is not None:
-            idx = tuple(
-                i
-                for i, a in enumerate(schema.arguments)
-                if a.alias_info is not None and a.alias_info.is_write and not a.kwarg_only
-            )
-        _mutates[func] = idx
-    return idx
-
-
-def op_name(func):
-    packet = getattr(func, "overloadpacket", None)
-    return packet.__name__ if packet is not None else getattr(func, "__name__", "op")
 
 
 class Node:
@@ -136,10 +116,6 @@ class Graph:
             else:
                 graph.output(remap(node.args[0], env))
         return graph
-
-
-def is_random(func):
-    return torch.Tag.nondeterministic_seeded in getattr(func, "tags", ())
 
 
 def has_effects(target):

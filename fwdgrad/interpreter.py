@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from . import registry
+from . import ops, registry
 
 _level_counter = itertools.count(1)
 _make_wrapper = torch.Tensor._make_wrapper_subclass
@@ -52,7 +52,7 @@ class View:
         self.index = index
 
     def derive(self, base_tangent):
-        out = registry.view_tangent(self.func, base_tangent, self.base._primal, self.args, self.kwargs)
+        out = view_tangent(self.func, base_tangent, self.base._primal, self.args, self.kwargs)
         return out if self.index is None else out[self.index]
 
 
@@ -136,10 +136,40 @@ def tangent_of(d):
     return t
 
 
-# --------------------------------------------------------------------------
-# Per-op metadata, computed once per OpOverload.
+def view_tangent(func, base_t, base_primal, args, kwargs):
+    """Apply the view ``func`` to the base's tangent.
 
-FUNCTIONAL, VIEW, INPLACE, INPLACE_VIEW, OUT = "functional", "view", "inplace", "inplace_view", "out"
+    The tangent's strides may differ from the primal's: ``view`` then falls
+    back to ``reshape``, and ``as_strided`` first lays the tangent out like the
+    primal's storage.
+    """
+    if func is _aten.detach.default:
+        return _aten.alias.default(base_t)
+    if func is _aten.as_strided.default or func is _aten.as_strided_.default:
+        if base_t.stride() != base_primal.stride() or base_t.storage_offset() != base_primal.storage_offset():
+            base_t = _like_storage(base_t, base_primal)
+        return func(base_t, *args, **kwargs)
+    if func is _aten.view.default or func is _aten._unsafe_view.default:
+        try:
+            return func(base_t, *args, **kwargs)
+        except RuntimeError:
+            return _aten.reshape.default(base_t, *args)
+    return func(base_t, *args, **kwargs)
+
+
+def _like_storage(t, primal):
+    plain = strip(primal)
+    numel = plain.untyped_storage().nbytes() // plain.element_size()
+    buf = t.new_zeros(max(numel, 1))
+    laid = buf.as_strided(primal.size(), primal.stride(), primal.storage_offset())
+    laid.copy_(t)
+    return laid
+
+
+# --------------------------------------------------------------------------
+# Per-op entries, made once per OpOverload: its kind, its rule, its C++ entry point.
+
+FUNCTIONAL, VIEW, INPLACE, INPLACE_VIEW, OUT = ops.FUNCTIONAL, ops.VIEW, ops.INPLACE, ops.INPLACE_VIEW, ops.OUT
 
 
 class OpEntry:
@@ -150,39 +180,24 @@ class OpEntry:
         self.call = getattr(func, "_op", func)  # the C++ entry point, without OpOverload.__call__
         self._rule = None
         self._functional = None
-        schema = func._schema
-        written = [
-            a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
-        ]
-        ret_alias = [r.alias_info for r in schema.returns]
-        self.out_args = [a.name for a in written if a.kwarg_only]
-        if torch.Tag.inplace_view in func.tags:
-            self.kind = INPLACE_VIEW
-        elif any(a is not None and a.is_write for a in ret_alias):
-            if self.out_args:
-                self.kind = OUT
-            else:
-                self.kind = INPLACE
-        elif ret_alias and ret_alias[0] is not None:
-            self.kind = VIEW
-        else:
-            self.kind = FUNCTIONAL
+        self.kind, self.out_args = ops.kind_of(func)
         self.functional_kind = self.kind is FUNCTIONAL
 
     @property
     def rule(self):
         if self._rule is None:
-            self._rule = registry.resolve_rule(self.func)
+            self._rule = registry.rule_for(self.func)
         return self._rule
 
     @property
     def functional(self):
         if self._functional is None:
-            self._functional = registry.functional_variant(self.func)
+            self._functional = ops.functional_variant(self.func)
         return self._functional
 
 
 _entries = {}
+_aten = torch.ops.aten
 
 
 def entry_for(func):
@@ -190,6 +205,16 @@ def entry_for(func):
     if e is None:
         e = _entries[func] = OpEntry(func)
     return e
+
+
+def _forget_rule(op):
+    """A rule was replaced (``register_jvp``): drop the cached one."""
+    e = _entries.get(op)
+    if e is not None:
+        e._rule = None
+
+
+registry.watch(_forget_rule)
 
 
 # --------------------------------------------------------------------------
@@ -416,11 +441,11 @@ def _view(func, entry, args, kwargs, pargs, pkwargs, targs, any_t, level):
     if isinstance(ans, torch.Tensor):
         d = Dual(ans, None, level, View(base, func, rest, pkwargs, None))
         if base_t is not None:
-            d._tangent = registry.view_tangent(func, base_t, pargs[0], rest, pkwargs)
+            d._tangent = view_tangent(func, base_t, pargs[0], rest, pkwargs)
             d._tangent_from = base_t
         return d
     outs = []
-    derived = registry.view_tangent(func, base_t, pargs[0], rest, pkwargs) if base_t is not None else None
+    derived = view_tangent(func, base_t, pargs[0], rest, pkwargs) if base_t is not None else None
     for i, a in enumerate(ans):
         d = Dual(a, None, level, View(base, func, rest, pkwargs, i))
         if derived is not None:
@@ -498,7 +523,7 @@ def _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level):
             f"function's inputs (e.g. torch.zeros_like(x)) or use the out-of-place op."
         )
     functional = entry.functional
-    pargs = registry.fill_defaults(func, pargs)
+    pargs = ops.fill_defaults(func, pargs)
     ans = functional(*pargs, **pkwargs)
     fentry = entry_for(functional)
     t = fentry.rule(registry.Tangents(targs, tkwargs), ans, *pargs, **pkwargs)

@@ -24,12 +24,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import trace
+from .arguments import check_argnums, check_callable, check_differentiable, check_tangent, diff_mask, param_names
+from .errors import warn
 from .reverse import grad
-from .transforms import check_argnums, check_callable, check_tangent
-
-
-def _is_float(x):
-    return x.is_floating_point() or x.is_complex()
 
 
 def _rng_state():
@@ -109,7 +106,7 @@ class Linearized:
     def _fall_back(self, rec, reason):
         self.reason = reason
         self._set_outputs(rec.outputs)
-        trace.warn(
+        warn(
             f"fwdgrad.{self.name}: cannot replay the traced tangent program of "
             f"{getattr(self.func, '__name__', self.func)!r} because {reason}; pushing tangents "
             f"one at a time through the eager interpreter instead (slower, same values)."
@@ -141,34 +138,6 @@ class Linearized:
 
 
 # --------------------------------------------------------------------------
-# Argument checking shared by jacfwd, linearize and batched jvp.
-
-
-def _check_differentiable(args, argnums, name, names):
-    """Every leaf of ``args[i]`` for ``i`` in ``argnums`` must be a floating tensor."""
-    for i in argnums:
-        for path, leaf in pytree.tree_flatten_with_path(args[i])[0]:
-            where = f"argument {i} ({names[i]}{''.join(str(k) for k in path)})"
-            if not isinstance(leaf, torch.Tensor):
-                raise TypeError(
-                    f"{name}: {where} is a {type(leaf).__name__}; the arguments selected by "
-                    f"argnums must be tensors (or pytrees of tensors)"
-                )
-            if not _is_float(leaf):
-                raise TypeError(
-                    f"{name}: {where} has dtype {leaf.dtype}; only floating point or complex "
-                    f"inputs can be differentiated"
-                )
-
-
-def _diff_mask(args, argnums):
-    mask = []
-    for i, a in enumerate(args):
-        mask.extend([i in argnums] * len(pytree.tree_leaves(a)))
-    return mask
-
-
-# --------------------------------------------------------------------------
 # linearize
 
 
@@ -187,7 +156,7 @@ def linearize(func, *primals):
     """
     name = "linearize"
     check_callable(func, name)
-    _check_differentiable(primals, range(len(primals)), name, trace._param_names(func, len(primals)))
+    check_differentiable(primals, range(len(primals)), name, param_names(func, len(primals)))
     lin = Linearized(func, primals, [True] * len(pytree.tree_leaves(primals)), False, name)
     in_spec = pytree.tree_structure(tuple(primals))
 
@@ -211,7 +180,7 @@ def linearize(func, *primals):
 
 
 # --------------------------------------------------------------------------
-# batched jvp (called from transforms.jvp)
+# batched jvp (jvp(batched=True))
 
 
 def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
@@ -298,8 +267,8 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
     @functools.wraps(func)
     def jac_fn(*args):
         nums = check_argnums(argnums, len(args), name)
-        _check_differentiable(args, nums, name, trace._param_names(func, len(args)))
-        lin = Linearized(func, args, _diff_mask(args, nums), has_aux, name)
+        check_differentiable(args, nums, name, param_names(func, len(args)))
+        lin = Linearized(func, args, diff_mask(args, nums), has_aux, name)
         inputs = lin.inputs
         sizes = [x.numel() for x in inputs]
         offsets = [sum(sizes[:j]) for j in range(len(sizes))]

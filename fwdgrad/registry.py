@@ -9,15 +9,29 @@ A rule has the signature ``rule(tangents, ans, *args, **kwargs)``:
 * ``ans`` is the primal output, already computed by the real kernel;
 * it returns the output tangent (a tuple for several outputs), ``None`` for zero.
 
-Most rules are one line built from the vocabulary below, in the spirit of
-HIPS/autograd's ``defjvp``.
+Every built-in rule is declared exactly once, by one of the ``def_*``
+functions below, in the module of its op family (``fwdgrad/rules/``); a
+second declaration of the same overload raises.  ``register_jvp`` is the
+one way to replace a rule.  ``where(op)`` tells where a rule was declared.
+
+This module knows nothing of the interpreter: it looks rules up
+(``rule_for``), asks a hook for a rule when none is registered (the fallback
+chain plugs in with ``set_fallback``), and tells watchers (the interpreter's
+per-op cache) when ``register_jvp`` changes a rule.
 """
 
 import inspect
+import sys
 
 import torch
 
-RULES = {}
+from .ops import takes_list
+from .slicing import SLICE, add_to_fresh, fresh_ok, records
+
+RULES = {}  # op overload -> rule
+_declared = {}  # op overload -> (file, line, how)
+_watchers = []
+_fallback = None
 NO_KW_TANGENTS = {}
 
 
@@ -31,6 +45,50 @@ class Tangents(tuple):
         if kw:
             t.kw = kw
         return t
+
+
+# --------------------------------------------------------------------------
+# The table.
+
+
+def _declare(op, rule, how, depth=2):
+    """Enter the built-in rule of ``op``; a second declaration is a bug and raises."""
+    if op in RULES:
+        file, line, _ = _declared[op]
+        raise RuntimeError(
+            f"fwdgrad: a JVP rule for {op} is already declared at {file}:{line}; each op's rule "
+            f"is declared once (use fwdgrad.register_jvp to replace one)"
+        )
+    frame = sys._getframe(depth)
+    RULES[op] = rule
+    _declared[op] = (frame.f_code.co_filename, frame.f_lineno, how)
+    return rule
+
+
+def rule_for(func):
+    """The rule for ``func``: registered, else the fallback hook's."""
+    rule = RULES.get(func)
+    if rule is not None:
+        return rule
+    if _fallback is None:
+        raise NotImplementedError(f"fwdgrad has no JVP rule for {func} (and no fallback is installed)")
+    return _fallback(func)
+
+
+def set_fallback(hook):
+    """``hook(func) -> rule`` is asked for ops without a registered rule."""
+    global _fallback
+    _fallback = hook
+
+
+def watch(callback):
+    """``callback(op)`` runs whenever ``register_jvp`` replaces the rule of ``op``."""
+    _watchers.append(callback)
+
+
+def where(op):
+    """``(file, line, how)`` of the declaration of ``op``'s rule, or ``None``."""
+    return _declared.get(op)
 
 
 def _required_args(op):
@@ -92,35 +150,33 @@ def register_jvp(op, rule=None):
                     f"register_jvp({op}): the rule {getattr(fn, '__name__', fn)}{sig} cannot be "
                     f"called as rule(tangents, ans, {names}): {e}"
                 ) from None
+        frame = sys._getframe(1)
         RULES[op] = fn
-        _forget(op)
+        _declared[op] = (frame.f_code.co_filename, frame.f_lineno, "register_jvp")
+        for callback in _watchers:
+            callback(op)
         return fn
 
     return decorate if rule is None else decorate(rule)
 
 
-def _forget(op):
-    """Drop the cached rule of ``op`` so that a new registration takes effect."""
-    from . import interpreter
-
-    e = interpreter._entries.get(op)
-    if e is not None:
-        e._rule = None
-
-
-def defrule(*ops):
-    """Register one hand-written rule for several overloads (internal, no signature check)."""
-
-    def decorate(fn):
-        for op in ops:
-            RULES[op] = fn
-        return fn
-
-    return decorate
-
-
 # --------------------------------------------------------------------------
-# Vocabulary.
+# Symbolic zeros: ``None`` is a zero tangent.  These keep rules free of
+# ``if t is None`` branches.
+
+
+def tsum(*terms):
+    """The sum of tangent terms, skipping zeros (``None`` if all are zero)."""
+    out = None
+    for c in terms:
+        if c is not None:
+            out = c if out is None else out + c
+    return out
+
+
+def tmul(a, b):
+    """``a * b`` where either factor may be a zero tangent (``None``)."""
+    return None if a is None or b is None else a * b
 
 
 def zeros_for(x):
@@ -128,11 +184,29 @@ def zeros_for(x):
     return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)
 
 
-def _sum_tangents(out, c):
-    """Add two tangents, either of which may be ``None`` (zero)."""
-    if c is None:
-        return out
-    return c if out is None else out + c
+def or_zeros(g, like):
+    """``g``, or a zero tangent shaped like ``like`` (expanded: no memory)."""
+    return zeros_for(like) if g is None else g
+
+
+def or_scalar_zero(g, like):
+    """``g``, or a zero-dimensional zero that broadcasts against ``like`` (no memory)."""
+    return torch.zeros((), dtype=like.dtype, device=like.device) if g is None else g
+
+
+# --------------------------------------------------------------------------
+# The vocabulary.  Each ``def_*`` declares the rule of its ops once.
+
+
+def defrule(*ops):
+    """Declare one hand-written rule for several overloads."""
+
+    def decorate(fn):
+        for op in ops:
+            _declare(op, fn, "hand-written")
+        return fn
+
+    return decorate
 
 
 def def_linear(op, *argnums):
@@ -142,17 +216,12 @@ def def_linear(op, *argnums):
     (``cat``), become expanded zeros that cost no memory.
     """
     argnums = argnums or (0,)
-    for o in _as_list(op):
-        RULES[o] = _linear_rule(o, argnums)
-
-
-def _takes_list(op, i):
-    args = op._schema.arguments
-    return i < len(args) and isinstance(args[i].type, torch.ListType)
+    for o in op if isinstance(op, (list, tuple)) else (op,):
+        _declare(o, _linear_rule(o, argnums), "linear")
 
 
 def _linear_rule(op, argnums):
-    if argnums == (0,) and not _takes_list(op, 0):
+    if argnums == (0,) and not takes_list(op, 0):
         def rule(t, ans, x, *args, **kwargs):
             return op(t[0], *args, **kwargs)
 
@@ -178,12 +247,24 @@ def _linear_rule(op, argnums):
     return rule
 
 
-def def_elementwise(op, *arg_rules):
+def def_elementwise(op, *arg_rules, kernel=None, when=None, sliced=False):
     """HIPS-style ``defjvp``: ``arg_rules[i](g, ans, *args, **kwargs)`` is the
     contribution of argument ``i`` with tangent ``g`` (it may return ``None``
     for zero); contributions are summed.  ``None`` in place of a rule marks a
-    non-differentiable argument."""
+    non-differentiable argument.
 
+    For unary ops, two ways to spend less memory and time, given here with the
+    formula they stand in for:
+
+    * ``sliced=True``: on large plain tensors, evaluate the formula in slices
+      into one output (``fwdgrad.slicing``), so its temporaries stay small;
+    * ``kernel(g, ans, x, *args)``: a fused kernel (an activation's backward
+      kernel) or an in-place formula, used for real tensors where
+      ``when(g, ans, x)`` holds (always if ``when`` is None); it may decline
+      by returning ``NotImplemented``.  Complex tensors, and calls where
+      ``when`` fails (reverse mode records the tangent, a tracer watches), use
+      the formula.
+    """
     if len(arg_rules) == 1 and arg_rules[0] is not None:
         only = arg_rules[0]
 
@@ -191,34 +272,75 @@ def def_elementwise(op, *arg_rules):
             g = t[0]
             return None if g is None else only(g, ans, *args, **kwargs)
 
-        RULES[op] = rule
-        return rule
+    else:
+        def rule(t, ans, *args, **kwargs):
+            out = None
+            for i, r in enumerate(arg_rules):
+                if r is None or i >= len(t) or t[i] is None:
+                    continue
+                c = r(t[i], ans, *args, **kwargs)
+                if c is not None:
+                    out = c if out is None else out + c
+            return out
 
-    def rule(t, ans, *args, **kwargs):
-        out = None
-        for i, r in enumerate(arg_rules):
-            if r is None or i >= len(t) or t[i] is None:
-                continue
-            out = _sum_tangents(out, r(t[i], ans, *args, **kwargs))
-        return out
+    how = "elementwise"
+    if sliced:
+        rule, how = _sliced(rule), how + ", sliced"
+    if kernel is not None:
+        rule, how = _with_kernel(kernel, rule, when), how + ", kernel"
+    return _declare(op, rule, how)
 
-    RULES[op] = rule
+
+def _with_kernel(kernel, formula, when):
+    def rule(t, ans, x, *args, **kwargs):
+        g = t[0]
+        if g is None or x.is_complex() or t.kw or (when is not None and not when(g, ans, x)):
+            return formula(t, ans, x, *args, **kwargs)
+        out = kernel(g, ans, x, *args, **kwargs)
+        return formula(t, ans, x, *args, **kwargs) if out is NotImplemented else out
+
     return rule
 
 
-def add_to_fresh(out, c):
-    """``out + c`` for a tangent ``out`` that the calling rule made itself (so no
-    one else holds it), in place where that is safe: no temporary the size of
-    the output."""
-    if out is None:
-        return c
-    if c is None:
-        return out
-    from .slicing import fresh_ok
+def unrecorded(g, ans, x):
+    """A ``when`` for kernels without a double backward: nothing records the tangent."""
+    return not records((g, x))
 
-    if out.shape == torch.broadcast_shapes(out.shape, c.shape) and out.dtype == c.dtype and fresh_ok(out, c):
-        return out.add_(c)
-    return out + c
+
+def _sliced(formula):
+    """``formula`` for an elementwise op ``op(x, *scalars)``, run slice by slice
+    into one output tensor on a large plain tensor."""
+
+    def rule(t, ans, x, *args, **kwargs):
+        g = t[0]
+        if (
+            x.numel() <= SLICE  # small tensors first: the common, cheap exit
+            or g is None
+            or t.kw
+            or any(a is not None for a in t[1:])
+            or not isinstance(ans, torch.Tensor)
+            or not (g.shape == ans.shape == x.shape)
+            or not (g.is_contiguous() and ans.is_contiguous() and x.is_contiguous())
+            or not fresh_ok(g, ans, x)
+        ):
+            return formula(t, ans, x, *args, **kwargs)
+        gf, af, xf = g.view(-1), ans.view(-1), x.view(-1)
+        rest = (None,) * (len(t) - 1)
+        out = flat = None
+        n = xf.numel()
+        for i in range(0, n, SLICE):
+            k = min(SLICE, n - i)
+            piece = formula(Tangents((gf.narrow(0, i, k),) + rest), af.narrow(0, i, k),
+                            xf.narrow(0, i, k), *args, **kwargs)
+            if piece is None:
+                return None  # a zero tangent is zero on every slice
+            if out is None:
+                out = torch.empty(x.shape, dtype=piece.dtype, device=x.device)
+                flat = out.view(-1)
+            flat.narrow(0, i, k).copy_(piece)
+        return out
+
+    return rule
 
 
 def def_multilinear(op, *argnums):
@@ -235,18 +357,17 @@ def def_multilinear(op, *argnums):
                 out = add_to_fresh(out, op(*a, **kwargs))
         return out
 
-    RULES[op] = rule
-    return rule
+    return _declare(op, rule, "multilinear")
+
+
+def zero_rule(t, ans, *args, **kwargs):
+    return None
 
 
 def def_zero(*ops):
     """Ops whose outputs do not depend differentiably on the inputs."""
     for op in ops:
-        RULES[op] = zero_rule
-
-
-def zero_rule(t, ans, *args, **kwargs):
-    return None
+        _declare(op, zero_rule, "zero")
 
 
 def curvature_term(forward, rule, g, primals, tangents):
@@ -264,120 +385,3 @@ def curvature_term(forward, rule, g, primals, tangents):
             return [None] * len(xs)
         inner = (g.conj() * jdx).real.sum() if jdx.is_complex() else (g * jdx).sum()
         return torch.autograd.grad(inner, xs, allow_unused=True)
-
-
-def aten_ops(*names):
-    """The aten overloads named ``"packet.overload"`` that exist in this torch build."""
-    found = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        p = getattr(torch.ops.aten, packet, None)
-        if p is not None and (overload or "default") in p.overloads():
-            found.append(getattr(p, overload or "default"))
-    return found
-
-
-def _as_list(op):
-    return op if isinstance(op, (list, tuple)) else (op,)
-
-
-# --------------------------------------------------------------------------
-# Helpers the interpreter needs for views and in-place ops.
-
-_aten = torch.ops.aten
-
-
-def view_tangent(func, base_t, base_primal, args, kwargs):
-    """Apply the view ``func`` to the base's tangent.
-
-    The tangent's strides may differ from the primal's: ``view`` then falls
-    back to ``reshape``, and ``as_strided`` first lays the tangent out like the
-    primal's storage.
-    """
-    if func is _aten.detach.default:
-        return _aten.alias.default(base_t)
-    if func is _aten.as_strided.default or func is _aten.as_strided_.default:
-        if base_t.stride() != base_primal.stride() or base_t.storage_offset() != base_primal.storage_offset():
-            base_t = _like_storage(base_t, base_primal)
-        return func(base_t, *args, **kwargs)
-    if func is _aten.view.default or func is _aten._unsafe_view.default:
-        try:
-            return func(base_t, *args, **kwargs)
-        except RuntimeError:
-            return _aten.reshape.default(base_t, *args)
-    return func(base_t, *args, **kwargs)
-
-
-def _like_storage(t, primal):
-    from .interpreter import strip
-
-    plain = strip(primal)
-    numel = plain.untyped_storage().nbytes() // plain.element_size()
-    buf = t.new_zeros(max(numel, 1))
-    laid = buf.as_strided(primal.size(), primal.stride(), primal.storage_offset())
-    laid.copy_(t)
-    return laid
-
-
-def fill_defaults(func, args):
-    """``args`` with ``func``'s omitted positional defaults filled in.
-
-    The dispatcher drops trailing arguments equal to their defaults, but the
-    out-of-place variant may have no default there (``bernoulli_.float``'s
-    ``p=0.5`` against ``bernoulli.p``'s required ``p``).
-    """
-    pos = [a for a in func._schema.arguments if not a.kwarg_only]
-    if len(args) >= len(pos):
-        return args
-    return list(args) + [a.default_value for a in pos[len(args):]]
-
-
-def functional_variant(func):
-    """The out-of-place overload matching an in-place (``foo_``) or ``out=`` overload."""
-    schema = func._schema
-    name = schema.name.split("::")[-1]
-    ns = getattr(torch.ops, schema.name.split("::")[0])
-    base = name[:-1] if name.endswith("_") and not name.startswith("__") else name
-    if name.startswith("__i"):  # __iadd__ -> __add__? aten has add_ for these; map to the plain op
-        base = name[3:-2]
-    packet = getattr(ns, base, None)
-    if packet is None:
-        return _functional_named(func, ns, base)
-    want = [
-        (a.name, str(a.type))
-        for a in schema.arguments
-        if not (a.alias_info is not None and a.alias_info.is_write and a.kwarg_only)
-    ]
-    want_view = torch.Tag.inplace_view in func.tags
-    for overload in packet.overloads():
-        cand = getattr(packet, overload)
-        cs = cand._schema
-        if not want_view and any(r.alias_info is not None for r in cs.returns):
-            continue
-        if [(a.name, str(a.type)) for a in cs.arguments] == want:
-            return cand
-    # In-place overloads whose self argument is spelled differently: match on count.
-    for overload in (func._overloadname, "default", "Tensor"):
-        cand = getattr(packet, overload, None) if overload in packet.overloads() else None
-        if cand is not None and (want_view or not any(r.alias_info is not None for r in cand._schema.returns)):
-            if len(cand._schema.arguments) == len(want):
-                return cand
-    return _functional_named(func, ns, base)
-
-
-def _functional_named(func, ns, base):
-    """``foo_functional``, the variant some in-place ops have (``normal_``)."""
-    packet = getattr(ns, base + "_functional", None)
-    if packet is not None and func._overloadname in packet.overloads():
-        return getattr(packet, func._overloadname)
-    raise NotImplementedError(f"fwdgrad: no out-of-place variant of {func} to derive its JVP from")
-
-
-def resolve_rule(func):
-    """The rule for ``func``: registered, else a decomposition, else linearization."""
-    rule = RULES.get(func)
-    if rule is not None:
-        return rule
-    from . import fallback
-
-    return fallback.rule_for(func)

@@ -22,8 +22,10 @@ import traceback
 import torch
 from torch.utils import _pytree as pytree
 
-from .interpreter import Dual, new_level, tangent_of
-from .transforms import check_argnums, check_callable, check_outside_functorch, split_aux
+from .arguments import (
+    check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, split_aux,
+)
+from .interpreter import Dual, new_level, strip, tangent_of
 
 _aten_detach = torch.ops.aten.detach.default
 
@@ -36,10 +38,6 @@ def detach_keeping_tangents(x):
     the interpreter keeps the tangent for it.
     """
     return _aten_detach(x)
-
-
-def _is_float(x):
-    return x.is_floating_point() or x.is_complex()
 
 
 # --------------------------------------------------------------------------
@@ -78,19 +76,6 @@ def _reaches_other_leaves(out, inputs):
     return False
 
 
-def _check_scalar_output(out, name, what="func", any_shape=False):
-    """``out`` must be a real floating scalar (with ``any_shape``, any one-element tensor)."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{name}: {what} must return a scalar tensor, got {type(out).__name__}")
-    if out.numel() != 1 if any_shape else out.dim() != 0:
-        raise ValueError(
-            f"{name}: {what} must return a scalar {'tensor (one element)' if any_shape else '(0-dim) tensor'}, "
-            f"got one of shape {tuple(out.shape)}; reduce it first (e.g. .sum() or .mean())"
-        )
-    if not _is_float(out):
-        raise TypeError(f"{name}: {what} must return a floating-point tensor, got dtype {out.dtype}")
-
-
 def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
     nums, many = check_argnums(argnums, len(args), name), isinstance(argnums, tuple)
     args = list(args)
@@ -101,7 +86,7 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
             where = f"argument {n}" + "".join(str(k) for k in path)
             if not isinstance(leaf, torch.Tensor):
                 raise TypeError(f"{name}: {where} is a {type(leaf).__name__}; only tensors can be differentiated")
-            if not _is_float(leaf):
+            if not is_float(leaf):
                 raise TypeError(
                     f"{name}: {where} has dtype {leaf.dtype}; only floating-point or complex "
                     f"tensors can be differentiated"
@@ -118,7 +103,7 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
             args[n] = pytree.tree_unflatten(fresh, spec)
         out = func(*args, **kwargs)
         out, aux = split_aux(out, has_aux, name)
-        _check_scalar_output(out, name)
+        check_scalar_output(out, name)
         # Keep the graph of the backward pass only if someone may differentiate
         # the gradient again: an enclosing grad (or jvp over params that require
         # grad), or a captured tensor that requires grad.
@@ -247,7 +232,7 @@ def _flatten_params(params, v, name):
             raise TypeError(f"{name}: params{k} is a {type(p).__name__}, expected a tensor")
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: v{k} is a {type(t).__name__}, expected a tensor")
-        if not _is_float(p):
+        if not is_float(p):
             raise TypeError(f"{name}: params{k} has dtype {p.dtype}; only floating-point parameters have a Hessian")
         if t.shape != p.shape:
             raise ValueError(f"{name}: v{k} has shape {tuple(t.shape)} but params{k} has shape {tuple(p.shape)}")
@@ -276,7 +261,7 @@ def _is_closure(loss, pure_args):
 
 
 def _scalar_loss(out, name):
-    _check_scalar_output(out, name, "loss", any_shape=True)
+    check_scalar_output(out, name, "loss", any_shape=True)
     return out
 
 
@@ -326,8 +311,6 @@ def _own(t, like, foreign):
 
 
 def _storage_ptr(t):
-    from .interpreter import strip
-
     return strip(t).untyped_storage().data_ptr()
 
 

@@ -18,9 +18,6 @@ Formulas with a fused kernel or an in-place form (``rules/pointwise.py``:
 
 import torch
 
-from . import registry
-from .interpreter import Dual as _Dual
-
 SLICE = 1 << 14  # elements per slice (64 KiB of float32)
 
 
@@ -42,18 +39,32 @@ def records(tensors):
 def fresh_ok(*tensors):
     """Whether a rule may update a fresh temporary of its own in place
     (``out.addcmul_(x, ty)`` instead of ``out + x * ty``): ``in_place_ok`` for
-    ``tensors``, all of them plain tensors (not duals of a lower level).
-    (Written out: it runs on the hot path of small ops.)"""
+    ``tensors``, all of them plain tensors (not duals of a lower level, nor
+    other subclasses).  (Written out: it runs on the hot path of small ops.)"""
     if _dispatch_stack_len():
         return False
     grad = torch.is_grad_enabled()
     for a in tensors:
-        if isinstance(a, _Dual) or (grad and a.requires_grad):
+        if type(a) not in _PLAIN or (grad and a.requires_grad):
             return False
     return True
 
 
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def add_to_fresh(out, c):
+    """``out + c`` for a tangent ``out`` that the calling rule made itself (so no
+    one else holds it), in place where that is safe: no temporary the size of
+    the output.  Either may be ``None`` (zero)."""
+    if out is None:
+        return c
+    if c is None:
+        return out
+    if out.shape == torch.broadcast_shapes(out.shape, c.shape) and out.dtype == c.dtype and fresh_ok(out, c):
+        return out.add_(c)
+    return out + c
 
 
 def accumulate(out, fn, like, *args):
@@ -121,40 +132,3 @@ def in_row_slices(piece, rows, row_numel, row_args):
         else:
             sums = [b if a is None else (a if b is None else a + b) for a, b in zip(sums, outs[1:])]
     return (first, *sums)
-
-
-def sliced_unary(rule):
-    """Wrap the rule of an elementwise op ``op(x, *scalars)`` so that, on a large
-    plain tensor, it runs slice by slice into one output tensor."""
-
-    def sliced_rule(t, ans, x, *args, **kwargs):
-        g = t[0]
-        if (
-            x.numel() <= SLICE  # small tensors first: the common, cheap exit
-            or g is None
-            or t.kw
-            or any(a is not None for a in t[1:])
-            or not isinstance(ans, torch.Tensor)
-            or not (g.shape == ans.shape == x.shape)
-            or not (g.is_contiguous() and ans.is_contiguous() and x.is_contiguous())
-            or not fresh_ok(g, ans, x)
-        ):
-            return rule(t, ans, x, *args, **kwargs)
-        gf, af, xf = g.view(-1), ans.view(-1), x.view(-1)
-        rest = (None,) * (len(t) - 1)
-        out = flat = None
-        n = xf.numel()
-        for i in range(0, n, SLICE):
-            k = min(SLICE, n - i)
-            piece = rule(registry.Tangents((gf.narrow(0, i, k),) + rest), af.narrow(0, i, k),
-                         xf.narrow(0, i, k), *args, **kwargs)
-            if piece is None:
-                return None  # a zero tangent is zero on every slice
-            if out is None:
-                out = torch.empty(x.shape, dtype=piece.dtype, device=x.device)
-                flat = out.view(-1)
-            flat.narrow(0, i, k).copy_(piece)
-        return out
-
-    sliced_rule.__wrapped__ = rule
-    return sliced_rule

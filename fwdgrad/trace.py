@@ -31,11 +31,7 @@ tangent ops are recorded without being run; see ``Recorder._skip``.
 """
 
 import functools
-import inspect
 import operator
-import os
-import sys
-import warnings
 
 import torch
 import torch.fx as fx
@@ -45,8 +41,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._python_dispatch import _disable_current_modes as _no_modes
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import registry
-from .graph import Graph, Node, Program, has_effects, is_random, mutated_args, op_name, remap
+from .arguments import drop_level, param_names, split_aux, split_outputs
+from .graph import Graph, Node, Program, has_effects, remap
+from .interpreter import Dual, new_level
+from .ops import functional_variant, is_random, mutated_args, op_name, returns_alias
 
 _set_grad_enabled = torch._C._set_grad_enabled
 
@@ -119,17 +117,6 @@ def _skippable(func):
             r.alias_info is not None for r in schema.returns
         ) and not mutated_args(func) and not any(tag in func.tags for tag in _READ_TAGS)
     return v
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def warn(message):
-    """``warnings.warn`` pointing at the first caller outside fwdgrad."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level + 1)
 
 
 def describe_read(func):
@@ -251,7 +238,7 @@ class Recorder(TorchDispatchMode):
                 depends = any(n.tangent for n, _ in found[1:])
             self.reads.append((func, depends))
         self._bind_outputs(func, out, node, depends, data)
-        if hasattr(func, "_schema") and any(r.alias_info is not None for r in func._schema.returns):
+        if returns_alias(func):
             for o in out if isinstance(out, (list, tuple)) else (out,):
                 if isinstance(o, torch.Tensor):
                     self.aliased.add(StorageWeakRef(o.untyped_storage()))
@@ -279,7 +266,7 @@ class Recorder(TorchDispatchMode):
         functional = _functional_cache.get(func, False)
         if functional is False:
             try:
-                functional = registry.functional_variant(func)
+                functional = functional_variant(func)
             except NotImplementedError:
                 functional = None
             _functional_cache[func] = functional
@@ -572,9 +559,6 @@ class FlatJvp:
         self.arg_names = _leaf_names(func, args, kwargs)
 
     def __call__(self, *xs):
-        from .interpreter import Dual, new_level
-        from .transforms import drop_level, split_aux, split_outputs
-
         n = len(self.tensor_idx)
         level = new_level()
         leaves = list(self.leaves)
@@ -620,24 +604,10 @@ class FlatJvp:
         return primal, tangent, aux
 
 
-def _param_names(func, n):
-    if isinstance(func, torch.nn.Module):
-        func = func.forward
-    try:
-        params = [
-            p.name
-            for p in inspect.signature(func).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-    except (TypeError, ValueError):
-        params = []
-    return [params[i] if i < len(params) else f"arg{i}" for i in range(n)]
-
-
 def _leaf_names(func, args, kwargs):
     """A readable name for each leaf of ``(args, kwargs)``: ``x``, ``params_w``, ``arg1_0``."""
     names = []
-    bases = _param_names(func, len(args)) + list(kwargs)
+    bases = param_names(func, len(args)) + list(kwargs)
     for arg, base in zip([*args, *kwargs.values()], bases):
         paths = pytree.tree_flatten_with_path(arg)[0]
         for path, _ in paths:

@@ -43,7 +43,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import trace
-from .transforms import check_tangent, checked_leaves
+from .arguments import check_tangent, checked_leaves
+from .errors import warn
 
 _EAGER = object()  # a cache value: run these inputs eagerly
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -96,7 +97,7 @@ class TracedJvp:
             return
         self._warned.add(reason)
         fname = getattr(self.func, "__name__", type(self.func).__name__)
-        trace.warn(f"fwdgrad.{self.name}(trace=True) on {fname!r}: {detail}")
+        warn(f"fwdgrad.{self.name}(trace=True) on {fname!r}: {detail}")
 
     @property
     def graph_module(self):
@@ -227,7 +228,7 @@ def traced_jvp_for(func, has_aux):
     if code is not None:
         _codes_seen[code] += 1
         if _codes_seen[code] == 4:
-            trace.warn(
+            warn(
                 f"fwdgrad.jvp(trace=True): 4 function objects with the same code "
                 f"({getattr(func, '__qualname__', func)!r}); programs are cached per function "
                 f"object, so each new one records again.  Define the function once, outside "

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch._decomp
 
-from fwdgrad.registry import RULES, functional_variant
+from fwdgrad.ops import functional_variant
+from fwdgrad.registry import RULES
 
 aten = torch.ops.aten
 

@@ -21,23 +21,12 @@ import math
 import torch
 
 from ..fallback import rule_for
+from ..ops import aten_ops
+from ..registry import defrule, tmul, tsum
 from ..slicing import accumulate, fresh_ok, in_place_ok, in_row_slices
-from ..registry import aten_ops, defrule
 from .nn import _attention_probs, _channel_shape
 
 aten = torch.ops.aten
-
-
-def _add(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
-
-
-def _mul(a, b):
-    return None if a is None or b is None else a * b
 
 
 # ---- linear in the incoming gradient -----------------------------------------
@@ -252,10 +241,10 @@ def _glu_backward_jvp(t, ans, go, x, dim):
     da = db = None
     if dx is not None:
         da, db = dx.chunk(2, dim)
-    d_ga = _add(_mul(dgo, s), None if db is None else go * ds1 * db)
-    d_gb = _mul(dgo, a * ds1)
+    d_ga = tsum(tmul(dgo, s), None if db is None else go * ds1 * db)
+    d_gb = tmul(dgo, a * ds1)
     if dx is not None:
-        d_gb = _add(d_gb, go * ds1 * (da + a * (1 - 2 * s) * db))
+        d_gb = tsum(d_gb, go * ds1 * (da + a * (1 - 2 * s) * db))
     if d_ga is None and d_gb is None:
         return None
     if d_ga is None:
@@ -275,7 +264,7 @@ def _softmax_backward_jvp(t, ans, go, y, dim, input_dtype):
     out = None if dgo is None else aten._softmax_backward_data.default(dgo, y, dim, input_dtype)
     if dy is not None:
         s = (go * y).sum(dim, keepdim=True)
-        out = _add(out, dy * (go - s) - y * (go * dy).sum(dim, keepdim=True))
+        out = tsum(out, dy * (go - s) - y * (go * dy).sum(dim, keepdim=True))
     return out
 
 
@@ -285,7 +274,7 @@ def _log_softmax_backward_jvp(t, ans, go, out, dim, input_dtype):
     dgo, dout = t[0], t[1]
     res = None if dgo is None else aten._log_softmax_backward_data.default(dgo, out, dim, input_dtype)
     if dout is not None:
-        res = _add(res, -(out.exp() * dout) * go.sum(dim, keepdim=True))
+        res = tsum(res, -(out.exp() * dout) * go.sum(dim, keepdim=True))
     return res
 
 
@@ -308,7 +297,7 @@ def _mse_backward_jvp(t, ans, go, x, y, reduction):
     out = None if t[0] is None else aten.mse_loss_backward.default(t[0], x, y, reduction)
     dd = _difference(t[1], t[2], x)
     if dd is not None:
-        out = _add(out, go * dd * (2 * _mean_scale(x, reduction)))
+        out = tsum(out, go * dd * (2 * _mean_scale(x, reduction)))
     return out
 
 
@@ -338,8 +327,8 @@ def _bce_backward_jvp(t, ans, go, x, y, weight=None, reduction=1):
         dq = torch.where(clamped, 0.0, (1 - 2 * x) / q).to(x.dtype)
         term = (1 - (x - y) * dq) / q * dx
     if dy is not None:
-        term = _add(term, -dy / q)
-    return _add(out, scale * term)
+        term = tsum(term, -dy / q)
+    return tsum(out, scale * term)
 
 
 _bce_backward_fallback = rule_for(aten.binary_cross_entropy_backward.default)
@@ -351,7 +340,7 @@ def _smooth_l1_backward_jvp(t, ans, go, x, y, reduction, beta):
     dd = _difference(t[1], t[2], x)
     if dd is not None:
         quadratic = ((x - y).abs() < beta).to(go.dtype)
-        out = _add(out, go * quadratic * dd * (_mean_scale(x, reduction) / beta))
+        out = tsum(out, go * quadratic * dd * (_mean_scale(x, reduction) / beta))
     return out
 
 
@@ -361,7 +350,7 @@ def _huber_backward_jvp(t, ans, go, x, y, reduction, delta):
     dd = _difference(t[1], t[2], x)
     if dd is not None:
         quadratic = ((x - y).abs() <= delta).to(go.dtype)
-        out = _add(out, go * quadratic * dd * _mean_scale(x, reduction))
+        out = tsum(out, go * quadratic * dd * _mean_scale(x, reduction))
     return out
 
 
@@ -389,9 +378,9 @@ def _convolution_backward_jvp(t, ans, go, x, w, bias_sizes, stride, padding, dil
         if not output_mask[2]:
             dgb = None
     if dw is not None and output_mask[0]:
-        di = _add(di, conv_bwd(go, x, dw, [True, False, False])[0])
+        di = tsum(di, conv_bwd(go, x, dw, [True, False, False])[0])
     if dx is not None and output_mask[1]:
-        dgw = _add(dgw, conv_bwd(go, dx, w, [False, True, False])[1])
+        dgw = tsum(dgw, conv_bwd(go, dx, w, [False, True, False])[1])
     return di, dgw, dgb
 
 
@@ -412,11 +401,11 @@ def _normalized_grad_tangent(G, dG, xhat, dxhat, rstd, drstd, dims):
     if dG is not None:
         dh = dG - _mean(dG, dims) - xhat * _mean(dG * xhat, dims)
     if dxhat is not None:
-        dh = _add(dh, -dxhat * _mean(G * xhat, dims) - xhat * _mean(G * dxhat, dims))
+        dh = tsum(dh, -dxhat * _mean(G * xhat, dims) - xhat * _mean(G * dxhat, dims))
     out = None if dh is None else rstd * dh
     if drstd is not None:
         h = G - _mean(G, dims) - xhat * _mean(G * xhat, dims)
-        out = _add(out, drstd * h)
+        out = tsum(out, drstd * h)
     return out
 
 
@@ -427,7 +416,7 @@ def _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd):
     if dx is not None or dmean is not None:
         dxhat = _difference(dx, dmean, x) * rstd
     if drstd is not None:
-        dxhat = _add(dxhat, xc * drstd)
+        dxhat = tsum(dxhat, xc * drstd)
     return xc * rstd, dxhat
 
 
@@ -435,7 +424,7 @@ def _param_grad_tangents(go, dgo, xhat, dxhat, dims, output_mask):
     """Tangents of ``grad_weight = sum(go * xhat)`` and ``grad_bias = sum(go)`` over ``dims``."""
     dgw = dgb = None
     if output_mask[1]:
-        dgw = _add(_mul(dgo, xhat), _mul(go, dxhat))
+        dgw = tsum(tmul(dgo, xhat), tmul(go, dxhat))
         if dgw is not None:
             dgw = dgw.sum(dims)
     if output_mask[2] and dgo is not None:
@@ -447,9 +436,9 @@ def _weighted(go, dgo, w, dw):
     """``G = go * w`` and its tangent (``w`` broadcasts; ``None`` means 1)."""
     if w is None:
         return go, dgo
-    dG = _mul(dgo, w)
+    dG = tmul(dgo, w)
     if dw is not None:
-        dG = _add(dG, go * dw)
+        dG = tsum(dG, go * dw)
     return go * w, dG
 
 
@@ -582,7 +571,7 @@ def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps
         mu, rho, dmu = rm, (rv + eps).rsqrt(), drm
         drho = None if drv is None else -0.5 * rho ** 3 * drv
     wv = w if w is not None else torch.ones_like(rho)
-    d_rho_w = _add(_mul(drho, wv), _mul(rho, dw))  # tangent of rho * w
+    d_rho_w = tsum(tmul(drho, wv), tmul(rho, dw))  # tangent of rho * w
     sum_go_xhat, sum_go = channel_sums(go, x, mu, rho)
     # S1 = sum(dgo xhat), S2 = sum(dgo); m3 = sum(go dxhat), dxhat = (dx - dmu) rho + (x - mu) drho.
     s1 = s2 = m3 = None
@@ -591,10 +580,10 @@ def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps
     if dx is not None:
         m3 = rho * channel_sums(go, dx, torch.zeros_like(mu), torch.ones_like(rho))[0]
     if dmu is not None:
-        m3 = _add(m3, -rho * dmu * sum_go)
+        m3 = tsum(m3, -rho * dmu * sum_go)
     if drho is not None:
-        m3 = _add(m3, drho * sum_go_xhat / rho)
-    dgw = _add(s1, m3) if output_mask[1] else None
+        m3 = tsum(m3, drho * sum_go_xhat / rho)
+    dgw = tsum(s1, m3) if output_mask[1] else None
     dgb = s2 if output_mask[2] else None
     di = None
     if output_mask[0]:
@@ -609,16 +598,16 @@ def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps
                 c_x = -d_rho_w * rho * b
                 c_1 = -d_rho_w * a
             if dgo is not None:
-                c_x = _add(c_x, -rw * rho * s1 / count)
-                c_1 = _add(c_1, -rw * s2 / count)
+                c_x = tsum(c_x, -rw * rho * s1 / count)
+                c_1 = tsum(c_1, -rw * s2 / count)
             if dx is not None:
                 c_dx = -rw * rho * b
             if dmu is not None:
-                c_1 = _add(c_1, rw * rho * b * dmu)
+                c_1 = tsum(c_1, rw * rho * b * dmu)
             if drho is not None:
-                c_x = _add(c_x, -rw * b * drho)
+                c_x = tsum(c_x, -rw * b * drho)
             if m3 is not None:
-                c_x = _add(c_x, -rw * rho * m3 / count)
+                c_x = tsum(c_x, -rw * rho * m3 / count)
         di = per_channel_sum(shape, [(dgo, c_dgo), (go, c_go), (dx, c_dx)], (x, mu, c_x), c_1)
     return di, dgw, dgb
 
@@ -667,11 +656,11 @@ def _sdpa_cpu_backward_jvp(t, ans, go, q, k, v, out, lse, dropout_p, is_causal, 
     if dq is not None:
         ds_in = (dq @ k.transpose(-2, -1)) * scale
     if dk is not None:
-        ds_in = _add(ds_in, (q @ dk.transpose(-2, -1)) * scale)
+        ds_in = tsum(ds_in, (q @ dk.transpose(-2, -1)) * scale)
     if dmask is not None:
-        ds_in = _add(ds_in, dmask)
+        ds_in = tsum(ds_in, dmask)
     if dlse is not None:
-        ds_in = _add(ds_in, -dlse.unsqueeze(-1))
+        ds_in = tsum(ds_in, -dlse.unsqueeze(-1))
     dp = None if ds_in is None else p * ds_in
     dP = go @ v.transpose(-2, -1)
     D = (go * out).sum(-1, keepdim=True)
@@ -681,17 +670,17 @@ def _sdpa_cpu_backward_jvp(t, ans, go, q, k, v, out, lse, dropout_p, is_causal, 
     if dv is not None:
         inner = go @ dv.transpose(-2, -1)
     if dout is not None:
-        inner = _add(inner, -(go * dout).sum(-1, keepdim=True))
+        inner = tsum(inner, -(go * dout).sum(-1, keepdim=True))
     if inner is not None:
-        d_dS = _add(d_dS, p * inner)
+        d_dS = tsum(d_dS, p * inner)
     if dp is not None:
-        dgv = _add(dgv, dp.transpose(-2, -1) @ go)
+        dgv = tsum(dgv, dp.transpose(-2, -1) @ go)
     dS = p * (dP - D)
     if d_dS is not None:
-        dgq = _add(dgq, (d_dS @ k) * scale)
-        dgk = _add(dgk, (d_dS.transpose(-2, -1) @ q) * scale)
+        dgq = tsum(dgq, (d_dS @ k) * scale)
+        dgk = tsum(dgk, (d_dS.transpose(-2, -1) @ q) * scale)
     if dk is not None:
-        dgq = _add(dgq, (dS @ dk) * scale)
+        dgq = tsum(dgq, (dS @ dk) * scale)
     if dq is not None:
-        dgk = _add(dgk, (dS.transpose(-2, -1) @ dq) * scale)
+        dgk = tsum(dgk, (dS.transpose(-2, -1) @ dq) * scale)
     return dgq, dgk, dgv

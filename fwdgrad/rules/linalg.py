@@ -11,13 +11,14 @@ forward over reverse through these ops is right.
 
 import torch
 
+from ..fallback import linearized
 from ..registry import def_linear, def_multilinear, defrule
 from ..slicing import in_place_ok
+from .pointwise import _gelu_jvp
 
 aten = torch.ops.aten
 
-for _op in (aten.mm.default, aten.bmm.default, aten.mv.default, aten.dot.default,
-            aten.vdot.default, aten.linalg_cross.default):
+for _op in (aten.dot.default, aten.vdot.default, aten.linalg_cross.default):
     def_multilinear(_op, 0, 1)
 def_multilinear(aten._trilinear.default, 0, 1, 2)
 
@@ -25,6 +26,7 @@ def_multilinear(aten._trilinear.default, 0, 1, 2)
 for _op in (aten._fft_c2c.default, aten._fft_r2c.default, aten._fft_c2r.default):
     def_linear(_op)
 
+# mm, bmm and mv are multilinear too, with their two products built in one tensor.
 # Accumulating a second product into the first in place (``out.addmm_(a, b)``)
 # makes one output-sized tensor instead of three; a product's output is not
 # saved by its backward, so this is safe under autograd too (but not under a
@@ -101,8 +103,6 @@ def _addmm_activation_jvp(t, ans, s, a, b, *, beta=1, alpha=1, use_gelu=False):
     if pre is None:
         return None
     if use_gelu:
-        from .pointwise import _gelu_jvp
-
         # CUDA's cuBLASLt epilogue is the tanh approximation; the CPU kernel
         # applies the exact GELU.
         approximate = "none" if ans.device.type == "cpu" else "tanh"
@@ -453,6 +453,4 @@ def _matrix_exp_jvp(t, ans, a):
 def _linalg_fallback(op):
     """Linearization through the op's reverse-mode formula, for the rare cases
     (rectangular LU, non-unique complete QR or full SVD) the closed forms skip."""
-    from ..fallback import linearized
-
     return linearized(op)

@@ -8,14 +8,32 @@ import math
 
 import torch
 
-from ..registry import aten_ops, def_elementwise, def_linear, def_zero, defrule
-from ..slicing import fresh_ok, records
+from ..ops import aten_ops
+from ..registry import def_elementwise, def_linear, def_zero, defrule, or_scalar_zero, tmul, tsum, unrecorded
+from ..slicing import fresh_ok
 
 aten = torch.ops.aten
+_unary = def_elementwise
 
-
-def _unary(op, fn):
-    def_elementwise(op, fn)
+# Two ways to make a unary rule cheaper, given with its formula (see
+# ``registry.def_elementwise``):
+#
+# * ``kernel=``: ATen's backward kernels compute ``g * f'(x)`` (or ``g * f'``
+#   from the output) in one pass, without the formula's temporaries: for GELU
+#   on 256 x 1024 floats 0.25 ms against 1.9 ms.  They are differentiable
+#   (autograd has their double backward, and fwdgrad has rules for them in
+#   ``backward.py``), so reverse over forward and nested transforms stay
+#   exact.  They conjugate the derivative for complex inputs, so complex
+#   tensors keep the formulas.  Kernels without a double backward (silu,
+#   mish, hardsigmoid) are used only while nothing records the tangent
+#   (``when=unrecorded``), and mish's, which vmap cannot batch, only while no
+#   tracer watches either (``when=fresh_ok``).  Math without such a kernel
+#   gets an in-place formula on one fresh tensor, used when nothing watches
+#   the tangent (``when=fresh_ok``): no temporaries.
+# * ``sliced=True``: formulas that build several temporaries the size of the
+#   input run in slices on large tensors (``fwdgrad/slicing.py``), which keeps
+#   the peak memory of jvp and hvp near that of the values themselves where
+#   the kernel is not used.
 
 
 def _identity(g, ans, *args, **kwargs):
@@ -44,30 +62,38 @@ def_linear(aten.view_as_real.default)
 def_linear(aten.view_as_complex.default)
 
 # ---- unary math --------------------------------------------------------------
-_unary(aten.sin.default, lambda g, ans, x: g * x.cos())
-_unary(aten.cos.default, lambda g, ans, x: -g * x.sin())
+_unary(aten.sin.default, lambda g, ans, x: g * x.cos(),
+       kernel=lambda g, ans, x: x.cos().mul_(g), when=fresh_ok, sliced=True)
+_unary(aten.cos.default, lambda g, ans, x: -g * x.sin(),
+       kernel=lambda g, ans, x: x.sin().mul_(g).neg_(), when=fresh_ok, sliced=True)
 _unary(aten.tan.default, lambda g, ans, x: g * (1 + ans * ans))
 _unary(aten.asin.default, lambda g, ans, x: g * (1 - x * x).rsqrt())
 _unary(aten.acos.default, lambda g, ans, x: -g * (1 - x * x).rsqrt())
 _unary(aten.atan.default, lambda g, ans, x: g / (1 + x * x))
 _unary(aten.sinh.default, lambda g, ans, x: g * x.cosh())
 _unary(aten.cosh.default, lambda g, ans, x: g * x.sinh())
-_unary(aten.tanh.default, lambda g, ans, x: g * (1 - ans * ans))
+_unary(aten.tanh.default, lambda g, ans, x: g * (1 - ans * ans),
+       kernel=lambda g, ans, x: aten.tanh_backward.default(g, ans), when=fresh_ok, sliced=True)
 _unary(aten.asinh.default, lambda g, ans, x: g * (x * x + 1).rsqrt())
 _unary(aten.acosh.default, lambda g, ans, x: g * ((x - 1).rsqrt() * (x + 1).rsqrt()))
 _unary(aten.atanh.default, lambda g, ans, x: g / (1 - x * x))
-_unary(aten.exp.default, lambda g, ans, x: g * ans)
+_unary(aten.exp.default, lambda g, ans, x: g * ans, kernel=lambda g, ans, x: g * ans, when=fresh_ok, sliced=True)
 _unary(aten.exp2.default, lambda g, ans, x: g * ans * math.log(2.0))
 _unary(aten.expm1.default, lambda g, ans, x: g * (ans + 1))
-_unary(aten.log.default, lambda g, ans, x: g / x)
+_unary(aten.log.default, lambda g, ans, x: g / x, kernel=lambda g, ans, x: g / x, when=fresh_ok, sliced=True)
 _unary(aten.log2.default, lambda g, ans, x: g / (x * math.log(2.0)))
 _unary(aten.log10.default, lambda g, ans, x: g / (x * math.log(10.0)))
 _unary(aten.log1p.default, lambda g, ans, x: g / (x + 1))
-_unary(aten.sqrt.default, lambda g, ans, x: g / (2 * ans))
-_unary(aten.rsqrt.default, lambda g, ans, x: -0.5 * g * ans * ans * ans)
+_unary(aten.sqrt.default, lambda g, ans, x: g / (2 * ans),
+       kernel=lambda g, ans, x: torch.div(g, ans).mul_(0.5), when=fresh_ok, sliced=True)
+_unary(aten.rsqrt.default, lambda g, ans, x: -0.5 * g * ans * ans * ans,
+       kernel=lambda g, ans, x: ans.pow(3).mul_(g).mul_(-0.5), when=fresh_ok, sliced=True)
 _unary(aten.reciprocal.default, lambda g, ans, x: -g * ans * ans)
-_unary(aten.sigmoid.default, lambda g, ans, x: g * (ans * (1 - ans)))
-_unary(aten.erf.default, lambda g, ans, x: g * (2 / math.sqrt(math.pi)) * (-x * x).exp())
+_unary(aten.sigmoid.default, lambda g, ans, x: g * (ans * (1 - ans)),
+       kernel=lambda g, ans, x: aten.sigmoid_backward.default(g, ans), sliced=True)
+_unary(aten.erf.default, lambda g, ans, x: g * (2 / math.sqrt(math.pi)) * (-x * x).exp(),
+       kernel=lambda g, ans, x: (x * x).neg_().exp_().mul_(g).mul_(2 / math.sqrt(math.pi)),
+       when=fresh_ok, sliced=True)
 _unary(aten.erfc.default, lambda g, ans, x: g * (-2 / math.sqrt(math.pi)) * (-x * x).exp())
 _unary(aten.erfinv.default, lambda g, ans, x: g * (math.sqrt(math.pi) / 2) * (ans * ans).exp())
 _unary(aten.lgamma.default, lambda g, ans, x: g * x.digamma())
@@ -212,30 +238,40 @@ def _copy_jvp(t, ans, self, src, non_blocking=False):
 
 
 # ---- activations -------------------------------------------------------------
-_unary(aten.relu.default, lambda g, ans, x: g * (ans > 0))
+_unary(aten.relu.default, lambda g, ans, x: g * (ans > 0),
+       kernel=lambda g, ans, x: aten.threshold_backward.default(g, ans, 0), sliced=True)
 def_elementwise(
-    aten.threshold.default, lambda g, ans, x, threshold, value: g * (x > threshold)
+    aten.threshold.default, lambda g, ans, x, threshold, value: g * (x > threshold),
+    kernel=lambda g, ans, x, threshold, value: aten.threshold_backward.default(g, x, threshold), sliced=True,
 )
 def_elementwise(
     aten.leaky_relu.default,
     lambda g, ans, x, slope=0.01: g * torch.where(x > 0, 1.0, slope).to(g.dtype),
+    kernel=lambda g, ans, x, slope=0.01: aten.leaky_relu_backward.default(g, x, slope, False), sliced=True,
 )
 def_elementwise(
     aten.hardtanh.default,
     lambda g, ans, x, lo=-1.0, hi=1.0: g * ((x > lo) & (x < hi)),
+    kernel=lambda g, ans, x, lo=-1.0, hi=1.0: aten.hardtanh_backward.default(g, x, lo, hi), sliced=True,
 )
-_unary(aten.hardsigmoid.default, lambda g, ans, x: g * ((x > -3) & (x < 3)) / 6)
+_unary(aten.hardsigmoid.default, lambda g, ans, x: g * ((x > -3) & (x < 3)) / 6,
+       kernel=lambda g, ans, x: aten.hardsigmoid_backward.default(g, x), when=unrecorded, sliced=True)
 _unary(
     aten.hardswish.default,
     lambda g, ans, x: g * torch.where(x < -3, 0.0, torch.where(x <= 3, x / 3 + 0.5, 1.0)).to(g.dtype),
+    kernel=lambda g, ans, x: aten.hardswish_backward.default(g, x), sliced=True,
 )
-_unary(aten.silu.default, lambda g, ans, x: g * (lambda s: s * (1 + x * (1 - s)))(x.sigmoid()))
+_unary(aten.silu.default, lambda g, ans, x: g * (lambda s: s * (1 + x * (1 - s)))(x.sigmoid()),
+       kernel=lambda g, ans, x: aten.silu_backward.default(g, x), when=unrecorded, sliced=True)
 _unary(aten.mish.default, lambda g, ans, x: g * (lambda tsp, s: tsp + x * s * (1 - tsp * tsp))(
-    torch.nn.functional.softplus(x).tanh(), x.sigmoid()))
+    torch.nn.functional.softplus(x).tanh(), x.sigmoid()),
+    kernel=lambda g, ans, x: aten.mish_backward.default(g, x), when=fresh_ok, sliced=True)
 
 
-def_elementwise(aten.hardshrink.default, lambda g, ans, x, lambd=0.5: g * (x.abs() > lambd))
-def_elementwise(aten.softshrink.default, lambda g, ans, x, lambd=0.5: g * (x.abs() > lambd))
+def_elementwise(aten.hardshrink.default, lambda g, ans, x, lambd=0.5: g * (x.abs() > lambd),
+                kernel=lambda g, ans, x, lambd=0.5: aten.hardshrink_backward.default(g, x, lambd))
+def_elementwise(aten.softshrink.default, lambda g, ans, x, lambd=0.5: g * (x.abs() > lambd),
+                kernel=lambda g, ans, x, lambd=0.5: aten.softshrink_backward.default(g, x, lambd))
 
 
 @defrule(aten.glu.default)
@@ -270,15 +306,22 @@ def _gelu_jvp(g, ans, x, approximate="none"):
     return g * (cdf + x * pdf)
 
 
-_unary(aten.gelu.default, _gelu_jvp)
+_unary(aten.gelu.default, _gelu_jvp, sliced=True,
+       kernel=lambda g, ans, x, approximate="none": aten.gelu_backward.default(g, x, approximate=approximate))
 
 
 def _elu_jvp(g, ans, x, alpha=1.0, scale=1.0, input_scale=1.0):
     return g * torch.where(x > 0, scale, (x * input_scale).exp() * (alpha * scale * input_scale))
 
 
-_unary(aten.elu.default, _elu_jvp)
-_unary(aten.celu.default, lambda g, ans, x, alpha=1.0: g * torch.where(x > 0, 1.0, (x / alpha).exp()).to(g.dtype))
+_unary(aten.elu.default, _elu_jvp, sliced=True,
+       kernel=lambda g, ans, x, alpha=1.0, scale=1.0, input_scale=1.0: aten.elu_backward.default(
+           g, alpha, scale, input_scale, False, x))
+# celu(x, a) = elu(x, alpha=a, scale=1, input_scale=1/a)
+_unary(aten.celu.default, lambda g, ans, x, alpha=1.0: g * torch.where(x > 0, 1.0, (x / alpha).exp()).to(g.dtype),
+       kernel=lambda g, ans, x, alpha=1.0: (
+           aten.elu_backward.default(g, alpha, 1.0, 1.0 / alpha, False, x) if alpha != 0 else NotImplemented),
+       sliced=True)
 
 
 def _softplus_jvp(g, ans, x, beta=1.0, threshold=20.0):
@@ -286,7 +329,8 @@ def _softplus_jvp(g, ans, x, beta=1.0, threshold=20.0):
     return g * torch.where(z > threshold, 1.0, z.sigmoid())
 
 
-_unary(aten.softplus.default, _softplus_jvp)
+_unary(aten.softplus.default, _softplus_jvp, sliced=True,
+       kernel=lambda g, ans, x, beta=1.0, threshold=20.0: aten.softplus_backward.default(g, x, beta, threshold))
 
 
 @defrule(aten.logit.default)
@@ -326,99 +370,6 @@ def_zero(aten.poisson.default, *aten_ops("rand_like.generator", "randn_like.gene
 @defrule(aten._standard_gamma.default)
 def _standard_gamma_jvp(t, ans, alpha, generator=None):
     return t[0] * aten._standard_gamma_grad.default(alpha, ans)
-
-
-# ---- fused tangent kernels for activations ------------------------------------
-# ATen's backward kernels compute ``g * f'(x)`` (or ``g * f'`` from the output)
-# in one pass, without the formula's temporaries: for GELU on 256 x 1024 floats
-# 0.25 ms against 1.9 ms.  They are differentiable (autograd has their double
-# backward, and fwdgrad has rules for them in ``backward.py``), so reverse over
-# forward and nested transforms stay exact.  They conjugate the derivative for
-# complex inputs, so complex tensors keep the formulas above.
-FUSED = {
-    aten.sigmoid.default: lambda g, ans, x: aten.sigmoid_backward.default(g, ans),
-    aten.gelu.default: lambda g, ans, x, approximate="none": aten.gelu_backward.default(
-        g, x, approximate=approximate),
-    aten.silu.default: lambda g, ans, x: aten.silu_backward.default(g, x),
-    aten.mish.default: lambda g, ans, x: aten.mish_backward.default(g, x),
-    aten.elu.default: lambda g, ans, x, alpha=1.0, scale=1.0, input_scale=1.0: aten.elu_backward.default(
-        g, alpha, scale, input_scale, False, x),
-    # celu(x, a) = elu(x, alpha=a, scale=1, input_scale=1/a)
-    aten.celu.default: lambda g, ans, x, alpha=1.0: (
-        aten.elu_backward.default(g, alpha, 1.0, 1.0 / alpha, False, x) if alpha != 0 else NotImplemented),
-    aten.softplus.default: lambda g, ans, x, beta=1.0, threshold=20.0: aten.softplus_backward.default(
-        g, x, beta, threshold),
-    aten.relu.default: lambda g, ans, x: aten.threshold_backward.default(g, ans, 0),
-    aten.threshold.default: lambda g, ans, x, threshold, value: aten.threshold_backward.default(g, x, threshold),
-    aten.leaky_relu.default: lambda g, ans, x, slope=0.01: aten.leaky_relu_backward.default(g, x, slope, False),
-    aten.hardtanh.default: lambda g, ans, x, lo=-1.0, hi=1.0: aten.hardtanh_backward.default(g, x, lo, hi),
-    aten.hardsigmoid.default: lambda g, ans, x: aten.hardsigmoid_backward.default(g, x),
-    aten.hardswish.default: lambda g, ans, x: aten.hardswish_backward.default(g, x),
-    aten.hardshrink.default: lambda g, ans, x, lambd=0.5: aten.hardshrink_backward.default(g, x, lambd),
-    aten.softshrink.default: lambda g, ans, x, lambd=0.5: aten.softshrink_backward.default(g, x, lambd),
-}
-
-
-# Backward kernels that autograd cannot differentiate: while reverse mode
-# records the tangent, these ops keep the formula.
-NO_DOUBLE_BACKWARD = {aten.silu.default, aten.mish.default, aten.hardsigmoid.default}
-# ... and one that vmap has no batching rule for: recorded programs (jacfwd
-# batches them) keep the formula too.
-NO_BATCHING_RULE = {aten.mish.default}
-
-
-def _pow_lean(g, ans, x, e):
-    if e == 0 or isinstance(e, complex):
-        return NotImplemented
-    return x.pow(e - 1).mul_(g).mul_(e)
-
-
-# When nothing watches the tangent (no autograd recording, no tracer: see
-# ``slicing.fresh_ok``), these formulas update their one fresh tensor in place:
-# no temporaries, so nothing to slice either.  Recorded programs (the traced
-# mode, reverse mode over the tangent) keep the formulas above.
-LEAN = {
-    aten.tanh.default: lambda g, ans, x: aten.tanh_backward.default(g, ans),
-    aten.sin.default: lambda g, ans, x: x.cos().mul_(g),
-    aten.cos.default: lambda g, ans, x: x.sin().mul_(g).neg_(),
-    aten.exp.default: lambda g, ans, x: g * ans,
-    aten.log.default: lambda g, ans, x: g / x,
-    aten.sqrt.default: lambda g, ans, x: torch.div(g, ans).mul_(0.5),
-    aten.rsqrt.default: lambda g, ans, x: ans.pow(3).mul_(g).mul_(-0.5),
-    aten.erf.default: lambda g, ans, x: (x * x).neg_().exp_().mul_(g).mul_(2 / math.sqrt(math.pi)),
-    aten.pow.Tensor_Scalar: _pow_lean,
-}
-
-
-def _unrecorded(g, ans, x):
-    return not records((g, x))
-
-
-def fused_rule(kernel, formula, when=None):
-    """The rule of a unary op: ``kernel(g, ans, x, *args)`` for real tensors
-    where ``when(g, ans, x)`` holds (always if ``when`` is None), else the
-    ``formula`` rule; also the formula where the kernel declines by returning
-    ``NotImplemented``."""
-
-    def rule(t, ans, x, *args, **kwargs):
-        g = t[0]
-        if g is None or x.is_complex() or t.kw or (when is not None and not when(g, ans, x)):
-            return formula(t, ans, x, *args, **kwargs)
-        out = kernel(g, ans, x, *args, **kwargs)
-        return formula(t, ans, x, *args, **kwargs) if out is NotImplemented else out
-
-    rule.formula = formula
-    return rule
-
-
-def install_fast_rules(rules):
-    """Put the fused kernels (``FUSED``) and the in-place formulas (``LEAN``) in
-    front of the (sliced) formula rules in ``rules``."""
-    for op, kernel in FUSED.items():
-        when = fresh_ok if op in NO_BATCHING_RULE else _unrecorded if op in NO_DOUBLE_BACKWARD else None
-        rules[op] = fused_rule(kernel, rules[op], when)
-    for op, kernel in LEAN.items():
-        rules[op] = fused_rule(kernel, rules[op], fresh_ok)
 
 
 @defrule(aten.log_sigmoid_forward.default)
@@ -495,7 +446,14 @@ def _pow_base_term(g, x, e):
     return g * e * x.pow(e - 1)
 
 
-def_elementwise(aten.pow.Tensor_Scalar, lambda g, ans, x, e: _pow_base_term(g, x, e))
+def _pow_lean(g, ans, x, e):
+    if e == 0 or isinstance(e, complex):
+        return NotImplemented
+    return x.pow(e - 1).mul_(g).mul_(e)
+
+
+def_elementwise(aten.pow.Tensor_Scalar, lambda g, ans, x, e: _pow_base_term(g, x, e),
+                kernel=_pow_lean, when=fresh_ok, sliced=True)
 def_elementwise(
     aten.pow.Tensor_Tensor,
     lambda g, ans, x, e: _pow_base_term(g, x, e),
@@ -541,21 +499,12 @@ def_elementwise(aten.remainder.Scalar, _identity)
 def_elementwise(aten.remainder.Scalar_Tensor, None, lambda g, ans, x, y: -g * (x / y).floor())
 
 
-def _zero(ans):
-    """A zero-dimensional zero that broadcasts against ``ans`` (no memory)."""
-    return torch.zeros((), dtype=ans.dtype, device=ans.device)
-
-
-def _or_zero(g, ans):
-    return _zero(ans) if g is None else g
-
-
 def _pick_jvp(takes_x):
     """The tangent of an elementwise choice between x and y; ties share it
     equally, as in ATen."""
 
     def rule(t, ans, x, y):
-        tx, ty = _or_zero(t[0], ans), _or_zero(t[1], ans)
+        tx, ty = or_scalar_zero(t[0], ans), or_scalar_zero(t[1], ans)
         return torch.where(x == y, (tx + ty) / 2, torch.where(takes_x(x, y), tx, ty))
 
     return rule
@@ -648,7 +597,7 @@ def _addcdiv_jvp(t, ans, s, a, b, value=1):
 
 @defrule(aten.where.self)
 def _where_jvp(t, ans, cond, x, y):
-    return torch.where(cond, _or_zero(t[1], ans), _or_zero(t[2], ans))
+    return torch.where(cond, or_scalar_zero(t[1], ans), or_scalar_zero(t[2], ans))
 
 
 @defrule(aten.masked_fill.Scalar)
@@ -658,7 +607,7 @@ def _masked_fill_scalar_jvp(t, ans, x, mask, value):
 
 @defrule(aten.masked_fill.Tensor)
 def _masked_fill_tensor_jvp(t, ans, x, mask, value):
-    return torch.where(mask, _or_zero(t[2], ans), _or_zero(t[0], ans))
+    return torch.where(mask, or_scalar_zero(t[2], ans), or_scalar_zero(t[0], ans))
 
 
 def_elementwise(
@@ -702,13 +651,13 @@ def _clamp_tensor_jvp(t, ans, x, min=None, max=None):
     tie with a bound the tangent of x."""
     tmin = t[1] if len(t) > 1 else None
     tmax = t[2] if len(t) > 2 else None
-    out = _or_zero(t[0], ans)
+    out = or_scalar_zero(t[0], ans)
     low = x
     if min is not None:
-        out = torch.where(x < min, _or_zero(tmin, ans), out)
+        out = torch.where(x < min, or_scalar_zero(tmin, ans), out)
         low = torch.maximum(x, min)
     if max is not None:
-        out = torch.where(low > max, _or_zero(tmax, ans), out)
+        out = torch.where(low > max, or_scalar_zero(tmax, ans), out)
     return out
 
 

@@ -1,16 +1,21 @@
 """Reductions and scans: sums, extremes, moments, norms, softmax, cumulative ops.
 
-Linear reductions (sum, mean, cumsum, trace) are registered with the views
-module's linear list; this module holds the ones whose tangent depends on the
-values.  Products and extremes handle zeros and ties exactly (no division by
-zero, ties share the tangent equally as in PyTorch).
+Linear reductions (sum, mean, cumsum, trace) apply themselves to the
+tangent; ops that pick elements by value (sort, topk, max.dim, median)
+gather the input tangent at the chosen indices.  Products and extremes
+handle zeros and ties exactly (no division by zero, ties share the tangent
+equally as in PyTorch).
 """
 
 import torch
 
-from ..registry import curvature_term, defrule
+from ..registry import curvature_term, def_linear, defrule
 
 aten = torch.ops.aten
+
+for _op in (aten.sum.default, aten.sum.dim_IntList, aten.mean.default, aten.mean.dim, aten.cumsum.default,
+            aten.trace.default):
+    def_linear(_op)
 
 
 def _reduced_dims(x, dim):
@@ -370,3 +375,49 @@ def _segment_reduce_backward_jvp(t, ans, g, output, data, reduce, *, lengths=Non
         c = curvature_term(forward, rule, g, (data,), (t[2],))[0]
         out = c if out is None else out + c
     return out
+
+
+# ---- picking elements by value --------------------------------------------
+
+
+@defrule(aten.sort.default)
+def _sort_jvp(t, ans, x, dim=-1, descending=False):
+    return (t[0] if x.dim() == 0 else t[0].gather(dim, ans[1])), None
+
+
+@defrule(aten.sort.stable)
+def _sort_stable_jvp(t, ans, x, *, stable=None, dim=-1, descending=False):
+    return _sort_jvp(t, ans, x, dim)
+
+
+@defrule(aten.topk.default)
+def _topk_jvp(t, ans, x, k, dim=-1, largest=True, sorted=True):
+    return _sort_jvp(t, ans, x, dim)
+
+
+@defrule(aten.max.dim, aten.min.dim, aten.median.dim, aten.nanmedian.dim, aten.mode.default)
+def _select_along_jvp(t, ans, x, dim=-1, keepdim=False):
+    """Ops that pick one element per slice and return its index: gather the tangent there."""
+    if x.dim() == 0:
+        return t[0], None
+    indices = ans[1] if keepdim else ans[1].unsqueeze(dim)
+    picked = t[0].gather(dim, indices)
+    return (picked if keepdim else picked.squeeze(dim)), None
+
+
+@defrule(aten.kthvalue.default)
+def _kthvalue_jvp(t, ans, x, k, dim=-1, keepdim=False):
+    return _select_along_jvp(t, ans, x, dim, keepdim)
+
+
+@defrule(aten.cummax.default, aten.cummin.default)
+def _cum_extreme_jvp(t, ans, x, dim):
+    if x.dim() == 0:
+        return t[0], None
+    return t[0].gather(dim, ans[1]), None
+
+
+@defrule(aten.median.default, aten.nanmedian.default)
+def _median_all_jvp(t, ans, x):
+    # The tangent averaged over the elements equal to the median (ATen's convention).
+    return _extreme_jvp(t[0], x, ans, list(range(x.dim())), False)

@@ -2,14 +2,13 @@
 
 Almost all of these are linear in their data arguments: the tangent is the
 same op applied to the tangents.  The exceptions fill or pad with a constant,
-which becomes zero in the tangent, and the ops that pick elements by value
-(sort, topk, max.dim), whose tangent gathers the input tangent at the chosen
-indices.
+which becomes zero in the tangent, and the reducing scatters
+(``scatter_reduce``, ``index_reduce``).
 """
 
 import torch
 
-from ..registry import def_linear, defrule, zeros_for
+from ..registry import def_linear, defrule, or_scalar_zero, or_zeros
 
 aten = torch.ops.aten
 
@@ -85,12 +84,6 @@ for _op in (
     aten.take.default,
     aten.masked_select.default,
     aten.embedding.default,
-    aten.cumsum.default,
-    aten.sum.default,
-    aten.sum.dim_IntList,
-    aten.mean.default,
-    aten.mean.dim,
-    aten.trace.default,
     # Layout conversions.
     aten._to_sparse.default,
     aten._to_sparse.sparse_dim,
@@ -140,7 +133,7 @@ def _scatter_value_jvp(t, ans, x, dim, index, value):
 def _scatter_reduce_legacy_jvp(t, ans, x, dim, index, src, *, reduce):
     """scatter with reduce="add" or "multiply" (the older API of scatter_reduce)."""
     if reduce == "add":
-        return aten.scatter.reduce(_or_zeros(t[0], x), dim, index, _or_zeros(t[3], src), reduce="add")
+        return aten.scatter.reduce(or_zeros(t[0], x), dim, index, or_zeros(t[3], src), reduce="add")
     return _scatter_reduce_jvp(t, ans, x, dim, index, src, "prod", True)
 
 
@@ -150,10 +143,6 @@ def _scatter_value_reduce_jvp(t, ans, x, dim, index, value, *, reduce):
     return t[0] if reduce == "add" else aten.scatter.value_reduce(t[0], dim, index, value, reduce=reduce)
 
 
-def _or_zeros(g, like):
-    return zeros_for(like) if g is None else g
-
-
 @defrule(aten.index_fill.int_Scalar)
 def _index_fill_jvp(t, ans, x, dim, index, value):
     return t[0].index_fill(dim, index, 0)
@@ -161,58 +150,12 @@ def _index_fill_jvp(t, ans, x, dim, index, value):
 
 @defrule(aten.index_fill.int_Tensor)
 def _index_fill_tensor_jvp(t, ans, x, dim, index, value):
-    tv = t[3] if t[3] is not None else torch.zeros((), dtype=ans.dtype, device=ans.device)
-    return aten.index_fill.int_Tensor(_or_zeros(t[0], ans), dim, index, tv)
-
-
-@defrule(aten.sort.default)
-def _sort_jvp(t, ans, x, dim=-1, descending=False):
-    return (t[0] if x.dim() == 0 else t[0].gather(dim, ans[1])), None
-
-
-@defrule(aten.sort.stable)
-def _sort_stable_jvp(t, ans, x, *, stable=None, dim=-1, descending=False):
-    return _sort_jvp(t, ans, x, dim)
-
-
-@defrule(aten.topk.default)
-def _topk_jvp(t, ans, x, k, dim=-1, largest=True, sorted=True):
-    return _sort_jvp(t, ans, x, dim)
-
-
-@defrule(aten.max.dim, aten.min.dim, aten.median.dim, aten.nanmedian.dim, aten.mode.default)
-def _select_along_jvp(t, ans, x, dim=-1, keepdim=False):
-    """Ops that pick one element per slice and return its index: gather the tangent there."""
-    if x.dim() == 0:
-        return t[0], None
-    indices = ans[1] if keepdim else ans[1].unsqueeze(dim)
-    picked = t[0].gather(dim, indices)
-    return (picked if keepdim else picked.squeeze(dim)), None
-
-
-@defrule(aten.kthvalue.default)
-def _kthvalue_jvp(t, ans, x, k, dim=-1, keepdim=False):
-    return _select_along_jvp(t, ans, x, dim, keepdim)
-
-
-@defrule(aten.cummax.default, aten.cummin.default)
-def _cum_extreme_jvp(t, ans, x, dim):
-    if x.dim() == 0:
-        return t[0], None
-    return t[0].gather(dim, ans[1]), None
-
-
-@defrule(aten.median.default, aten.nanmedian.default)
-def _median_all_jvp(t, ans, x):
-    # The tangent averaged over the elements equal to the median (ATen's convention).
-    from .reductions import _extreme_jvp
-
-    return _extreme_jvp(t[0], x, ans, list(range(x.dim())), False)
+    return aten.index_fill.int_Tensor(or_zeros(t[0], ans), dim, index, or_scalar_zero(t[3], ans))
 
 
 @defrule(aten.scatter_reduce.two)
 def _scatter_reduce_jvp(t, ans, x, dim, index, src, reduce, include_self=True):
-    tx, ts = _or_zeros(t[0], x), _or_zeros(t[3], src)
+    tx, ts = or_zeros(t[0], x), or_zeros(t[3], src)
 
     def scatter(into, values, how):
         # ``into`` is what a position keeps when no index reaches it (include_self=False)
