@@ -173,7 +173,7 @@ FUNCTIONAL, VIEW, INPLACE, INPLACE_VIEW, OUT = ops.FUNCTIONAL, ops.VIEW, ops.INP
 
 
 class OpEntry:
-    __slots__ = ("func", "kind", "_rule", "_functional", "out_args", "functional_kind", "call")
+    __slots__ = ("func", "kind", "_rule", "_functional", "out_args", "call")
 
     def __init__(self, func):
         self.func = func
@@ -181,7 +181,6 @@ class OpEntry:
         self._rule = None
         self._functional = None
         self.kind, self.out_args = ops.kind_of(func)
-        self.functional_kind = self.kind is FUNCTIONAL
 
     @property
     def rule(self):
@@ -221,91 +220,77 @@ registry.watch(_forget_rule)
 # The dispatch loop.
 
 
-def _top_level(args, kwargs):
-    level = 0
+def _unwrap(args, kwargs, level=0):
+    """``(level, primals, tangents, kwarg primals, kwarg tangents, any tangent nonzero)``.
+
+    ``level`` is the highest level among the duals in ``args`` and ``kwargs``;
+    duals of that level are unwrapped, lower ones pass through as constants.
+    One pass: the first dual sets the level, and a higher one found later
+    starts the pass again at that level (nesting is rare, so this is cheap).
+    """
+    primals = []
+    tangents = []
+    any_t = False
     for a in args:
         if isinstance(a, Dual):
             if a._level > level:
+                if level:
+                    return _unwrap(args, kwargs, a._level)
                 level = a._level
-        elif isinstance(a, (list, tuple)):
-            for b in a:
-                if isinstance(b, Dual) and b._level > level:
-                    level = b._level
+            if a._level == level:
+                primals.append(a._primal)
+                t = a._tangent if a._view is None else tangent_of(a)
+                tangents.append(t)
+                if t is not None:
+                    any_t = True
+                continue
+        elif isinstance(a, (list, tuple)) and a:
+            top = max((b._level for b in a if isinstance(b, Dual)), default=0)
+            if top > level:
+                if level:
+                    return _unwrap(args, kwargs, top)
+                level = top
+            if top == level and top:
+                ps, ts = _unwrap_list(a, level)
+                sub = any(t is not None for t in ts)
+                primals.append(ps)
+                tangents.append(ts if sub else None)
+                any_t = any_t or sub
+                continue
+        primals.append(a)
+        tangents.append(None)
+    if not kwargs:
+        return level, primals, tangents, kwargs, registry.NO_KW_TANGENTS, any_t
     for a in kwargs.values():
         if isinstance(a, Dual) and a._level > level:
-            level = a._level
-    return level
-
-
-def _unwrap(args, level):
-    """Primals and tangents of ``args`` at ``level``; also whether any tangent is nonzero."""
-    primals = []
-    tangents = []
-    any_t = False
-    for a in args:
-        if isinstance(a, Dual) and a._level == level:
-            primals.append(a._primal)
-            t = a._tangent if a._view is None else tangent_of(a)
-            tangents.append(t)
-            if t is not None:
-                any_t = True
-        elif isinstance(a, (list, tuple)) and a and any(isinstance(b, Dual) for b in a):
-            ps, ts, sub = _unwrap(a, level)
-            primals.append(ps)
-            tangents.append(ts if sub else None)
-            any_t = any_t or sub
-        else:
-            primals.append(a)
-            tangents.append(None)
-    return primals, tangents, any_t
-
-
-def _unwrap_simple(args):
-    """``_top_level`` and ``_unwrap`` in one pass for the common call: no list
-    arguments and every dual at one level.  ``None`` for any other call."""
-    level = 0
-    primals = []
-    tangents = []
-    any_t = False
-    for a in args:
-        if isinstance(a, Dual):
-            if a._level != level:
-                if level:
-                    return None  # duals of several levels
-                level = a._level
-            primals.append(a._primal)
-            t = a._tangent if a._view is None else tangent_of(a)
-            tangents.append(t)
-            if t is not None:
-                any_t = True
-        elif isinstance(a, (list, tuple)):
-            return None
-        else:
-            primals.append(a)
-            tangents.append(None)
-    return level, primals, tangents, any_t
-
-
-def _unwrap_kwargs(kwargs, level):
-    if not kwargs:
-        return kwargs, registry.NO_KW_TANGENTS, False
-    primals = {}
-    tangents = {}
+            return _unwrap(args, kwargs, a._level)
+    pkwargs = {}
+    tkwargs = {}
     for k, a in kwargs.items():
         if isinstance(a, Dual) and a._level == level:
-            primals[k] = a._primal
+            pkwargs[k] = a._primal
             t = tangent_of(a)
             if t is not None:
-                tangents[k] = t
+                tkwargs[k] = t
         else:
-            primals[k] = a
-    return primals, tangents, bool(tangents)
+            pkwargs[k] = a
+    return level, primals, tangents, pkwargs, tkwargs, any_t or bool(tkwargs)
+
+
+def _unwrap_list(items, level):
+    primals, tangents = [], []
+    for b in items:
+        if isinstance(b, Dual) and b._level == level:
+            primals.append(b._primal)
+            tangents.append(tangent_of(b))
+        else:
+            primals.append(b)
+            tangents.append(None)
+    return primals, tangents
 
 
 def _check(func, p, t):
-    if t is None:
-        return
-    if t.shape != p.shape or t.dtype != p.dtype:
+    if t is not None and (t.shape != p.shape or t.dtype != p.dtype):
         raise AssertionError(
             f"fwdgrad rule for {func} returned a tangent of shape {tuple(t.shape)} and "
             f"dtype {t.dtype} for a primal of shape {tuple(p.shape)} and dtype {p.dtype}"
@@ -321,14 +306,17 @@ def _fit(t, p):
     return t
 
 
-def _wrap(func, entry, ans, tans, level):
+def _wrap(func, ans, tans, level):
+    """Wrap an op's outputs as duals of ``level`` carrying the rule's tangents ``tans``
+    (fitted to each primal; dropped where the primal cannot carry one)."""
     if isinstance(ans, torch.Tensor):
-        if tans is not None and (ans.is_floating_point() or ans.is_complex()):
-            tans = _fit(tans, ans)
+        if tans is not None:
+            if ans.dtype not in _DIFFERENTIABLE:
+                tans = None
+            elif tans.dtype != ans.dtype or tans.shape != ans.shape:
+                tans = _fit(tans, ans)
             if CHECK_TANGENTS:
                 _check(func, ans, tans)
-        else:
-            tans = None
         return Dual(ans, tans, level)
     if isinstance(ans, (tuple, list)):
         if tans is None:
@@ -338,20 +326,10 @@ def _wrap(func, entry, ans, tans, level):
                 f"fwdgrad rule for {func} must return a tuple of {len(ans)} tangents, "
                 f"got {type(tans).__name__}"
             )
-        out = []
-        for i, (a, t) in enumerate(zip(ans, tans)):
-            if isinstance(a, torch.Tensor):
-                if t is not None and (a.is_floating_point() or a.is_complex()):
-                    t = _fit(t, a)
-                    if CHECK_TANGENTS:
-                        _check(func, a, t)
-                else:
-                    t = None
-                out.append(Dual(a, t, level))
-            elif isinstance(a, (list, tuple)):  # e.g. a list of tensors inside a tuple
-                out.append(_wrap(func, entry, a, t, level))
-            else:
-                out.append(a)
+        out = [
+            _wrap(func, a, t, level) if isinstance(a, (torch.Tensor, list, tuple)) else a
+            for a, t in zip(ans, tans)
+        ]
         return type(ans)(out) if isinstance(ans, tuple) else out
     return ans
 
@@ -359,7 +337,7 @@ def _wrap(func, entry, ans, tans, level):
 def _differentiable(ans):
     """Whether an op's output can carry a tangent (comparisons, argmax etc. cannot)."""
     if isinstance(ans, torch.Tensor):
-        return ans.is_floating_point() or ans.is_complex()
+        return ans.dtype in _DIFFERENTIABLE
     if isinstance(ans, (tuple, list)):
         return any(_differentiable(a) for a in ans)
     return False
@@ -381,52 +359,29 @@ _DIFFERENTIABLE = frozenset(
 
 
 def interpret(func, args, kwargs):
+    """Run ``func`` on the primals of the top level among ``args``/``kwargs``, and its rule on their tangents."""
     entry = _entries.get(func)
     if entry is None:
         entry = entry_for(func)
-    simple = None if kwargs else _unwrap_simple(args)
-    if simple is not None:
-        level, pargs, targs, any_t = simple
-        pkwargs, tkwargs = kwargs, registry.NO_KW_TANGENTS
-    else:
-        level = _top_level(args, kwargs)
-        pargs, targs, any_t = _unwrap(args, level)
-        pkwargs, tkwargs, any_kt = _unwrap_kwargs(kwargs, level)
-        any_t = any_t or any_kt
-    if entry.functional_kind:
-        with _restore_autograd():
-            ans = entry.call(*pargs, **pkwargs)
-            if isinstance(ans, torch.Tensor):
-                # The common case, inlined: one tensor output.
-                if not any_t or ans.dtype not in _DIFFERENTIABLE:
-                    return Dual(ans, None, level)
-                rule = entry._rule
-                if rule is None:
-                    rule = entry.rule
-                t = rule(_tangents(targs, tkwargs), ans, *pargs, **pkwargs)
-                if t is not None:
-                    if t.dtype != ans.dtype or t.shape != ans.shape:
-                        t = _fit(t, ans)
-                    if CHECK_TANGENTS:
-                        _check(func, ans, t)
-                return Dual(ans, t, level)
-            if any_t and _differentiable(ans):
-                tans = entry.rule(_tangents(targs, tkwargs), ans, *pargs, **pkwargs)
-            else:
-                tans = None
-            return _wrap(func, entry, ans, tans, level)
+    level, pargs, targs, pkwargs, tkwargs, any_t = _unwrap(args, kwargs)
     kind = entry.kind
     with _restore_autograd():
+        if kind is FUNCTIONAL:
+            ans = entry.call(*pargs, **pkwargs)
+            if not any_t or not _differentiable(ans):
+                return _wrap(func, ans, None, level)
+            rule = entry._rule or entry.rule
+            return _wrap(func, ans, rule(_tangents(targs, tkwargs), ans, *pargs, **pkwargs), level)
         if kind is VIEW:
-            return _view(func, entry, args, kwargs, pargs, pkwargs, targs, any_t, level)
+            return _view(func, entry, args, pargs, pkwargs, targs, any_t, level)
         if kind is INPLACE:
             return _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level)
         if kind is INPLACE_VIEW:
             return _inplace_view(func, entry, args, pargs, pkwargs, level)
-        return _out(func, entry, args, kwargs, pargs, pkwargs, targs, tkwargs, any_t, level)
+        return _out(func, entry, kwargs, pargs, pkwargs, targs, tkwargs, level)
 
 
-def _view(func, entry, args, kwargs, pargs, pkwargs, targs, any_t, level):
+def _view(func, entry, args, pargs, pkwargs, targs, any_t, level):
     base = args[0]
     if func is _aten_detach:
         return _saved_output(pargs[0], targs[0], level)
@@ -434,8 +389,8 @@ def _view(func, entry, args, kwargs, pargs, pkwargs, targs, any_t, level):
     if not (isinstance(base, Dual) and base._level == level):
         # A view of a lower-level tensor that takes a tangent-carrying argument
         # (rare; e.g. view_as_real of a plain tensor is not one).  Treat as functional.
-        tans = entry.rule(registry.Tangents(targs, registry.NO_KW_TANGENTS), ans, *pargs, **pkwargs) if any_t else None
-        return _wrap(func, entry, ans, tans, level)
+        tans = entry.rule(_tangents(targs, None), ans, *pargs, **pkwargs) if any_t else None
+        return _wrap(func, ans, tans, level)
     rest = tuple(pargs[1:])
     base_t = targs[0]
     if isinstance(ans, torch.Tensor):
@@ -526,7 +481,7 @@ def _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level):
     pargs = ops.fill_defaults(func, pargs)
     ans = functional(*pargs, **pkwargs)
     fentry = entry_for(functional)
-    t = fentry.rule(registry.Tangents(targs, tkwargs), ans, *pargs, **pkwargs)
+    t = fentry.rule(_tangents(targs, tkwargs), ans, *pargs, **pkwargs)
     if isinstance(ans, (tuple, list)):
         ans, t = ans[0], (t[0] if t is not None else None)
     pargs[0].copy_(ans)
@@ -559,10 +514,10 @@ def _inplace_view(func, entry, args, pargs, pkwargs, level):
     return self
 
 
-def _out(func, entry, args, kwargs, pargs, pkwargs, targs, tkwargs, any_t, level):
+def _out(func, entry, kwargs, pargs, pkwargs, targs, tkwargs, level):
     functional = entry.functional
     fkwargs = {k: v for k, v in pkwargs.items() if k not in entry.out_args}
-    ftk = registry.Tangents(targs, {k: v for k, v in tkwargs.items() if k not in entry.out_args})
+    ftk = _tangents(targs, {k: v for k, v in tkwargs.items() if k not in entry.out_args})
     ans = functional(*pargs, **fkwargs)
     t = entry_for(functional).rule(ftk, ans, *pargs, **fkwargs) if any(
         x is not None for x in targs
