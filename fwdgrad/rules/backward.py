@@ -411,6 +411,11 @@ def _weighted(go, dgo, w, dw):
     return go * w, dG
 
 
+def _reshaped(a, *shape):
+    """``a.reshape(*shape)``, where ``None`` (a zero tangent, an absent weight) stays ``None``."""
+    return None if a is None else a.reshape(*shape)
+
+
 @defrule(aten.native_layer_norm_backward.default)
 def _layer_norm_backward_jvp(t, ans, go, x, normalized_shape, mean, rstd, w, b, output_mask):
     dgo, dx, dmean, drstd, dw = t[0], t[1], t[3], t[4], t[5]
@@ -420,10 +425,9 @@ def _layer_norm_backward_jvp(t, ans, go, x, normalized_shape, mean, rstd, w, b, 
     rows = x.numel() // max(1, features)
 
     def as_rows(a, width):
-        return None if a is None else a.reshape(rows, width)
+        return _reshaped(a, rows, width)
 
-    wf = None if w is None else w.reshape(features)
-    dwf = None if dw is None else dw.reshape(features)
+    wf, dwf = _reshaped(w, features), _reshaped(dw, features)
 
     def piece(go, dgo, x, dx, mean, dmean, rstd, drstd):
         xhat, dxhat = _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd)
@@ -438,11 +442,7 @@ def _layer_norm_backward_jvp(t, ans, go, x, normalized_shape, mean, rstd, w, b, 
         as_rows(mean, 1), as_rows(dmean, 1), as_rows(rstd, 1), as_rows(drstd, 1),
     ])
     shape = list(normalized_shape)
-    return (
-        None if di is None else di.reshape(x.shape),
-        None if dgw is None else dgw.reshape(shape),
-        None if dgb is None else dgb.reshape(shape),
-    )
+    return _reshaped(di, x.shape), _reshaped(dgw, shape), _reshaped(dgb, shape)
 
 
 @defrule(aten.native_group_norm_backward.default)
@@ -451,14 +451,13 @@ def _group_norm_backward_jvp(t, ans, go, x, mean, rstd, w, N, C, HxW, group, out
     per_group = C // group
     # Layout (N, group, channels per group, HxW): statistics over dims (2, 3),
     # affine parameters per (group, channel), parameter sums over dims (0, 3).
-    wg = None if w is None else w.reshape(group, per_group, 1)
-    dwg = None if dw is None else dw.reshape(group, per_group, 1)
+    wg, dwg = _reshaped(w, group, per_group, 1), _reshaped(dw, group, per_group, 1)
 
     def layout(a):
-        return None if a is None else a.reshape(N, group, per_group, -1)
+        return _reshaped(a, N, group, per_group, -1)
 
     def stats(a):
-        return None if a is None else a.reshape(N, group, 1, 1)
+        return _reshaped(a, N, group, 1, 1)
 
     def piece(go, dgo, x, dx, mean, dmean, rstd, drstd):
         xhat, dxhat = _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd)
@@ -471,11 +470,7 @@ def _group_norm_backward_jvp(t, ans, go, x, mean, rstd, w, N, C, HxW, group, out
     di, dgw, dgb = in_row_slices(piece, N, x.numel() // max(1, N), [
         layout(go), layout(dgo), layout(x), layout(dx), stats(mean), stats(dmean), stats(rstd), stats(drstd),
     ])
-    return (
-        None if di is None else di.reshape(x.shape),
-        None if dgw is None else dgw.reshape(C),
-        None if dgb is None else dgb.reshape(C),
-    )
+    return _reshaped(di, x.shape), _reshaped(dgw, C), _reshaped(dgb, C)
 
 
 def per_channel_sum(shape, terms, centered=None, const=None):
