@@ -179,6 +179,15 @@ def tmul(a, b):
     return None if a is None or b is None else a * b
 
 
+def tsub(a, b):
+    """``a - b`` for tangents where either may be zero (``None``): one subtraction
+    when both are nonzero, ``-b`` when only ``b`` is (``tsum(a, -b)`` would
+    spend a negation and an addition)."""
+    if b is None:
+        return a
+    return -b if a is None else a - b
+
+
 def zeros_for(x):
     """A zero tangent for ``x`` that costs no memory (an expanded scalar)."""
     return torch.zeros((), dtype=x.dtype, device=x.device).expand(x.shape)

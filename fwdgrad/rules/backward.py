@@ -22,7 +22,7 @@ import torch
 
 from ..fallback import rule_for
 from ..ops import aten_ops
-from ..registry import defrule, tmul, tsum
+from ..registry import defrule, tmul, tsub, tsum
 from ..slicing import accumulate, fresh_ok, in_place_ok, in_row_slices
 from .nn import _attention_probs, _channel_shape
 
@@ -238,20 +238,12 @@ def _glu_backward_jvp(t, ans, go, x, dim):
     s = b.sigmoid()
     ds1 = s * (1 - s)
     dgo, dx = t[0], t[1]
-    da = db = None
-    if dx is not None:
-        da, db = dx.chunk(2, dim)
-    d_ga = tsum(tmul(dgo, s), None if db is None else go * ds1 * db)
-    d_gb = tmul(dgo, a * ds1)
-    if dx is not None:
-        d_gb = tsum(d_gb, go * ds1 * (da + a * (1 - 2 * s) * db))
-    if d_ga is None and d_gb is None:
-        return None
-    if d_ga is None:
-        d_ga = torch.zeros_like(d_gb)
-    if d_gb is None:
-        d_gb = torch.zeros_like(d_ga)
-    return torch.cat([d_ga, d_gb], dim)
+    da, db = (None, None) if dx is None else dx.chunk(2, dim)
+    d_ga = tsum(tmul(dgo, s), None if dx is None else go * ds1 * db)
+    d_gb = tsum(None if dgo is None else dgo * (a * ds1),
+                None if dx is None else go * ds1 * (da + a * (1 - 2 * s) * db))
+    # each half is zero exactly when both dgo and dx are
+    return None if d_ga is None else torch.cat([d_ga, d_gb], dim)
 
 
 # ---- softmax ------------------------------------------------------------------
@@ -273,22 +265,15 @@ def _log_softmax_backward_jvp(t, ans, go, out, dim, input_dtype):
     # gi = go - exp(out) * sum(go)
     dgo, dout = t[0], t[1]
     res = None if dgo is None else aten._log_softmax_backward_data.default(dgo, out, dim, input_dtype)
-    if dout is not None:
-        res = tsum(res, -(out.exp() * dout) * go.sum(dim, keepdim=True))
-    return res
+    return tsum(res, None if dout is None else -(out.exp() * dout) * go.sum(dim, keepdim=True))
 
 
 # ---- losses ---------------------------------------------------------------------
 
 
 def _difference(dx, dy, x):
-    if dx is None and dy is None:
-        return None
-    if dy is None:
-        return dx
-    if dx is None:
-        return -dy.expand_as(x)
-    return dx - dy
+    """The tangent of ``x - y``, shaped like ``x`` also where only ``dy`` is nonzero."""
+    return -dy.expand_as(x) if dx is None and dy is not None else tsub(dx, dy)
 
 
 @defrule(aten.mse_loss_backward.default)
@@ -296,9 +281,7 @@ def _mse_backward_jvp(t, ans, go, x, y, reduction):
     # gi = c * go * (x - y): linear in go and in (x - y).
     out = None if t[0] is None else aten.mse_loss_backward.default(t[0], x, y, reduction)
     dd = _difference(t[1], t[2], x)
-    if dd is not None:
-        out = tsum(out, go * dd * (2 * _mean_scale(x, reduction)))
-    return out
+    return tsum(out, None if dd is None else go * dd * (2 * _mean_scale(x, reduction)))
 
 
 def _mean_scale(x, reduction):
@@ -326,9 +309,7 @@ def _bce_backward_jvp(t, ans, go, x, y, weight=None, reduction=1):
         # d/dx (x - y) / q = (q - (x - y)(1 - 2x)) / q^2 where q = x (1 - x) is not clamped.
         dq = torch.where(clamped, 0.0, (1 - 2 * x) / q).to(x.dtype)
         term = (1 - (x - y) * dq) / q * dx
-    if dy is not None:
-        term = tsum(term, -dy / q)
-    return tsum(out, scale * term)
+    return tsum(out, scale * tsum(term, None if dy is None else -dy / q))
 
 
 _bce_backward_fallback = rule_for(aten.binary_cross_entropy_backward.default)
@@ -397,26 +378,16 @@ def _normalized_grad_tangent(G, dG, xhat, dxhat, rstd, drstd, dims):
     This is the input gradient of a normalisation whose statistics are taken
     over ``dims``; ``G`` is the incoming gradient times the affine weight.
     """
-    dh = None
-    if dG is not None:
-        dh = dG - _mean(dG, dims) - xhat * _mean(dG * xhat, dims)
-    if dxhat is not None:
-        dh = tsum(dh, -dxhat * _mean(G * xhat, dims) - xhat * _mean(G * dxhat, dims))
-    out = None if dh is None else rstd * dh
-    if drstd is not None:
-        h = G - _mean(G, dims) - xhat * _mean(G * xhat, dims)
-        out = tsum(out, drstd * h)
-    return out
+    dh = tsum(None if dG is None else dG - _mean(dG, dims) - xhat * _mean(dG * xhat, dims),
+              None if dxhat is None else -dxhat * _mean(G * xhat, dims) - xhat * _mean(G * dxhat, dims))
+    return tsum(tmul(rstd, dh),
+                None if drstd is None else drstd * (G - _mean(G, dims) - xhat * _mean(G * xhat, dims)))
 
 
 def _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd):
     """``xhat = (x - mean) * rstd`` and its tangent (``None`` if zero)."""
     xc = x - mean
-    dxhat = None
-    if dx is not None or dmean is not None:
-        dxhat = _difference(dx, dmean, x) * rstd
-    if drstd is not None:
-        dxhat = tsum(dxhat, xc * drstd)
+    dxhat = tsum(tmul(_difference(dx, dmean, x), rstd), tmul(xc, drstd))
     return xc * rstd, dxhat
 
 
@@ -436,10 +407,13 @@ def _weighted(go, dgo, w, dw):
     """``G = go * w`` and its tangent (``w`` broadcasts; ``None`` means 1)."""
     if w is None:
         return go, dgo
-    dG = tmul(dgo, w)
-    if dw is not None:
-        dG = tsum(dG, go * dw)
+    dG = tsum(tmul(dgo, w), tmul(go, dw))
     return go * w, dG
+
+
+def _reshaped(a, *shape):
+    """``a.reshape(*shape)``, where ``None`` (a zero tangent, an absent weight) stays ``None``."""
+    return None if a is None else a.reshape(*shape)
 
 
 @defrule(aten.native_layer_norm_backward.default)
@@ -451,10 +425,9 @@ def _layer_norm_backward_jvp(t, ans, go, x, normalized_shape, mean, rstd, w, b, 
     rows = x.numel() // max(1, features)
 
     def as_rows(a, width):
-        return None if a is None else a.reshape(rows, width)
+        return _reshaped(a, rows, width)
 
-    wf = None if w is None else w.reshape(features)
-    dwf = None if dw is None else dw.reshape(features)
+    wf, dwf = _reshaped(w, features), _reshaped(dw, features)
 
     def piece(go, dgo, x, dx, mean, dmean, rstd, drstd):
         xhat, dxhat = _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd)
@@ -469,11 +442,7 @@ def _layer_norm_backward_jvp(t, ans, go, x, normalized_shape, mean, rstd, w, b, 
         as_rows(mean, 1), as_rows(dmean, 1), as_rows(rstd, 1), as_rows(drstd, 1),
     ])
     shape = list(normalized_shape)
-    return (
-        None if di is None else di.reshape(x.shape),
-        None if dgw is None else dgw.reshape(shape),
-        None if dgb is None else dgb.reshape(shape),
-    )
+    return _reshaped(di, x.shape), _reshaped(dgw, shape), _reshaped(dgb, shape)
 
 
 @defrule(aten.native_group_norm_backward.default)
@@ -482,14 +451,13 @@ def _group_norm_backward_jvp(t, ans, go, x, mean, rstd, w, N, C, HxW, group, out
     per_group = C // group
     # Layout (N, group, channels per group, HxW): statistics over dims (2, 3),
     # affine parameters per (group, channel), parameter sums over dims (0, 3).
-    wg = None if w is None else w.reshape(group, per_group, 1)
-    dwg = None if dw is None else dw.reshape(group, per_group, 1)
+    wg, dwg = _reshaped(w, group, per_group, 1), _reshaped(dw, group, per_group, 1)
 
     def layout(a):
-        return None if a is None else a.reshape(N, group, per_group, -1)
+        return _reshaped(a, N, group, per_group, -1)
 
     def stats(a):
-        return None if a is None else a.reshape(N, group, 1, 1)
+        return _reshaped(a, N, group, 1, 1)
 
     def piece(go, dgo, x, dx, mean, dmean, rstd, drstd):
         xhat, dxhat = _normalized_input_tangent(x, dx, mean, dmean, rstd, drstd)
@@ -502,11 +470,7 @@ def _group_norm_backward_jvp(t, ans, go, x, mean, rstd, w, N, C, HxW, group, out
     di, dgw, dgb = in_row_slices(piece, N, x.numel() // max(1, N), [
         layout(go), layout(dgo), layout(x), layout(dx), stats(mean), stats(dmean), stats(rstd), stats(drstd),
     ])
-    return (
-        None if di is None else di.reshape(x.shape),
-        None if dgw is None else dgw.reshape(C),
-        None if dgb is None else dgb.reshape(C),
-    )
+    return _reshaped(di, x.shape), _reshaped(dgw, C), _reshaped(dgb, C)
 
 
 def per_channel_sum(shape, terms, centered=None, const=None):
@@ -574,41 +538,30 @@ def _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_invstd, train, eps
     d_rho_w = tsum(tmul(drho, wv), tmul(rho, dw))  # tangent of rho * w
     sum_go_xhat, sum_go = channel_sums(go, x, mu, rho)
     # S1 = sum(dgo xhat), S2 = sum(dgo); m3 = sum(go dxhat), dxhat = (dx - dmu) rho + (x - mu) drho.
-    s1 = s2 = m3 = None
-    if dgo is not None:
-        s1, s2 = channel_sums(dgo, x, mu, rho)
-    if dx is not None:
-        m3 = rho * channel_sums(go, dx, torch.zeros_like(mu), torch.ones_like(rho))[0]
-    if dmu is not None:
-        m3 = tsum(m3, -rho * dmu * sum_go)
-    if drho is not None:
-        m3 = tsum(m3, drho * sum_go_xhat / rho)
+    s1, s2 = (None, None) if dgo is None else channel_sums(dgo, x, mu, rho)
+    m3 = tsum(None if dx is None else rho * channel_sums(go, dx, torch.zeros_like(mu), torch.ones_like(rho))[0],
+              None if dmu is None else -rho * dmu * sum_go,
+              None if drho is None else drho * sum_go_xhat / rho)
     dgw = tsum(s1, m3) if output_mask[1] else None
     dgb = s2 if output_mask[2] else None
     di = None
     if output_mask[0]:
         rw = rho * wv
-        c_dgo = None if dgo is None else rw
-        c_go, c_dx, c_x, c_1 = d_rho_w, None, None, None
+        c_dx = c_x = c_1 = None
         if train:
             a, b = sum_go / count, sum_go_xhat / count
             # d(rho w) (go - a - xhat b) + rho w (dgo - mean(dgo) - xhat mean(dgo xhat))
             #   - rho w (b dxhat + xhat mean(go dxhat)), with the mean's terms cancelled.
-            if d_rho_w is not None:
-                c_x = -d_rho_w * rho * b
-                c_1 = -d_rho_w * a
-            if dgo is not None:
-                c_x = tsum(c_x, -rw * rho * s1 / count)
-                c_1 = tsum(c_1, -rw * s2 / count)
-            if dx is not None:
-                c_dx = -rw * rho * b
-            if dmu is not None:
-                c_1 = tsum(c_1, rw * rho * b * dmu)
-            if drho is not None:
-                c_x = tsum(c_x, -rw * b * drho)
-            if m3 is not None:
-                c_x = tsum(c_x, -rw * rho * m3 / count)
-        di = per_channel_sum(shape, [(dgo, c_dgo), (go, c_go), (dx, c_dx)], (x, mu, c_x), c_1)
+            c_x = tsum(None if d_rho_w is None else -d_rho_w * rho * b,
+                       None if dgo is None else -rw * rho * s1 / count,
+                       None if drho is None else -rw * b * drho,
+                       None if m3 is None else -rw * rho * m3 / count)
+            c_1 = tsum(None if d_rho_w is None else -d_rho_w * a,
+                       None if dgo is None else -rw * s2 / count,
+                       None if dmu is None else rw * rho * b * dmu)
+            c_dx = None if dx is None else -rw * rho * b
+        # (per_channel_sum skips the terms whose full-size tensor is zero)
+        di = per_channel_sum(shape, [(dgo, rw), (go, d_rho_w), (dx, c_dx)], (x, mu, c_x), c_1)
     return di, dgw, dgb
 
 
@@ -652,35 +605,22 @@ def _sdpa_cpu_backward_jvp(t, ans, go, q, k, v, out, lse, dropout_p, is_causal, 
         return dgq, dgk, dgv
     p = _attention_probs(q, k, lse, attn_mask, is_causal, scale)
     # Tangent of P = exp(S - lse).
-    ds_in = None
-    if dq is not None:
-        ds_in = (dq @ k.transpose(-2, -1)) * scale
-    if dk is not None:
-        ds_in = tsum(ds_in, (q @ dk.transpose(-2, -1)) * scale)
-    if dmask is not None:
-        ds_in = tsum(ds_in, dmask)
-    if dlse is not None:
-        ds_in = tsum(ds_in, -dlse.unsqueeze(-1))
-    dp = None if ds_in is None else p * ds_in
+    ds_in = tsum(None if dq is None else (dq @ k.transpose(-2, -1)) * scale,
+                 None if dk is None else (q @ dk.transpose(-2, -1)) * scale,
+                 dmask,
+                 None if dlse is None else -dlse.unsqueeze(-1))
+    dp = tmul(p, ds_in)
     dP = go @ v.transpose(-2, -1)
     D = (go * out).sum(-1, keepdim=True)
     # Tangent of dS = P * (dP - D), the dgo terms excluded (they came from the kernel).
-    d_dS = None if dp is None else dp * (dP - D)
-    inner = None
-    if dv is not None:
-        inner = go @ dv.transpose(-2, -1)
-    if dout is not None:
-        inner = tsum(inner, -(go * dout).sum(-1, keepdim=True))
-    if inner is not None:
-        d_dS = tsum(d_dS, p * inner)
-    if dp is not None:
-        dgv = tsum(dgv, dp.transpose(-2, -1) @ go)
+    inner = tsum(None if dv is None else go @ dv.transpose(-2, -1),
+                 None if dout is None else -(go * dout).sum(-1, keepdim=True))
+    d_dS = tsum(None if dp is None else dp * (dP - D), tmul(p, inner))
+    dgv = tsum(dgv, None if dp is None else dp.transpose(-2, -1) @ go)
     dS = p * (dP - D)
     if d_dS is not None:
         dgq = tsum(dgq, (d_dS @ k) * scale)
         dgk = tsum(dgk, (d_dS.transpose(-2, -1) @ q) * scale)
-    if dk is not None:
-        dgq = tsum(dgq, (dS @ dk) * scale)
-    if dq is not None:
-        dgk = tsum(dgk, (dS.transpose(-2, -1) @ dq) * scale)
+    dgq = tsum(dgq, None if dk is None else (dS @ dk) * scale)
+    dgk = tsum(dgk, None if dq is None else (dS.transpose(-2, -1) @ dq) * scale)
     return dgq, dgk, dgv

@@ -12,7 +12,7 @@ forward over reverse through these ops is right.
 import torch
 
 from ..fallback import linearized
-from ..registry import def_linear, def_multilinear, defrule
+from ..registry import def_linear, def_multilinear, defrule, tsub
 from ..slicing import in_place_ok
 from .pointwise import _gelu_jvp
 
@@ -53,12 +53,8 @@ def _product_rule(product):
     """``ta @ b + a @ tb`` for a matrix product, built in one tensor."""
 
     def rule(t, ans, a, b):
-        out = None
-        if t[0] is not None:
-            out = product(t[0], b)
-        if t[1] is not None:
-            out = _accumulate_product(out, product, a, t[1])
-        return out
+        out = None if t[0] is None else product(t[0], b)
+        return out if t[1] is None else _accumulate_product(out, product, a, t[1])
 
     return rule
 
@@ -157,12 +153,10 @@ def _solve_is_vector(a, b, left):
 
 def _solve_rhs_tangent(x, ta, tb, left, adjoint=False):
     """dB - dA X (left) or dB - X dA (right), with dA^H for adjoint solves."""
-    rhs = tb
-    if ta is not None:
-        ta = ta.mH if adjoint else ta
-        c = -(ta @ x) if left else -(x @ ta)
-        rhs = c if rhs is None else rhs + c
-    return rhs
+    if ta is None:
+        return tb
+    ta = ta.mH if adjoint else ta
+    return tsub(tb, ta @ x if left else x @ ta)
 
 
 @defrule(aten._linalg_solve_ex.default)
@@ -271,10 +265,7 @@ def _gram_tangent(l, dl, upper):
 
 @defrule(aten.cholesky_solve.default)
 def _cholesky_solve_jvp(t, ans, b, l, upper=False):
-    rhs = t[0]
-    if t[1] is not None:
-        c = -(_gram_tangent(l, t[1], upper) @ ans)
-        rhs = c if rhs is None else rhs + c
+    rhs = t[0] if t[1] is None else tsub(t[0], _gram_tangent(l, t[1], upper) @ ans)
     return torch.cholesky_solve(rhs, l, upper=upper)
 
 

@@ -8,7 +8,7 @@ part and the saved log-sum-exp to rebuild ``P`` for the rest).
 import torch
 import torch.nn.functional as F
 
-from ..registry import Tangents, curvature_term, def_linear, def_multilinear, defrule
+from ..registry import Tangents, curvature_term, def_linear, def_multilinear, defrule, tmul, tsub, tsum
 from ..slicing import fresh_ok
 from .reductions import _vector_norm_jvp
 
@@ -24,16 +24,11 @@ def _bias_shape(bias, out):
 
 @defrule(aten.convolution.default)
 def _conv_jvp(t, ans, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
-    out = None
-    if t[0] is not None:
-        out = aten.convolution.default(t[0], w, None, stride, padding, dilation, transposed, output_padding, groups)
-    if t[1] is not None:
-        c = aten.convolution.default(x, t[1], None, stride, padding, dilation, transposed, output_padding, groups)
-        out = c if out is None else out + c
-    if len(t) > 2 and t[2] is not None:
-        c = _bias_shape(t[2], ans)
-        out = c if out is None else out + c
-    return out
+    def conv(a, k):
+        return aten.convolution.default(a, k, None, stride, padding, dilation, transposed, output_padding, groups)
+
+    return tsum(None if t[0] is None else conv(t[0], w), None if t[1] is None else conv(x, t[1]),
+                None if t[2] is None else _bias_shape(t[2], ans))
 
 
 # ---- normalisation ------------------------------------------------------------
@@ -51,16 +46,11 @@ def _normalized_tangent(x, tx, mean, rstd, dims):
 
 def _affine_tangent(dxhat, w, xhat, tw, tb, shape):
     """Tangent of ``xhat * w + b`` given ``dxhat``; ``xhat()`` is computed only if ``w`` has a tangent."""
-    out = None
-    if dxhat is not None:
-        out = dxhat if w is None else dxhat * w.reshape(shape)
-    if tw is not None:
-        c = xhat() * tw.reshape(shape)
-        out = c if out is None else out + c
-    if tb is not None:
-        c = tb.reshape(shape)
-        out = c if out is None else out + c
-    return out
+    return tsum(
+        dxhat if dxhat is None or w is None else dxhat * w.reshape(shape),
+        None if tw is None else xhat() * tw.reshape(shape),
+        None if tb is None else tb.reshape(shape),
+    )
 
 
 # The Jacobian of xhat = (x - mean) * rstd with respect to x, with the statistics
@@ -142,15 +132,11 @@ def _batch_norm_eval(x, w, rm, rv, eps, tx, tw, tb, trm, trv):
     shape = _channel_shape(x)
     rstd = (rv + eps).rsqrt().reshape(shape)
     xc = x - rm.reshape(shape)
-    dxhat = None
-    if tx is not None:
-        dxhat = tx * rstd
-    if trm is not None:
-        c = -trm.reshape(shape) * rstd
-        dxhat = c if dxhat is None else dxhat + c
-    if trv is not None:
-        c = -0.5 * xc * rstd * rstd * rstd * trv.reshape(shape)
-        dxhat = c if dxhat is None else dxhat + c
+    dxhat = tsum(
+        tmul(tx, rstd),
+        None if trm is None else -trm.reshape(shape) * rstd,
+        None if trv is None else -0.5 * xc * rstd * rstd * rstd * trv.reshape(shape),
+    )
     return _affine_tangent(dxhat, w, lambda: xc * rstd, tw, tb, shape)
 
 
@@ -271,19 +257,15 @@ def _grid_sampler_jvp(backward):
                aten.grid_sampler_3d_backward.default: aten.grid_sampler_3d.default}[backward]
 
     def rule(t, ans, x, grid, interpolation_mode, padding_mode, align_corners):
-        out = None
-        if t[0] is not None:
-            out = forward(t[0], grid, interpolation_mode, padding_mode, align_corners)
-        if t[1] is not None and interpolation_mode != 1:  # nearest: piecewise constant
-            n, c = x.shape[:2]
-            per_channel = x.reshape(n * c, 1, *x.shape[2:])
-            grids = grid.repeat_interleave(c, 0)
-            ones = torch.ones((n * c, 1) + ans.shape[2:], dtype=ans.dtype, device=ans.device)
-            jac = backward(ones, per_channel, grids, interpolation_mode, padding_mode, align_corners,
-                           [False, True])[1]
-            c_out = (jac * t[1].repeat_interleave(c, 0)).sum(-1).reshape(ans.shape)
-            out = c_out if out is None else out + c_out
-        return out
+        out = None if t[0] is None else forward(t[0], grid, interpolation_mode, padding_mode, align_corners)
+        if t[1] is None or interpolation_mode == 1:  # nearest: piecewise constant in the grid
+            return out
+        n, c = x.shape[:2]
+        per_channel = x.reshape(n * c, 1, *x.shape[2:])
+        grids = grid.repeat_interleave(c, 0)
+        ones = torch.ones((n * c, 1) + ans.shape[2:], dtype=ans.dtype, device=ans.device)
+        jac = backward(ones, per_channel, grids, interpolation_mode, padding_mode, align_corners, [False, True])[1]
+        return tsum(out, (jac * t[1].repeat_interleave(c, 0)).sum(-1).reshape(ans.shape))
 
     return rule
 
@@ -344,19 +326,11 @@ def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=
         return _sdpa_tangent_in_place(q, k, v, out, lse, attn_mask, is_causal, scale, tq, tk, tv, tmask)
     p = _attention_probs(q, k, None if visible else lse, attn_mask, is_causal, scale)
     dout = None if tv is None else p @ tv
-    ds = None
-    if tq is not None:
-        ds = (tq @ k.transpose(-2, -1)) * scale
-    if tk is not None:
-        c = (q @ tk.transpose(-2, -1)) * scale
-        ds = c if ds is None else ds + c
-    if tmask is not None:
-        ds = tmask if ds is None else ds + tmask
+    ds = tsum(None if tq is None else (tq @ k.transpose(-2, -1)) * scale,
+              None if tk is None else (q @ tk.transpose(-2, -1)) * scale, tmask)
     pds = p * ds
     r = pds.sum(-1, keepdim=True)
-    c = pds @ v - r * out
-    dout = c if dout is None else dout + c
-    return dout, r.squeeze(-1)
+    return tsum(dout, pds @ v - r * out), r.squeeze(-1)
 
 
 def _sdpa_tangent_in_place(q, k, v, out, lse, attn_mask, is_causal, scale, tq, tk, tv, tmask):
@@ -399,18 +373,12 @@ def _cdist_jvp(t, ans, x1, x2, p, compute_mode):
     t1, t2 = t[0], t[1]
     if _cdist_uses_mm(x1, x2, p, compute_mode):
         # <x1_i - x2_j, t1_i - t2_j> / d_ij, expanded into matrix products like the primal
-        num = None
-        if t1 is not None:
-            num = (x1 * t1).sum(-1, keepdim=True) - t1 @ x2.mT
-        if t2 is not None:
-            c = (x2 * t2).sum(-1).unsqueeze(-2) - x1 @ t2.mT
-            num = c if num is None else num + c
+        num = tsum(None if t1 is None else (x1 * t1).sum(-1, keepdim=True) - t1 @ x2.mT,
+                   None if t2 is None else (x2 * t2).sum(-1).unsqueeze(-2) - x1 @ t2.mT)
         return torch.where(ans == 0, 0.0, num / ans)
     # the norm of each pairwise difference, differentiated like linalg.vector_norm
     diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
-    ta = None if t1 is None else t1.unsqueeze(-2)
-    tb = None if t2 is None else t2.unsqueeze(-3)
-    tdiff = ta if tb is None else (-tb if ta is None else ta - tb)
+    tdiff = tsub(None if t1 is None else t1.unsqueeze(-2), None if t2 is None else t2.unsqueeze(-3))
     return _vector_norm_jvp(Tangents((tdiff,)), ans, diff, p, -1)
 
 
@@ -432,7 +400,7 @@ def _cdist_backward_jvp(t, ans, g, x1, x2, p, cdist):
     if t[1] is not None or t[2] is not None:
         c = curvature_term(lambda a, b: aten._cdist_forward.default(a, b, p, None),
                            lambda tt, d, a, b: _cdist_jvp(tt, d, a, b, p, None), g, (x1, x2), (t[1], t[2]))[0]
-        out = c if out is None else out + c
+        out = tsum(out, c)
     return out
 
 
@@ -442,7 +410,7 @@ def _pdist_backward_jvp(t, ans, g, x, p, pdist):
     if t[1] is not None:
         c = curvature_term(lambda a: aten._pdist_forward.default(a, p),
                            lambda tt, d, a: _pdist_jvp(tt, d, a, p), g, (x,), (t[1],))[0]
-        out = c if out is None else out + c
+        out = tsum(out, c)
     return out
 
 
@@ -456,26 +424,21 @@ def _embedding_bag_jvp(t, ans, weight, indices, offsets, scale_grad_by_freq=Fals
     out, offset2bag, bag_size, max_indices = ans
     tw = t[0]
     tpsw = t[6] if len(t) > 6 else None
-    dout = None
     if mode == 2:  # max
+        dout = None
         if tw is not None:
             # the tangent of the row that won each column; an empty bag is 0
             cols = torch.arange(weight.shape[1], device=weight.device).expand_as(max_indices)
             valid = (max_indices >= 0) & (bag_size > 0).unsqueeze(-1)
             dout = torch.where(valid, tw[max_indices.clamp_min(0), cols], 0.0)
         return dout, None, None, None
-    if tw is not None:
-        dout = aten._embedding_bag.default(
-            tw, indices, offsets, scale_grad_by_freq, mode, sparse, per_sample_weights,
-            include_last_offset, padding_idx,
-        )[0]
-    if tpsw is not None:
-        c = aten._embedding_bag.default(
-            weight, indices, offsets, scale_grad_by_freq, mode, sparse, tpsw,
-            include_last_offset, padding_idx,
-        )[0]
-        dout = c if dout is None else dout + c
-    return dout, None, None, None
+
+    def bag(w, psw):  # linear in each of the weight and the per-sample weights
+        return aten._embedding_bag.default(w, indices, offsets, scale_grad_by_freq, mode, sparse, psw,
+                                           include_last_offset, padding_idx)[0]
+
+    return tsum(None if tw is None else bag(tw, per_sample_weights),
+                None if tpsw is None else bag(weight, tpsw)), None, None, None
 
 
 # The embedding-bag backward ops do not see the weights: they are linear in the
@@ -496,41 +459,27 @@ def _reduce(x, reduction):
     return x
 
 
-def _difference(t):
-    """The tangent of ``input - target`` (``None`` when both are zero)."""
-    tx, ty = t[0], t[1]
-    if ty is None:
-        return tx
-    return -ty if tx is None else tx - ty
-
-
 @defrule(aten.mse_loss.default)
 def _mse_jvp(t, ans, x, y, reduction=1):
-    return _reduce(2 * (x - y) * _difference(t), reduction)
+    return _reduce(2 * (x - y) * tsub(t[0], t[1]), reduction)
 
 
 @defrule(aten.huber_loss.default)
 def _huber_jvp(t, ans, x, y, reduction=1, delta=1.0):
-    return _reduce((x - y).clamp(-delta, delta) * _difference(t), reduction)
+    return _reduce((x - y).clamp(-delta, delta) * tsub(t[0], t[1]), reduction)
 
 
 @defrule(aten.smooth_l1_loss.default)
 def _smooth_l1_jvp(t, ans, x, y, reduction=1, beta=1.0):
     r = x - y
     slope = r.sign() if beta == 0 else (r / beta).clamp(-1, 1)
-    return _reduce(slope * _difference(t), reduction)
+    return _reduce(slope * tsub(t[0], t[1]), reduction)
 
 
 @defrule(aten.soft_margin_loss.default)
 def _soft_margin_jvp(t, ans, x, y, reduction=1):
     # loss = log(1 + exp(-y x)); d loss = -sigmoid(-y x) (y dx + x dy)
-    d = None
-    if t[0] is not None:
-        d = y * t[0]
-    if t[1] is not None:
-        c = x * t[1]
-        d = c if d is None else d + c
-    return _reduce(-(-y * x).sigmoid() * d, reduction)
+    return _reduce(-(-y * x).sigmoid() * tsum(tmul(y, t[0]), tmul(x, t[1])), reduction)
 
 
 @defrule(aten.binary_cross_entropy_with_logits.default)
@@ -538,40 +487,30 @@ def _bce_logits_jvp(t, ans, x, y, weight=None, pos_weight=None, reduction=1):
     # loss = -w (pw y log s(x) + (1 - y) log s(-x)), s the sigmoid
     tx, ty, tw, tpw = (tuple(t) + (None, None))[:4]  # weight and pos_weight may be left out
     log_s, log_1ms = F.logsigmoid(x), F.logsigmoid(-x)
-    pw_y = y if pos_weight is None else pos_weight * y
-    d = None
-    if tx is not None:
-        s = x.sigmoid()
-        d = ((s - y) if pos_weight is None else (s * (1 - y + pw_y) - pw_y)) * tx
-    if ty is not None:
-        pw = 1 if pos_weight is None else pos_weight
-        c = -(pw * log_s - log_1ms) * ty
-        d = c if d is None else d + c
-    if tpw is not None:
-        c = -y * log_s * tpw
-        d = c if d is None else d + c
-    if d is not None and weight is not None:
-        d = d * weight
-    if tw is not None:
-        c = -(pw_y * log_s + (1 - y) * log_1ms) * tw
-        d = c if d is None else d + c
+    pw, pw_y = (1, y) if pos_weight is None else (pos_weight, pos_weight * y)
+
+    def dx(s):  # the derivative in x, from s = sigmoid(x)
+        return (s - y) if pos_weight is None else (s * (1 - y + pw_y) - pw_y)
+
+    d = tsum(None if tx is None else dx(x.sigmoid()) * tx,
+             None if ty is None else -(pw * log_s - log_1ms) * ty,
+             None if tpw is None else -y * log_s * tpw)
+    if weight is not None:
+        d = tmul(d, weight)
+    d = tsum(d, None if tw is None else -(pw_y * log_s + (1 - y) * log_1ms) * tw)
     return None if d is None else _reduce(d, reduction)
 
 
 @defrule(aten.binary_cross_entropy.default)
 def _bce_jvp(t, ans, x, y, weight=None, reduction=1):
     # loss = -w (y log x + (1 - y) log(1 - x)), logs clamped at -100 like ATen
-    d = None
-    if t[0] is not None:
-        d = t[0] * (x - y) / (x * (1 - x)).clamp_min(1e-12)
-    if t[1] is not None:
-        c = t[1] * ((1 - x).log().clamp_min(-100) - x.log().clamp_min(-100))
-        d = c if d is None else d + c
-    if d is not None and weight is not None:
-        d = d * weight
-    if len(t) > 2 and t[2] is not None:
-        c = -(y * x.log().clamp_min(-100) + (1 - y) * (1 - x).log().clamp_min(-100)) * t[2]
-        d = c if d is None else d + c
+    tw = t[2] if len(t) > 2 else None  # the weight may be left out
+    d = tsum(None if t[0] is None else t[0] * (x - y) / (x * (1 - x)).clamp_min(1e-12),
+             None if t[1] is None else t[1] * ((1 - x).log().clamp_min(-100) - x.log().clamp_min(-100)))
+    if weight is not None:
+        d = tmul(d, weight)
+    d = tsum(d, None if tw is None else
+             -(y * x.log().clamp_min(-100) + (1 - y) * (1 - x).log().clamp_min(-100)) * tw)
     return None if d is None else _reduce(d, reduction)
 
 
@@ -661,14 +600,7 @@ def _linear_ce_tangent(x, w, target, b, class_weight, ignore_index, chunk, tx, t
         z = x[rows] @ w.mT
         if b is not None:
             z = z + b
-        dz = None
-        if tx is not None:
-            dz = tx[rows] @ w.mT
-        if tw is not None:
-            c = x[rows] @ tw.mT
-            dz = c if dz is None else dz + c
-        if tb is not None:
-            dz = tb if dz is None else dz + tb
+        dz = tsum(None if tx is None else tx[rows] @ w.mT, None if tw is None else x[rows] @ tw.mT, tb)
         dz = dz.expand_as(z)
         y = target[rows]
         valid = y != ignore_index

@@ -202,11 +202,7 @@ def _standard_draw(ans, mean, std):
 
 @defrule(aten.normal.Tensor_Tensor)
 def _normal_tt_jvp(t, ans, mean, std, *, generator=None):
-    out = t[0]
-    if t[1] is not None:
-        c = t[1] * _standard_draw(ans, mean, std)
-        out = c if out is None else out + c
-    return out
+    return tsum(t[0], None if t[1] is None else t[1] * _standard_draw(ans, mean, std))
 
 
 @defrule(aten.normal.Tensor_float)
@@ -285,13 +281,8 @@ def _glu_jvp(t, ans, x, dim=-1):
 @defrule(aten._prelu_kernel.default)
 def _prelu_jvp(t, ans, x, w):
     positive = x > 0
-    out = None
-    if t[0] is not None:
-        out = torch.where(positive, t[0], w * t[0])
-    if t[1] is not None:
-        c = torch.where(positive, 0.0, x * t[1])
-        out = c if out is None else out + c
-    return out
+    return tsum(None if t[0] is None else torch.where(positive, t[0], w * t[0]),
+                None if t[1] is None else torch.where(positive, 0.0, x * t[1]))
 
 
 def _gelu_jvp(g, ans, x, approximate="none"):
@@ -383,25 +374,18 @@ def _log_sigmoid_jvp(t, ans, x):
 
 
 def _scaled(g, alpha):
-    return g if alpha == 1 else g * alpha
+    """The tangent ``g * alpha``: ``g`` itself when alpha is 1 (or ``g`` is zero)."""
+    return g if alpha == 1 else tmul(g, alpha)
 
 
 @defrule(aten.add.Tensor)
 def _add_jvp(t, ans, x, y, alpha=1):
-    tx, ty = t[0], t[1]
-    if ty is None:
-        return tx
-    ty = _scaled(ty, alpha)
-    return ty if tx is None else tx + ty
+    return tsum(t[0], _scaled(t[1], alpha))
 
 
 @defrule(aten.sub.Tensor)
 def _sub_jvp(t, ans, x, y, alpha=1):
-    tx, ty = t[0], t[1]
-    if ty is None:
-        return tx
-    ty = _scaled(ty, -alpha)
-    return ty if tx is None else tx + ty
+    return tsum(t[0], _scaled(t[1], -alpha))
 
 
 @defrule(aten.rsub.Tensor)
@@ -417,12 +401,9 @@ def_elementwise(aten.rsub.Scalar, lambda g, ans, x, y, alpha=1: -g * alpha)
 
 @defrule(aten.mul.Tensor)
 def _mul_jvp(t, ans, x, y):
-    tx, ty = t[0], t[1]
-    if ty is None:
-        return None if tx is None else tx * y
-    if tx is None:
-        return x * ty
-    out = tx * y
+    out, ty = tmul(t[0], y), t[1]
+    if out is None or ty is None:
+        return tsum(out, tmul(x, ty))
     if out.shape == ans.shape and out.dtype == ans.dtype and fresh_ok(out, x, ty):
         return out.addcmul_(x, ty)  # one output-sized tensor, two kernels
     return out + x * ty
@@ -430,12 +411,7 @@ def _mul_jvp(t, ans, x, y):
 
 @defrule(aten.div.Tensor)
 def _div_jvp(t, ans, x, y):
-    tx, ty = t[0], t[1]
-    out = None if tx is None else tx / y
-    if ty is not None:
-        c = -ty * ans / y
-        out = c if out is None else out + c
-    return out
+    return tsum(None if t[0] is None else t[0] / y, None if t[1] is None else -t[1] * ans / y)
 
 
 def _pow_base_term(g, x, e):
@@ -557,42 +533,24 @@ def_elementwise(
 
 @defrule(aten.lerp.Scalar)
 def _lerp_scalar_jvp(t, ans, start, end, weight):
-    ts, te = t[0], t[1]
-    out = None if ts is None else ts * (1 - weight)
-    if te is not None:
-        out = te * weight if out is None else out + te * weight
-    return out
+    # (1 - weight) is a tensor op when lerp.Tensor calls this: only for a nonzero t[0]
+    return tsum(None if t[0] is None else t[0] * (1 - weight), tmul(t[1], weight))
 
 
 @defrule(aten.lerp.Tensor)
 def _lerp_tensor_jvp(t, ans, start, end, weight):
-    out = _lerp_scalar_jvp(t, ans, start, end, weight)
-    if t[2] is not None:
-        c = t[2] * (end - start)
-        out = c if out is None else out + c
-    return out
+    return tsum(_lerp_scalar_jvp(t, ans, start, end, weight), None if t[2] is None else t[2] * (end - start))
 
 
 @defrule(aten.addcmul.default)
 def _addcmul_jvp(t, ans, s, a, b, value=1):
-    out = t[0]
-    for g, other in ((t[1], b), (t[2], a)):
-        if g is not None:
-            c = g * other * value
-            out = c if out is None else out + c
-    return out
+    return tsum(t[0], None if t[1] is None else t[1] * b * value, None if t[2] is None else t[2] * a * value)
 
 
 @defrule(aten.addcdiv.default)
 def _addcdiv_jvp(t, ans, s, a, b, value=1):
-    out = t[0]
-    if len(t) > 1 and t[1] is not None:
-        c = t[1] / b * value
-        out = c if out is None else out + c
-    if t[2] is not None:
-        c = -t[2] * a / (b * b) * value
-        out = c if out is None else out + c
-    return out
+    return tsum(t[0], None if t[1] is None else t[1] / b * value,
+                None if t[2] is None else -t[2] * a / (b * b) * value)
 
 
 @defrule(aten.where.self)

@@ -9,7 +9,7 @@ equally as in PyTorch).
 
 import torch
 
-from ..registry import curvature_term, def_linear, defrule
+from ..registry import curvature_term, def_linear, defrule, tsub, tsum
 
 aten = torch.ops.aten
 
@@ -287,9 +287,7 @@ def _norm_dtype_jvp(t, ans, x, p, *, dtype):
 
 @defrule(aten.dist.default)
 def _dist_jvp(t, ans, x, y, p=2):
-    tx, ty = t[0], t[1]
-    d = tx if ty is None else (-ty if tx is None else tx - ty)
-    return _vector_norm_jvp((d,), ans, x - y, p)
+    return _vector_norm_jvp((tsub(t[0], t[1]),), ans, x - y, p)
 
 
 @defrule(aten.renorm.default)
@@ -372,8 +370,7 @@ def _segment_reduce_backward_jvp(t, ans, g, output, data, reduce, *, lengths=Non
             return _segment_reduce_jvp(tt, a, d, "prod", lengths=lengths, offsets=offsets, axis=axis,
                                        initial=initial)
 
-        c = curvature_term(forward, rule, g, (data,), (t[2],))[0]
-        out = c if out is None else out + c
+        out = tsum(out, curvature_term(forward, rule, g, (data,), (t[2],))[0])
     return out
 
 
