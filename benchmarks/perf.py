@@ -364,7 +364,7 @@ def rst_tables(results):
                       f"     - {cell(_mem_ratio(r, 'tensors', m, func), '.2f')}",
                       f"     - {cell(None if rss is None else rss / 2**20, '.1f')}",
                       f"     - {cell(_mem_ratio(r, 'rss', m, base), '.2f')}"]
-    lines += ["", ".. list-table:: Targets of issue 5 (memory: peak live tensor bytes)", "   :header-rows: 1", "",
+    lines += ["", ".. list-table:: Targets (memory: peak live tensor bytes)", "   :header-rows: 1", "",
               "   * - target", "     - measured", "     - verdict"]
     for desc, value, limit, note in targets(results):
         if value is None:

@@ -4,24 +4,35 @@ Power iteration and the Lanczos method only ever need ``v -> H v``, which
 ``fwdgrad.hvp`` computes in one forward-over-reverse pass without forming ``H``.
 The MLP here is small enough (about 400 parameters) to form the full Hessian
 with ``torch.func.hessian`` as an oracle, so the script checks the top
-eigenvalues against ``torch.linalg.eigvalsh`` of it, and plots them.
+eigenvalues against ``torch.linalg.eigvalsh`` of it.  It can also plot them:
 
-The figure goes to ``docs/img/hessian_spectrum.png`` (or to the folder named by
-``FWDGRAD_EXAMPLE_OUTPUT``).
+    python examples/hessian_spectrum.py                  # checks only; writes no file
+    python examples/hessian_spectrum.py --plot out.png   # also writes the figure to out.png
+
+With no ``--plot``, a folder named by the ``FWDGRAD_EXAMPLE_OUTPUT`` environment
+variable (the test suite sets one) gets ``hessian_spectrum.png``.  The figure in
+the documentation was made with ``--plot docs/img/hessian_spectrum.png``.
 """
 
+import argparse
 import os
 import pathlib
 
-import matplotlib
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-matplotlib.use("Agg")  # headless: write a file, open no window
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import fwdgrad
 
-import fwdgrad  # noqa: E402
+parser = argparse.ArgumentParser(description="The top of a trained MLP's Hessian spectrum from hvp calls.")
+parser.add_argument("--plot", metavar="PATH", help="write the figure (PNG) to PATH; by default no file is written")
+args = parser.parse_args()
+if args.plot:
+    plot_path = pathlib.Path(args.plot)
+elif os.environ.get("FWDGRAD_EXAMPLE_OUTPUT"):
+    plot_path = pathlib.Path(os.environ["FWDGRAD_EXAMPLE_OUTPUT"]) / "hessian_spectrum.png"
+else:
+    plot_path = None
 
 torch.manual_seed(0)
 torch.set_default_dtype(torch.float64)
@@ -121,26 +132,35 @@ print(f"smallest eigenvalue: eigvalsh {eigenvalues[-1]:.6f}, Lanczos {ritz[-1]:.
       f"(Lanczos finds both ends of the spectrum; negative: the loss is not convex here)")
 assert torch.allclose(ritz[-1], eigenvalues[-1], rtol=1e-6, atol=1e-9)
 
-# The plot: the full spectrum with the Lanczos and power-iteration estimates, and
-# power iteration's convergence.
-out_dir = pathlib.Path(os.environ.get("FWDGRAD_EXAMPLE_OUTPUT", pathlib.Path(__file__).parent.parent / "docs" / "img"))
-out_dir.mkdir(parents=True, exist_ok=True)
-fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-index = torch.arange(1, n + 1)
-left.plot(index, eigenvalues, ".", color="0.6", label="full Hessian (torch.func.hessian + eigvalsh)")
-left.plot(index[:top], ritz[:top], "x", color="C0", markersize=9, label="Lanczos, 40 hvp calls")
-left.plot(index[-1:], ritz[-1:], "x", color="C0", markersize=9)
-left.plot([1], [power[-1]], "+", color="C1", markersize=14, label="power iteration, 20 hvp calls")
-left.set_yscale("symlog", linthresh=1e-4)
-left.set_xlabel("eigenvalue index (largest first)")
-left.set_ylabel("eigenvalue (symlog scale)")
-left.set_title(f"Hessian spectrum of an MLP ({n} parameters)")
-left.legend(fontsize=8, loc="lower left")
-right.semilogy(range(1, len(power) + 1), [abs(p - largest) / abs(largest) + 1e-16 for p in power], color="C1")
-right.set_xlabel("power iteration step (one hvp each)")
-right.set_ylabel("relative error of the Rayleigh quotient")
-right.set_title("Power iteration convergence")
-fig.tight_layout()
-path = out_dir / "hessian_spectrum.png"
-fig.savefig(path, dpi=110)
-print(f"wrote {path}")
+
+def plot(path):
+    """The full spectrum with the Lanczos and power-iteration estimates, and
+    power iteration's convergence."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: write a file, open no window
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    index = torch.arange(1, n + 1)
+    left.plot(index, eigenvalues, ".", color="0.6", label="full Hessian (torch.func.hessian + eigvalsh)")
+    left.plot(index[:top], ritz[:top], "x", color="C0", markersize=9, label="Lanczos, 40 hvp calls")
+    left.plot(index[-1:], ritz[-1:], "x", color="C0", markersize=9)
+    left.plot([1], [power[-1]], "+", color="C1", markersize=14, label="power iteration, 20 hvp calls")
+    left.set_yscale("symlog", linthresh=1e-4)
+    left.set_xlabel("eigenvalue index (largest first)")
+    left.set_ylabel("eigenvalue (symlog scale)")
+    left.set_title(f"Hessian spectrum of an MLP ({n} parameters)")
+    left.legend(fontsize=8, loc="lower left")
+    right.semilogy(range(1, len(power) + 1), [abs(p - largest) / abs(largest) + 1e-16 for p in power], color="C1")
+    right.set_xlabel("power iteration step (one hvp each)")
+    right.set_ylabel("relative error of the Rayleigh quotient")
+    right.set_title("Power iteration convergence")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if plot_path is not None:
+    plot(plot_path)

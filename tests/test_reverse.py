@@ -354,7 +354,7 @@ def test_backward_inside_jvp_accumulates_dual_gradients():
     torch.testing.assert_close(hv, 6 * w * v)
 
 
-# ---- composition with torch.func transforms (the README table) -------------------------
+# ---- composition with torch.func transforms (the table in docs/composition.rst) --------
 
 
 def test_compose_jvp_over_torch_func_grad():
