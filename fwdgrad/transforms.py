@@ -32,9 +32,9 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
     True
 
     ``batched=True``: every tangent has a leading batch dimension of the same
-    size ``k``; the ``k`` jvps share one primal computation (``fwdgrad.jacobian``).
+    size ``k``; the ``k`` jvps share one primal computation.
     ``trace=True``: record the program once per input signature and replay it
-    on later calls (``fwdgrad.traced``).
+    on later calls whose inputs match (shapes, dtypes, captured tensors...).
     """
     name = "jvp"
     check_callable(func, name)
@@ -77,7 +77,7 @@ def forward_grad(func, *, has_aux=False, trace=False):
     (6.0, 3.0)
 
     ``trace=True`` records the program once per input signature and replays it
-    on later calls; ``df.code`` shows it (``fwdgrad.traced``).
+    on later calls whose inputs match; ``df.code`` shows it.
     """
     name = "forward_grad"
     check_callable(func, name)
