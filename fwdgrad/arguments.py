@@ -13,6 +13,11 @@ from torch.utils import _pytree as pytree
 
 from .interpreter import Dual, tangent_of
 
+try:
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+except ImportError:  # no torch.distributed in this build
+    AsyncCollectiveTensor = ()
+
 
 def is_float(x):
     return x.is_floating_point() or x.is_complex()
@@ -138,6 +143,8 @@ def lift(primals, tangents, level, name, prefix="primals"):
 
 def lower_output(o, level):
     """``(primal, tangent)`` of an output at ``level``; a zero tangent is materialised."""
+    if isinstance(o, AsyncCollectiveTensor):  # a functional collective's result wraps our dual
+        o = o.trigger_wait()
     if isinstance(o, Dual) and o._level == level:
         p = o._primal
         t = tangent_of(o)

@@ -170,6 +170,7 @@ def _like_storage(t, primal):
 # Per-op entries, made once per OpOverload: its kind, its rule, its C++ entry point.
 
 FUNCTIONAL, VIEW, INPLACE, INPLACE_VIEW, OUT = ops.FUNCTIONAL, ops.VIEW, ops.INPLACE, ops.INPLACE_VIEW, ops.OUT
+COLLECTIVE = "collective"
 
 
 class OpEntry:
@@ -181,6 +182,8 @@ class OpEntry:
         self._rule = None
         self._functional = None
         self.kind, self.out_args = ops.kind_of(func)
+        if registry.is_collective(func):
+            self.kind = COLLECTIVE
 
     @property
     def rule(self):
@@ -378,6 +381,8 @@ def interpret(func, args, kwargs):
             return _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level)
         if kind is INPLACE_VIEW:
             return _inplace_view(func, entry, args, pargs, pkwargs, level)
+        if kind is COLLECTIVE:
+            return _collective(func, entry, args, pargs, pkwargs, targs, tkwargs, level)
         return _out(func, entry, kwargs, pargs, pkwargs, targs, tkwargs, level)
 
 
@@ -537,3 +542,39 @@ def _out(func, entry, kwargs, pargs, pkwargs, targs, tkwargs, level):
                 f"that has none at this level; use the out-of-place op."
             )
     return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _collective(func, entry, args, pargs, pkwargs, targs, tkwargs, level):
+    """A ``torch.distributed`` collective: its rule runs the primal and the tangent
+    collectives together, on every call, so that every rank issues the same ones
+    whether or not its tangent is zero.  An in-place one writes the primals
+    itself and names the arguments whose tangents it wrote."""
+    ans, t = entry.rule(_tangents(targs, tkwargs), *pargs, **pkwargs)
+    if not isinstance(t, dict):
+        return _wrap(func, ans, t, level)
+    for where, ti in t.items():
+        pos, index = where if isinstance(where, tuple) else (where, None)
+        d = args[pos] if index is None else args[pos][index]
+        if isinstance(d, Dual) and d._level == level:
+            write_tangent(d, ti)
+        else:
+            raise RuntimeError(
+                f"fwdgrad: the collective {func} writes into a tensor that is not a dual of this "
+                f"transform; build it from the function's inputs (e.g. torch.empty_like(x))"
+            )
+    # The op's result holds the written primals: hand back their duals instead.
+    duals = {}
+    for a in args:
+        for b in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(b, Dual) and b._level == level:
+                duals[id(b._primal)] = b
+    return _rewrap(ans, duals)
+
+
+def _rewrap(x, duals):
+    if isinstance(x, torch.Tensor):
+        return duals.get(id(x), x)
+    if isinstance(x, (list, tuple)):
+        out = [_rewrap(y, duals) for y in x]
+        return tuple(out) if isinstance(x, tuple) else out
+    return x

@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 from .arguments import (
     check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, split_aux,
 )
+from .distributed import DDPForwards, check_group, ddp_holding, weighted_mean
 from .interpreter import Dual, new_level, strip, tangent_of
 
 _aten_detach = torch.ops.aten.detach.default
@@ -76,7 +77,8 @@ def _reaches_other_leaves(out, inputs):
     return False
 
 
-def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
+def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=None, weight=None):
+    group, weight = check_group(process_group, weight, name)
     nums, many = check_argnums(argnums, len(args), name), isinstance(argnums, tuple)
     args = list(args)
     specs, leaves_per_arg = [], []
@@ -101,7 +103,8 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
             fresh = [_input_leaf(x) for x in leaves]
             inputs.extend(fresh)
             args[n] = pytree.tree_unflatten(fresh, spec)
-        out = func(*args, **kwargs)
+        with DDPForwards() as ddps:
+            out = func(*args, **kwargs)
         out, aux = split_aux(out, has_aux, name)
         check_scalar_output(out, name)
         # Keep the graph of the backward pass only if someone may differentiate
@@ -110,6 +113,13 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
         create_graph = outer_grad and (
             any(x.requires_grad for x in originals) or _reaches_other_leaves(out, inputs)
         )
+        ddps.check_reduced(group, name)
+        if group is not None and create_graph:
+            raise NotImplementedError(
+                f"{name}: with process_group=, the gradient cannot be differentiated again by "
+                f"reverse mode (the all-reduce is not recorded by autograd); forward mode over it "
+                f"(fwdgrad.jvp, fwdgrad.hvp) works"
+            )
         if out.requires_grad:
             grads = torch.autograd.grad(
                 out, inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
@@ -119,6 +129,8 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
     if not create_graph:
         out = detach_keeping_tangents(out)
         aux = pytree.tree_map_only(torch.Tensor, detach_keeping_tangents, aux)
+    if group is not None:
+        out, *grads = weighted_mean([out, *grads], group, weight, name)
     grads = iter(grads)
     results = []
     for leaves, spec in zip(leaves_per_arg, specs):
@@ -127,7 +139,7 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
     return out, g, aux
 
 
-def grad(func, argnums=0, *, has_aux=False):
+def grad(func, argnums=0, *, has_aux=False, process_group=None, weight=None):
     """Reverse-mode gradient of a scalar-valued ``func``, as a function (``torch.func.grad``'s interface).
 
     ``grad(f)(x)`` is ``df/dx``; ``argnums`` (an int or a tuple of ints) picks
@@ -135,6 +147,11 @@ def grad(func, argnums=0, *, has_aux=False):
     tensors.  With ``has_aux=True``, ``func`` returns ``(output, aux)`` and the
     result is ``(gradient, aux)``.  It composes with fwdgrad's transforms in
     both directions (``jvp(grad(f))`` is forward over reverse) and with itself.
+
+    With ``process_group=`` (a ``torch.distributed`` group) each rank passes
+    its own shard, and the gradient is that of the global mean of the ranks'
+    losses, weighted by each rank's ``weight=`` (default 1; see
+    :doc:`distributed`).
 
     >>> import torch, fwdgrad
     >>> x = torch.tensor([1.0, 2.0])
@@ -146,16 +163,17 @@ def grad(func, argnums=0, *, has_aux=False):
 
     @functools.wraps(func)
     def grad_f(*args, **kwargs):
-        _, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
+        _, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group, weight)
         return (g, aux) if has_aux else g
 
     return grad_f
 
 
-def value_and_grad(func, argnums=0, *, has_aux=False):
+def value_and_grad(func, argnums=0, *, has_aux=False, process_group=None, weight=None):
     """Like :func:`grad`, but the function returns ``(value, gradient)`` from the same pass.
 
     With ``has_aux=True`` it returns ``((value, aux), gradient)`` (JAX's convention).
+    ``process_group=`` and ``weight=`` reduce the value and the gradient as in :func:`grad`.
 
     >>> import torch, fwdgrad
     >>> v, g = fwdgrad.value_and_grad(lambda x: (x ** 2).sum())(torch.tensor([1.0, 2.0]))
@@ -167,7 +185,7 @@ def value_and_grad(func, argnums=0, *, has_aux=False):
 
     @functools.wraps(func)
     def value_and_grad_f(*args, **kwargs):
-        out, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
+        out, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group, weight)
         return ((out, aux), g) if has_aux else (out, g)
 
     return value_and_grad_f
@@ -314,15 +332,24 @@ def _storage_ptr(t):
     return strip(t).untyped_storage().data_ptr()
 
 
-def _forward_over_reverse(loss, params, v, name):
+def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None):
     check_callable(loss, name, "loss")
     check_outside_functorch(name)
+    group, weight = check_group(process_group, weight, name)
     keys, p_leaves, v_leaves, rebuild = _flatten_params(params, v, name)
     if isinstance(params, (list, tuple)):
         pure_args = p_leaves
     else:
         pure_args = [params]
     closure = _is_closure(loss, pure_args)
+    held = frozenset()
+    if closure and any(p._use_count() > 1 for p in p_leaves):
+        # DDP's reducer holds its parameters for good: not a pending graph.
+        ddp = ddp_holding(p_leaves)
+        if ddp is not None:
+            held = frozenset(id(p) for p in p_leaves)
+            if group is None:
+                group, weight = check_group(ddp.process_group, None, name)
     # A direction that is itself a parameter object (v = params, for H @ w) would
     # become its own dual when the closure form swaps that object: use an alias.
     v_leaves = [t.detach() if any(t is p for p in p_leaves) else t for t in v_leaves]
@@ -331,26 +358,38 @@ def _forward_over_reverse(loss, params, v, name):
         Dual(detach_keeping_tangents(p), t, level, requires_grad=True)
         for p, t in zip(p_leaves, v_leaves)
     ]
-    if closure:
-        value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name)
-    else:
-        call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
-        value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
+    with DDPForwards() as ddps:
+        if closure:
+            value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name, held)
+        else:
+            call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
+            value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
     del duals
+    ddps.check_reduced(group, name)
+    if group is not None:
+        n = len(p_leaves)
+        gs = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, p_leaves)]
+        hvs = [torch.zeros_like(p) if h is None else h for h, p in zip(hvs, p_leaves)]
+        value, *rest = weighted_mean([value, *gs, *hvs], group, weight, name)
+        gs, hvs = rest[:n], rest[n:]
     foreign = {_storage_ptr(x) for x in p_leaves + v_leaves}
     grads = [_own(g, p, foreign) for g, p in zip(gs, p_leaves)]
     hvps = [_own(h, p, foreign) for h, p in zip(hvs, p_leaves)]
     return value, rebuild(grads), rebuild(hvps)
 
 
-def _in_closure(loss, keys, params, duals, level, name):
-    """Run the closure with each live parameter object temporarily turned into its dual."""
+def _in_closure(loss, keys, params, duals, level, name, held=frozenset()):
+    """Run the closure with each live parameter object temporarily turned into its dual.
+
+    ``held``: ids of parameters that a DDP reducer holds; those references are
+    not a pending graph, and the reducer keeps seeing the original tensors.
+    """
     seen = set()
     for k, p in zip(keys, params):
         if id(p) in seen:
             raise ValueError(f"{name}: params{k} appears twice in params")
         seen.add(id(p))
-        if p._use_count() > 1:
+        if p._use_count() > 1 and id(p) not in held:
             raise RuntimeError(
                 f"{name}: cannot use params{k} in the closure form: another reference to it is "
                 f"alive (most likely an autograd graph that saved it, e.g. a loss you have not "
@@ -360,7 +399,7 @@ def _in_closure(loss, keys, params, duals, level, name):
     swapped = []
     try:
         for p, d in zip(params, duals):
-            _swap(p, d)
+            _swap(p, d, id(p) in held)
             swapped.append((p, d))
         return _loss_and_grads(loss, (), params, level, name)
     except BaseException as e:
@@ -373,7 +412,7 @@ def _in_closure(loss, keys, params, duals, level, name):
         failed = []
         for p, d in reversed(swapped):
             try:
-                _swap_back(p, d, name)
+                _swap_back(p, d, name, id(p) in held)
             except RuntimeError as e:
                 failed.append(e)  # restore the others before reporting
         if failed:
@@ -387,14 +426,15 @@ def _poisoned(grad_outputs):
     )
 
 
-def _swap(t1, t2):
+def _swap(t1, t2, held=False):
     """Exchange the contents of two tensor objects, keeping their identities.
 
     Like ``torch.utils.swap_tensors``, but weak references are allowed: a weak
     reference to a parameter (``nn.LSTM`` keeps them) goes on pointing at the
     same object, which is what the temporary swap of the closure form needs.
+    A ``held`` tensor's C++ references (DDP's reducer) are allowed too.
     """
-    for t in (t1, t2):
+    for t in () if held else (t1, t2):
         if t._use_count() > 1:
             # A leaf may also be held by its AccumulateGrad node (a graph that
             # outlives the call): that node must not run on the swapped tensor.
@@ -413,13 +453,13 @@ def _swap(t1, t2):
     torch._C._swap_tensor_impl(t1, t2)
 
 
-def _swap_back(p, d, name):
+def _swap_back(p, d, name, held=False):
     try:
-        _swap(p, d)
+        _swap(p, d, held)
     except RuntimeError:
         gc.collect()
         try:
-            _swap(p, d)
+            _swap(p, d, held)
         except RuntimeError as e:
             raise RuntimeError(
                 f"{name}: could not restore a parameter after the closure ran, because a "
@@ -428,7 +468,7 @@ def _swap_back(p, d, name):
             ) from None
 
 
-def hvp(loss, params, v):
+def hvp(loss, params, v, *, process_group=None, weight=None):
     """Hessian-vector product ``H v`` of a scalar ``loss``, forward over reverse, in one pass.
 
     ``params`` is a tensor, a list/tuple of tensors or a dict of tensors, and
@@ -443,18 +483,25 @@ def hvp(loss, params, v):
     Returns ``H v`` in the structure of ``params``.  It is not differentiable;
     compose :func:`fwdgrad.jvp` and :func:`grad` for higher derivatives.
 
+    Data parallel: with ``process_group=`` each rank passes its own shard's
+    loss and the result is the Hessian of the mean of the ranks' losses,
+    weighted by each rank's ``weight=`` (default 1), from one all-reduce.  The
+    closure form over a DistributedDataParallel model's parameters reduces
+    over the model's group by itself (see :doc:`distributed`).
+
     >>> import torch, fwdgrad
     >>> w = torch.tensor([1.0, 2.0])
     >>> fwdgrad.hvp(lambda w: (w ** 3).sum(), w, torch.tensor([1.0, 0.0]))
     tensor([6., 0.])
     """
-    return _forward_over_reverse(loss, params, v, "hvp")[2]
+    return _forward_over_reverse(loss, params, v, "hvp", process_group, weight)[2]
 
 
-def value_grad_and_hvp(loss, params, v):
+def value_grad_and_hvp(loss, params, v, *, process_group=None, weight=None):
     """``(loss_value, grad, H v)`` from the single forward-over-reverse pass of :func:`hvp`.
 
     The gradient is the primal of that pass, so it costs nothing extra.
+    ``process_group=`` and ``weight=`` reduce all three as in :func:`hvp`.
 
     >>> import torch, fwdgrad
     >>> w = torch.tensor([1.0, 2.0])
@@ -462,7 +509,7 @@ def value_grad_and_hvp(loss, params, v):
     >>> float(value), g, hv
     (9.0, tensor([ 3., 12.]), tensor([ 6., 12.]))
     """
-    return _forward_over_reverse(loss, params, v, "value_grad_and_hvp")
+    return _forward_over_reverse(loss, params, v, "value_grad_and_hvp", process_group, weight)
 
 
 __all__ = ["grad", "value_and_grad", "hvp", "value_grad_and_hvp"]
