@@ -11,6 +11,7 @@ import inspect
 import torch
 from torch.utils import _pytree as pytree
 
+from .dtensor import check_layout
 from .interpreter import Dual, tangent_of
 
 try:
@@ -113,6 +114,7 @@ def check_tangent(name, where, p, t):
         raise ValueError(
             f"{name}: the tangent of {where} is on {t.device} but {where} is on {p.device}"
         )
+    check_layout(name, where, p, t)
 
 
 def checked_leaves(name, primals, tangents, prefix="primals"):

@@ -9,10 +9,12 @@ convention; pass the local batch size for uneven shards of a mean loss).
 DistributedDataParallel's forward reduces nothing by itself (its reducer
 reduces ``.grad`` during ``backward()``, which ``torch.autograd.grad`` never
 runs), so a call through it without ``process_group=`` would be silently
-shard-local.  ``DDPForwards`` watches module calls: each DDP forward inside a
-transform runs as under ``no_sync()`` (and without the static-graph first
+shard-local.  ``ParallelForwards`` watches module calls inside a transform:
+each DDP forward runs as under ``no_sync()`` (and without the static-graph first
 iteration's delayed all-reduce), so DDP's own later ``backward()`` steps are
 untouched; the transform then either reduces over its group or refuses.
+A module sharded by FSDP2 is refused: its hooks gather its own parameters
+and would drop the tangents.
 """
 
 import gc
@@ -24,10 +26,11 @@ import torch
 
 try:
     import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel as DDP
 except ImportError:  # a torch build without distributed support
     dist = None
-    DDP = ()
+    DDP = FSDPModule = ()
 
 _DDP_STATE = ("require_backward_grad_sync", "require_forward_param_sync", "_static_graph_delay_allreduce_enqueued")
 _known_ddps = weakref.WeakSet()
@@ -108,8 +111,8 @@ def ddp_holding(params):
     return None
 
 
-class DDPForwards:
-    """Watch this thread's module calls; run each DDP forward as under ``no_sync()``.
+class ParallelForwards:
+    """Watch this thread's module calls; run each DDP forward as under ``no_sync()``, refuse FSDP2's.
 
     Leaves each DDP module's synchronisation state as it found it, so the
     user's later ``forward``/``backward()`` steps (``static_graph`` included)
@@ -123,6 +126,15 @@ class DDPForwards:
         self._handle = None
 
     def _pre_hook(self, module, args):
+        if isinstance(module, FSDPModule) and threading.get_ident() == self._thread:
+            # Its hooks all-gather its own sharded parameters, whatever the
+            # transform passed in: the result would ignore the duals.
+            raise NotImplementedError(
+                f"fwdgrad: a module sharded by FSDP2 (fully_shard) ran inside a transform; "
+                f"FSDP2 swaps in its own gathered parameters, so tangents would be lost.  Not "
+                f"supported yet: use DDP (or process_group= with unsharded parameters), or "
+                f"differentiate an unsharded copy of the model"
+            )
         if isinstance(module, DDP) and threading.get_ident() == self._thread:
             if all(m is not module for m in self.ddps):
                 self.ddps.append(module)

@@ -24,6 +24,7 @@ import os
 import torch
 
 from . import ops, registry
+from .dtensor import MIXED_DTENSOR, is_dtensor
 
 _level_counter = itertools.count(1)
 _make_wrapper = torch.Tensor._make_wrapper_subclass
@@ -99,6 +100,14 @@ class Dual(torch.Tensor):
         if kwargs is None:
             kwargs = {}
         with _disable_torch_function():
+            try:
+                return func(*args, **kwargs)
+            except RuntimeError as e:
+                # A DTensor argument ahead of a dual got the op first and refused
+                # the dual: lift the DTensor constants to duals and dispatch again.
+                if MIXED_DTENSOR not in str(e):
+                    raise
+                args, kwargs = _lift_dtensors(args, kwargs)
             return func(*args, **kwargs)
 
     @classmethod
@@ -107,6 +116,21 @@ class Dual(torch.Tensor):
 
 
 _USER_DETACH = {torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__}
+
+
+def _lift_dtensors(args, kwargs):
+    """DTensor constants among ``args``/``kwargs`` as duals (zero tangent) of the top level."""
+    flat = [a for a in list(args) + list(kwargs.values()) for a in (a if isinstance(a, (list, tuple)) else (a,))]
+    level = max((a._level for a in flat if isinstance(a, Dual)), default=0)
+    if not level:
+        return args, kwargs
+
+    def lift(a):
+        if isinstance(a, (list, tuple)):
+            return type(a)(lift(b) for b in a)
+        return Dual(a, None, level) if is_dtensor(a) else a
+
+    return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
 
 
 def strip(x):

@@ -25,7 +25,8 @@ from torch.utils import _pytree as pytree
 from .arguments import (
     check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, split_aux,
 )
-from .distributed import DDPForwards, check_group, ddp_holding, weighted_mean
+from .distributed import ParallelForwards, check_group, ddp_holding, weighted_mean
+from .dtensor import check_layout, is_dtensor, storage_ptr
 from .interpreter import Dual, new_level, strip, tangent_of
 
 _aten_detach = torch.ops.aten.detach.default
@@ -103,7 +104,7 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=No
             fresh = [_input_leaf(x) for x in leaves]
             inputs.extend(fresh)
             args[n] = pytree.tree_unflatten(fresh, spec)
-        with DDPForwards() as ddps:
+        with ParallelForwards() as ddps:
             out = func(*args, **kwargs)
         out, aux = split_aux(out, has_aux, name)
         check_scalar_output(out, name)
@@ -258,6 +259,7 @@ def _flatten_params(params, v, name):
             raise ValueError(f"{name}: v{k} has dtype {t.dtype} but params{k} has dtype {p.dtype}")
         if t.device != p.device:
             raise ValueError(f"{name}: v{k} is on {t.device} but params{k} is on {p.device}")
+        check_layout(name, f"params{k}", p, t)
     return keys, p_leaves, v_leaves, rebuild
 
 
@@ -329,7 +331,7 @@ def _own(t, like, foreign):
 
 
 def _storage_ptr(t):
-    return strip(t).untyped_storage().data_ptr()
+    return storage_ptr(strip(t))
 
 
 def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None):
@@ -342,6 +344,12 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
     else:
         pure_args = [params]
     closure = _is_closure(loss, pure_args)
+    if closure and any(is_dtensor(p) for p in p_leaves):
+        raise NotImplementedError(
+            f"{name}: the closure form cannot swap DTensor parameters (FSDP2 fully_shard or "
+            f"distribute_module) for duals; use the pure form, e.g. loss(params) with "
+            f"torch.func.functional_call on a module that does not shard by itself"
+        )
     held = frozenset()
     if closure and any(p._use_count() > 1 for p in p_leaves):
         # DDP's reducer holds its parameters for good: not a pending graph.
@@ -358,7 +366,7 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
         Dual(detach_keeping_tangents(p), t, level, requires_grad=True)
         for p, t in zip(p_leaves, v_leaves)
     ]
-    with DDPForwards() as ddps:
+    with ParallelForwards() as ddps:
         if closure:
             value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name, held)
         else:

@@ -13,6 +13,7 @@ import torch
 from .arguments import (
     check_callable, check_outside_functorch, check_tangent, drop_level, lift, split_aux, split_outputs,
 )
+from .distributed import ParallelForwards
 from .interpreter import Dual, new_level
 from .jacobian import batched_jvp
 from .traced import TracedForwardGrad, jvp_traced
@@ -55,7 +56,8 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
         return jvp_traced(func, primals, tangents, has_aux)
     level = new_level()
     duals = lift(tuple(primals), tuple(tangents), level, name)
-    out = func(*duals)
+    with ParallelForwards():
+        out = func(*duals)
     out, aux = split_aux(out, has_aux, name)
     primal_out, tangent_out = split_outputs(out, level, name)
     if has_aux:
@@ -104,7 +106,8 @@ def forward_grad(func, *, has_aux=False, trace=False):
                 args.append(Dual(p, t, level, requires_grad=p.requires_grad))
             else:
                 args.append(lift(p, t, level, name, prefix=where))
-        out = func(*args, **kwargs)
+        with ParallelForwards():
+            out = func(*args, **kwargs)
         out, aux = split_aux(out, has_aux, name)
         r, dr = split_outputs(out, level, name)
         if has_aux:

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed import _functional_collectives as funcol
 from torch.func import functional_call
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distributed_util
@@ -210,10 +212,55 @@ def scenarios_collectives(rank, world):
     torch.testing.assert_close(dout, world * dfull[rank * n:(rank + 1) * n])
 
 
+def scenarios_dtensor(rank, world):
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(3)
+    w, v = (torch.randn(4 * world, generator=g, dtype=torch.double) for _ in range(2))
+    a = torch.randn(3, 4 * world, generator=g, dtype=torch.double)
+
+    def f(w):
+        return (w.sin() * w).sum()
+
+    ref_value, ref_hv = torch.autograd.functional.hvp(f, w, v)
+    ref_out, ref_dout = torch.autograd.functional.jvp(lambda w: (w ** 3).sum(), w, v)
+    for placement in (Shard(0), Replicate()):
+        wd, vd = distribute_tensor(w, mesh, [placement]), distribute_tensor(v, mesh, [placement])
+        out, dout = fwdgrad.jvp(lambda w: (w ** 3).sum(), (wd,), (vd,))
+        torch.testing.assert_close(out.full_tensor(), ref_out)
+        torch.testing.assert_close(dout.full_tensor(), ref_dout)
+        hv = fwdgrad.hvp(f, wd, vd)
+        assert hv.placements == wd.placements, "Hv comes back laid out like the parameter"
+        torch.testing.assert_close(hv.full_tensor(), ref_hv)
+        # A DTensor times a constant DTensor, either order.
+        ad = distribute_tensor(a, mesh, [Replicate()])
+        for fn in (lambda w: ad @ w, lambda w: w @ ad.T):
+            out, dout = fwdgrad.jvp(fn, (wd,), (vd,))
+            torch.testing.assert_close(dout.full_tensor(), fn(vd).full_tensor())
+        with pytest.raises(TypeError, match="DTensor"):
+            fwdgrad.jvp(f, (wd,), (v,))
+        with pytest.raises(TypeError, match="DTensor"):
+            fwdgrad.hvp(f, wd, v)
+    with pytest.raises(ValueError, match="placements"):
+        fwdgrad.jvp(f, (distribute_tensor(w, mesh, [Shard(0)]),), (distribute_tensor(v, mesh, [Replicate()]),))
+    # FSDP2: refused clearly (its hooks gather their own parameters), never a zero tangent.
+    model = fully_shard(_model())
+    x = torch.randn(2, 3, dtype=torch.double)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    for call in (
+        lambda: fwdgrad.jvp(lambda p: functional_call(model, p, (x,)), (params,), (params,)),
+        lambda: fwdgrad.hvp(lambda p: functional_call(model, p, (x,)).sum(), params, params),
+    ):
+        with pytest.raises(NotImplementedError, match="FSDP2"):
+            call()
+    with pytest.raises(NotImplementedError, match="DTensor parameters"):
+        fwdgrad.hvp(lambda: model(x).sum(), dict(model.named_parameters()), params)
+
+
 def scenarios_all(rank, world):
     scenarios_data_parallel(rank, world)
     scenarios_ddp(rank, world)
     scenarios_collectives(rank, world)
+    scenarios_dtensor(rank, world)
 
 
 def test_two_processes():
