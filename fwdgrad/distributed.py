@@ -104,7 +104,7 @@ def ddp_holding(params):
     if not DDP:
         return None
     for obj in gc.get_objects():
-        if isinstance(obj, DDP) and hasattr(obj, "_module_parameters"):
+        if issubclass(type(obj), DDP) and hasattr(obj, "_module_parameters"):
             _known_ddps.add(obj)
             if ids <= {id(p) for p in obj._module_parameters}:
                 return obj
