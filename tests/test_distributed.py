@@ -200,8 +200,27 @@ def scenarios_collectives(rank, world):
     torch.testing.assert_close(out, 3 * total_x)
     torch.testing.assert_close(dout, 3 * t if rank == 0 else 3 * torch.ones(3, dtype=torch.double))
 
+    # max: the ranks holding the extreme share its tangent (no ties here: the last rank wins).
+    out, dout = fwdgrad.jvp(lambda x: funcol.all_reduce(x, "max", group), (x,), (t,))
+    torch.testing.assert_close(out, xs[-1])
+    torch.testing.assert_close(dout, t * 0 + world)
+
+    def k(x):  # the in-place API: gather, reduce-scatter, broadcast
+        full = x.new_zeros(world * 3)  # a dual (of zero tangent) to write into
+        dist.all_gather_into_tensor(full, x * x, group=group)
+        piece = x.new_zeros(3)
+        dist.reduce_scatter_tensor(piece, full.repeat(world)[: world * 3], group=group)
+        dist.broadcast(piece, src=0, group=group)
+        return piece
+
+    out, dout = fwdgrad.jvp(k, (x,), (t,))
+    full = torch.cat([xr * xr for xr in xs])
+    dfull = torch.cat([2 * xr * (r + 1) for r, xr in enumerate(xs)])
+    torch.testing.assert_close(out, world * full[:3])
+    torch.testing.assert_close(dout, world * dfull[:3])
+
     def h(x):  # gather, then a reduce-scatter back to this rank's piece
-        full = funcol.all_gather_tensor(x * x, 0, group)
+        full = funcol.all_gather_single(x * x, 0, group)
         return funcol.reduce_scatter_tensor(full.repeat(world), "sum", 0, group)
 
     out, dout = fwdgrad.jvp(h, (x,), (t,))
