@@ -251,7 +251,7 @@ def _unwrap(args, kwargs, level=0):
                     return _unwrap(args, kwargs, top)
                 level = top
             if top == level and top:
-                ps, ts = _unwrap_list(a, level)
+                ps, ts = unwrap_list(a, level)
                 sub = any(t is not None for t in ts)
                 primals.append(ps)
                 tangents.append(ts if sub else None)
@@ -277,7 +277,8 @@ def _unwrap(args, kwargs, level=0):
     return level, primals, tangents, pkwargs, tkwargs, any_t or bool(tkwargs)
 
 
-def _unwrap_list(items, level):
+def unwrap_list(items, level):
+    """Primals and tangents (``None`` for zero) of ``items`` at ``level``."""
     primals, tangents = [], []
     for b in items:
         if isinstance(b, Dual) and b._level == level:

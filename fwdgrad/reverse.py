@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from .arguments import (
     check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, split_aux,
 )
-from .interpreter import Dual, new_level, strip, tangent_of
+from .interpreter import Dual, new_level, strip, unwrap_list
 
 _aten_detach = torch.ops.aten.detach.default
 
@@ -278,14 +278,7 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
         else:
             grads = (None,) * len(inputs)
     value = out._primal if isinstance(out, Dual) and out._level == level else out
-    gs, hvs = [], []
-    for x, g in zip(inputs, grads):
-        if isinstance(g, Dual) and g._level == level:
-            gs.append(g._primal)
-            hvs.append(tangent_of(g))
-        else:
-            gs.append(g)
-            hvs.append(None)
+    gs, hvs = unwrap_list(grads, level)
     # Results carry no graph (a loss that captures tensors requiring grad would
     # give the value one); lower-level tangents, if any, stay.
     return (
