@@ -24,7 +24,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import trace
-from .arguments import check_argnums, check_callable, check_differentiable, check_tangent, diff_mask, param_names
+from .arguments import (
+    check_argnums, check_callable, check_differentiable, check_tangent, diff_mask, normal_mode, param_names,
+    usable_tree,
+)
 from .errors import warn
 from .reverse import grad
 
@@ -54,6 +57,7 @@ class Linearized:
     def __init__(self, func, args, diff, has_aux, name):
         self.func = func
         self.name = name
+        args = usable_tree(args)
         leaves = pytree.tree_leaves(args)
         tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         self.call = trace.FlatJvp(
@@ -141,6 +145,7 @@ class Linearized:
 # linearize
 
 
+@normal_mode
 def linearize(func, *primals):
     """``(output, jvp_fn)``: ``func(*primals)`` and a function pushing tangents through it.
 
@@ -160,6 +165,7 @@ def linearize(func, *primals):
     lin = Linearized(func, primals, [True] * len(pytree.tree_leaves(primals)), False, name)
     in_spec = pytree.tree_structure(tuple(primals))
 
+    @normal_mode
     def jvp_fn(*tangents):
         if len(tangents) != len(primals):
             raise ValueError(f"{name}: jvp_fn expected {len(primals)} tangent(s), got {len(tangents)}")
@@ -183,6 +189,7 @@ def linearize(func, *primals):
 # batched jvp (jvp(batched=True))
 
 
+@normal_mode
 def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
     """``jvp`` with a leading batch dimension on every tangent; one primal computation."""
     p_leaves, p_spec = pytree.tree_flatten(tuple(primals))
@@ -265,6 +272,7 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
             raise ValueError(f"{name}: chunk_size must be at least 1, got {chunk_size}")
 
     @functools.wraps(func)
+    @normal_mode
     def jac_fn(*args):
         nums = check_argnums(argnums, len(args), name)
         check_differentiable(args, nums, name, param_names(func, len(args)))

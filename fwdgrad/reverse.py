@@ -23,7 +23,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .arguments import (
-    check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, split_aux,
+    check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, normal_mode, split_aux,
+    usable,
 )
 from .interpreter import Dual, new_level, strip, tangent_of
 
@@ -54,7 +55,7 @@ def _input_leaf(x):
     """
     if x.requires_grad:
         return x.view_as(x)
-    return detach_keeping_tangents(x).requires_grad_()
+    return detach_keeping_tangents(usable(x)).requires_grad_()
 
 
 def _reaches_other_leaves(out, inputs):
@@ -145,6 +146,7 @@ def grad(func, argnums=0, *, has_aux=False):
     check_callable(func, name)
 
     @functools.wraps(func)
+    @normal_mode
     def grad_f(*args, **kwargs):
         _, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
         return (g, aux) if has_aux else g
@@ -166,6 +168,7 @@ def value_and_grad(func, argnums=0, *, has_aux=False):
     check_callable(func, name)
 
     @functools.wraps(func)
+    @normal_mode
     def value_and_grad_f(*args, **kwargs):
         out, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
         return ((out, aux), g) if has_aux else (out, g)
@@ -314,6 +317,7 @@ def _storage_ptr(t):
     return strip(t).untyped_storage().data_ptr()
 
 
+@normal_mode
 def _forward_over_reverse(loss, params, v, name):
     check_callable(loss, name, "loss")
     check_outside_functorch(name)
@@ -325,10 +329,10 @@ def _forward_over_reverse(loss, params, v, name):
     closure = _is_closure(loss, pure_args)
     # A direction that is itself a parameter object (v = params, for H @ w) would
     # become its own dual when the closure form swaps that object: use an alias.
-    v_leaves = [t.detach() if any(t is p for p in p_leaves) else t for t in v_leaves]
+    v_leaves = [usable(t.detach()) if any(t is p for p in p_leaves) else usable(t) for t in v_leaves]
     level = new_level()
     duals = [
-        Dual(detach_keeping_tangents(p), t, level, requires_grad=True)
+        Dual(detach_keeping_tangents(usable(p)), t, level, requires_grad=True)
         for p, t in zip(p_leaves, v_leaves)
     ]
     if closure:

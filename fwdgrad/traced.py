@@ -43,7 +43,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import trace
-from .arguments import check_tangent, checked_leaves
+from .arguments import check_tangent, checked_leaves, normal_mode
 from .errors import warn
 
 _EAGER = object()  # a cache value: run these inputs eagerly
@@ -282,6 +282,7 @@ class TracedForwardGrad:
         """The most recently used program as a ``torch.fx.GraphModule``."""
         return self.traced.graph_module
 
+    @normal_mode
     def __call__(self, *pairs, **kwargs):
         name = "forward_grad"
         if len(pairs) % 2:

@@ -11,13 +11,14 @@ import functools
 import torch
 
 from .arguments import (
-    check_callable, check_outside_functorch, check_tangent, drop_level, lift, split_aux, split_outputs,
+    check_callable, check_outside_functorch, check_tangent, drop_level, lift, normal_mode, split_aux, split_outputs,
 )
 from .interpreter import Dual, new_level
 from .jacobian import batched_jvp
 from .traced import TracedForwardGrad, jvp_traced
 
 
+@normal_mode
 def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
 
@@ -85,6 +86,7 @@ def forward_grad(func, *, has_aux=False, trace=False):
         return TracedForwardGrad(func, has_aux)
 
     @functools.wraps(func)
+    @normal_mode
     def df(*pairs, **kwargs):
         if len(pairs) % 2:
             raise TypeError(

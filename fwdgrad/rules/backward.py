@@ -185,7 +185,7 @@ _activation(aten.mish_backward.default, _mish_second)
 
 
 def _hardswish_second(go, x):
-    return go * ((x > -3) & (x < 3)).to(go.dtype) / 3
+    return go.where((x > -3) & (x < 3), 0) / 3
 
 
 _activation(aten.hardswish_backward.default, _hardswish_second)
