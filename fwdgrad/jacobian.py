@@ -30,18 +30,7 @@ from .arguments import (
 )
 from .errors import warn
 from .reverse import grad
-
-
-def _rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state):
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+from .state import State, rng_state, set_rng_state
 
 
 class Linearized:
@@ -57,6 +46,9 @@ class Linearized:
     def __init__(self, func, args, diff, has_aux, name):
         self.func = func
         self.name = name
+        # The state before the first evaluation: eager pushes evaluate func
+        # again from it (same random draws, same buffers) and leave no trace.
+        self.state = State(func)
         args = usable_tree(args)
         leaves = pytree.tree_leaves(args)
         tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
@@ -69,13 +61,14 @@ class Linearized:
         if any(type(leaves[i]) not in (torch.Tensor, torch.nn.Parameter) for i in tensors):
             # Tensor subclasses (e.g. duals of an enclosing fwdgrad transform) are
             # invisible to the recorder: push tangents eagerly.
-            self._set_outputs(self._eager([None] * len(self.inputs)))
+            call = self.call
+            self._set_outputs(call(*[call.leaves[i] for i in call.tensor_idx], *[None] * len(self.inputs)))
             return
         self._record([leaves[i] for i in tensors])
 
     def _record(self, primals):
         call = self.call
-        rng = _rng_state()
+        rng = rng_state()
         names = trace.Captures(self.func).names()
         zeros = [torch.zeros_like(x) for x in self.inputs]
         # The recording's tangent values are not needed: skip the heavy tangent ops.
@@ -83,7 +76,7 @@ class Linearized:
         if rec.unbatchable_mutation is not None or rec.stale_residuals():
             try:
                 rec = trace.functionalized(
-                    rec, [*primals, *zeros], call.is_tangent(), lambda: _set_rng_state(rng)
+                    rec, [*primals, *zeros], call.is_tangent(), lambda: set_rng_state(rng)
                 )
             except Exception as e:  # an op functionalization cannot handle
                 self._fall_back(rec, f"functionalizing its in-place ops failed ({type(e).__name__}: {e})")
@@ -119,7 +112,8 @@ class Linearized:
     def _eager(self, tangent_leaves):
         """All flat outputs of one eager jvp along ``tangent_leaves``."""
         call = self.call
-        return call(*[call.leaves[i] for i in call.tensor_idx], *tangent_leaves)
+        with self.state.again():
+            return call(*[call.leaves[i] for i in call.tensor_idx], *tangent_leaves)
 
     # -- pushing tangents ----------------------------------------------------
 

@@ -257,6 +257,8 @@ class Recorder(TorchDispatchMode):
         w = args[0]
         if w._base is not None or w.is_meta:
             return None
+        if w not in self.node_of:
+            return None  # not seen before: a captured tensor (a module buffer), written for real
         storage = StorageWeakRef(w.untyped_storage())
         if storage in self.input_storages or storage in self.aliased:
             return None
