@@ -156,7 +156,8 @@ def linearize(func, *primals):
     name = "linearize"
     check_callable(func, name)
     check_differentiable(primals, range(len(primals)), name, param_names(func, len(primals)))
-    lin = Linearized(func, primals, [True] * len(pytree.tree_leaves(primals)), False, name)
+    with State(func).undone_on_error():
+        lin = Linearized(func, primals, [True] * len(pytree.tree_leaves(primals)), False, name)
     in_spec = pytree.tree_structure(tuple(primals))
 
     @normal_mode
@@ -217,12 +218,13 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
         diff.append(True)
     if k is None:
         raise ValueError(f"{name}: with batched=True, at least one tangent must be a tensor (not None)")
-    lin = Linearized(func, tuple(primals), diff, has_aux, name)
-    batch = [t for t, d in zip(t_leaves, diff) if d]
-    if k == 0:
-        outs = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
-    else:
-        outs = lin.push_batched(batch)
+    with State(func).undone_on_error():
+        lin = Linearized(func, tuple(primals), diff, has_aux, name)
+        batch = [t for t, d in zip(t_leaves, diff) if d]
+        if k == 0:
+            outs = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
+        else:
+            outs = lin.push_batched(batch)
     tangent_out = pytree.tree_unflatten(outs, lin.out_spec)
     if has_aux:
         return lin.primal_out, tangent_out, lin.aux
@@ -270,36 +272,41 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
     def jac_fn(*args):
         nums = check_argnums(argnums, len(args), name)
         check_differentiable(args, nums, name, param_names(func, len(args)))
-        lin = Linearized(func, args, diff_mask(args, nums), has_aux, name)
-        inputs = lin.inputs
-        sizes = [x.numel() for x in inputs]
-        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-        total = sum(sizes)
-        step = total if chunk_size is None else min(chunk_size, total)
-        if total == 0:
-            full = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
-        elif step == total:
-            full = lin.push_batched([_basis_chunk(0, total, o, x) for o, x in zip(offsets, inputs)])
-        else:
-            full = None
-            for start in range(0, total, step):
-                stop = min(start + step, total)
-                part = lin.push_batched([_basis_chunk(start, stop, o, x) for o, x in zip(offsets, inputs)])
-                if full is None:
-                    full = [p.new_empty((total, *p.shape[1:])) for p in part]
-                for f, p in zip(full, part):
-                    f[start:stop] = p
-        jac = []
-        for f in full:  # one output leaf: (total, *out_shape)
-            per_leaf = [
-                f[o:o + n].movedim(0, -1).reshape((*f.shape[1:], *x.shape))
-                for o, n, x in zip(offsets, sizes, inputs)
-            ]
-            jac.append(_arrange(per_leaf, args, nums, argnums))
-        result = pytree.tree_unflatten(jac, lin.out_spec)
-        return (result, lin.aux) if has_aux else result
+        with State(func).undone_on_error():
+            return _jacobian(func, args, nums, argnums, has_aux, chunk_size, name)
 
     return jac_fn
+
+
+def _jacobian(func, args, nums, argnums, has_aux, chunk_size, name):
+    lin = Linearized(func, args, diff_mask(args, nums), has_aux, name)
+    inputs = lin.inputs
+    sizes = [x.numel() for x in inputs]
+    offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+    total = sum(sizes)
+    step = total if chunk_size is None else min(chunk_size, total)
+    if total == 0:
+        full = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
+    elif step == total:
+        full = lin.push_batched([_basis_chunk(0, total, o, x) for o, x in zip(offsets, inputs)])
+    else:
+        full = None
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            part = lin.push_batched([_basis_chunk(start, stop, o, x) for o, x in zip(offsets, inputs)])
+            if full is None:
+                full = [p.new_empty((total, *p.shape[1:])) for p in part]
+            for f, p in zip(full, part):
+                f[start:stop] = p
+    jac = []
+    for f in full:  # one output leaf: (total, *out_shape)
+        per_leaf = [
+            f[o:o + n].movedim(0, -1).reshape((*f.shape[1:], *x.shape))
+            for o, n, x in zip(offsets, sizes, inputs)
+        ]
+        jac.append(_arrange(per_leaf, args, nums, argnums))
+    result = pytree.tree_unflatten(jac, lin.out_spec)
+    return (result, lin.aux) if has_aux else result
 
 
 def _arrange(per_leaf, args, nums, argnums):

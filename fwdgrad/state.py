@@ -31,7 +31,7 @@ from .trace import Captures
 
 def rng_state():
     """The state of the CPU generator (and of the CUDA ones, once CUDA is initialised)."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
 
 
@@ -54,6 +54,16 @@ def _buffers(func):
     return out
 
 
+def _quiet():
+    """No autograd and no dispatch mode (an enclosing recorder) sees the copies."""
+    if torch._C._len_torch_dispatch_stack():
+        stack = contextlib.ExitStack()
+        stack.enter_context(_disable_current_modes())
+        stack.enter_context(torch.no_grad())
+        return stack
+    return torch.no_grad()
+
+
 class State:
     """A snapshot of the random state and of ``func``'s captured buffers, taken now."""
 
@@ -62,15 +72,18 @@ class State:
         self.saved = self._take()
 
     def _take(self):
-        with _disable_current_modes(), torch.no_grad():
+        if not self.buffers:
+            return rng_state(), []
+        with _quiet():
             return rng_state(), [b.clone() for b in self.buffers]
 
     def _put(self, saved):
         rng, values = saved
-        with _disable_current_modes(), torch.no_grad():
-            set_rng_state(rng)
-            for b, v in zip(self.buffers, values):
-                b.copy_(v)
+        set_rng_state(rng)
+        if values:
+            with _quiet():
+                for b, v in zip(self.buffers, values):
+                    b.copy_(v)
 
     def restore(self):
         """Put the snapshot back."""

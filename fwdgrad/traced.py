@@ -45,6 +45,7 @@ from torch.utils import _pytree as pytree
 from . import trace
 from .arguments import check_tangent, checked_leaves, normal_mode
 from .errors import warn
+from .state import State
 
 _EAGER = object()  # a cache value: run these inputs eagerly
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -120,6 +121,10 @@ class TracedJvp:
         return self.graph_module.code
 
     def __call__(self, args, kwargs, dual, tangents):
+        with State(self.func).undone_on_error():
+            return self._run(args, kwargs, dual, tangents)
+
+    def _run(self, args, kwargs, dual, tangents):
         if not kwargs and all(type(a) in _PLAIN for a in args):
             leaves, spec = args, len(args)  # the common case, without pytree's cost
         else:

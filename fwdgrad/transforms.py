@@ -15,6 +15,7 @@ from .arguments import (
 )
 from .interpreter import Dual, new_level
 from .jacobian import batched_jvp
+from .state import State
 from .traced import TracedForwardGrad, jvp_traced
 
 
@@ -56,7 +57,8 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
         return jvp_traced(func, primals, tangents, has_aux)
     level = new_level()
     duals = lift(tuple(primals), tuple(tangents), level, name)
-    out = func(*duals)
+    with State(func).undone_on_error():
+        out = func(*duals)
     out, aux = split_aux(out, has_aux, name)
     primal_out, tangent_out = split_outputs(out, level, name)
     if has_aux:
@@ -106,7 +108,8 @@ def forward_grad(func, *, has_aux=False, trace=False):
                 args.append(Dual(p, t, level, requires_grad=p.requires_grad))
             else:
                 args.append(lift(p, t, level, name, prefix=where))
-        out = func(*args, **kwargs)
+        with State(func).undone_on_error():
+            out = func(*args, **kwargs)
         out, aux = split_aux(out, has_aux, name)
         r, dr = split_outputs(out, level, name)
         if has_aux:
