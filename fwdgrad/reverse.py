@@ -23,6 +23,7 @@ import traceback
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .arguments import (
     check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, normal_mode, split_aux,
@@ -115,9 +116,13 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
             any(x.requires_grad for x in originals) or _reaches_other_leaves(out, inputs)
         )
         if out.requires_grad:
-            grads = torch.autograd.grad(
-                out, inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
-            )
+            try:
+                grads = torch.autograd.grad(
+                    out, inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
+                )
+            except BaseException as e:
+                _free_graph(e)
+                raise
         else:
             grads = [torch.zeros_like(x) for x in inputs]
     if not create_graph:
@@ -345,7 +350,12 @@ def _forward_over_reverse(loss, params, v, name):
             value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name)
         else:
             call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
-            value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
+            try:
+                value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
+            except BaseException as e:
+                del call_args
+                _free_graph(e)
+                raise
     del duals
     foreign = {_storage_ptr(x) for x in p_leaves + v_leaves}
     grads = [_own(g, p, foreign) for g, p in zip(gs, p_leaves)]
@@ -373,6 +383,7 @@ def _in_closure(loss, keys, params, duals, level, name):
                 f"before building that graph (or free it), or use the pure form loss(params)."
             )
     swapped = []  # (param, dual, hook handle or None), in swap order
+    raised = False
     try:
         with _Deferred():
             for p, d in zip(params, duals):
@@ -381,19 +392,33 @@ def _in_closure(loss, keys, params, duals, level, name):
     except BaseException as e:
         # The traceback's frames hold the partial graph, which holds the
         # parameters; free it so that they can be swapped back.
-        traceback.clear_frames(e.__traceback__)
-        gc.collect()
+        raised = True
+        _free_graph(e)
         raise
     finally:
         with _Deferred():
-            _swap_all_back(swapped, name)
+            _swap_all_back(swapped, name, force=raised)
 
 
-def _swap_all_back(swapped, name):
+def _free_graph(e):
+    """After ``e`` was raised inside a call: free the partial graph (which holds the parameters).
+
+    The traceback's frames hold it.  When the error came out of a backward
+    pass, autograd's engine also keeps its last graph task (and with it the
+    graph) until the next backward pass on the thread: run a tiny one.
+    """
+    traceback.clear_frames(e.__traceback__)
+    with _disable_current_modes(), torch.enable_grad():
+        leaf = torch.zeros((), requires_grad=True)
+        torch.autograd.grad(leaf * 1.0, leaf)
+    gc.collect()
+
+
+def _swap_all_back(swapped, name, force):
     failed = []
     for p, d, hook in reversed(swapped):
         try:
-            _swap_back(p, d, name)
+            _swap_back(p, d, name, force)
         except RuntimeError as e:
             failed.append(e)  # restore the others before reporting
             continue
@@ -463,7 +488,7 @@ def _poisoned(grad_outputs):
     )
 
 
-def _swap(t1, t2, block=True):
+def _swap(t1, t2, block=True, force=False):
     """Exchange the contents of two tensor objects, keeping their identities.
 
     Like ``torch.utils.swap_tensors``, but weak references are allowed: a weak
@@ -475,7 +500,7 @@ def _swap(t1, t2, block=True):
     swap back.
     """
     hook = None
-    for t in (t1, t2):
+    for t in () if force else (t1, t2):
         why = _holder(t)
         if why is not None:
             raise RuntimeError(f"a tensor to swap is held elsewhere: {why}")
@@ -490,13 +515,18 @@ def _swap(t1, t2, block=True):
     return hook
 
 
-def _swap_back(p, d, name):
+def _swap_back(p, d, name, force):
+    """Swap ``p`` back.  ``force`` (the call raised): even if C++ still holds
+    the dual's tensor.  What holds it then is a graph that a backward pass
+    interrupted part-way left behind, unreachable from Python, so it can
+    never run on the swapped tensors; the parameter must come back regardless.
+    """
     try:
         _swap(p, d, block=False)
     except RuntimeError:
         gc.collect()
         try:
-            _swap(p, d, block=False)
+            _swap(p, d, block=False, force=force)
         except RuntimeError as e:
             raise RuntimeError(
                 f"{name}: could not restore a parameter after the closure ran, because a "

@@ -101,14 +101,19 @@ class State:
         finally:
             self._put(now)
 
+    guarding = 0  # undone_on_error blocks open now (tests that inject interrupts read it)
+
     @contextlib.contextmanager
     def undone_on_error(self):
         """Restore the snapshot if the block raises (anything, KeyboardInterrupt too)."""
+        State.guarding += 1
         try:
             yield
         except BaseException:
             self.restore()
             raise
+        finally:
+            State.guarding -= 1
 
 
 __all__ = ["State", "rng_state", "set_rng_state"]
