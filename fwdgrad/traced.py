@@ -52,7 +52,10 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _autocast_state():
-    return (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+    """Autocast's switches and target dtypes (a bfloat16 recording must not replay under float16)."""
+    return tuple(
+        (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+    )
 
 
 class _Entry:
