@@ -157,6 +157,7 @@ def test_autocast_rule_families_follow_the_primal_kernels(family, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_transform_under_autocast(dtype):
     f = FAMILIES["layer_norm"]
+    torch.manual_seed(2)
     q = torch.randn(1, 2, 4, 8)
     t = torch.randn_like(q)
     with torch.autocast("cpu", dtype):
@@ -169,17 +170,22 @@ def test_every_transform_under_autocast(dtype):
             "linearize": fwdgrad.linearize(f, q)[1](t),
             "jacfwd": torch.einsum("...ijkl,ijkl->...", fwdgrad.jacfwd(f)(q).float(), t),
         }
-        g = fwdgrad.grad(lambda q: f(q).float().pow(2).sum())(q)
-        g_want = torch.func.grad(lambda q: f(q).float().pow(2).sum())(q)
-        hv = fwdgrad.hvp(lambda q: f(q).float().pow(2).sum(), q, t)
-        hv_want = torch.func.jvp(torch.func.grad(lambda q: f(q).float().pow(2).sum()), (q,), (t,))[1]
+        # (a weighted loss: the plain sum of squares of a layer norm is constant)
+        c = torch.linspace(-1, 2, 8)
+        loss = lambda q: (f(q).float() * c).pow(2).sum()  # noqa: E731
+        g = fwdgrad.grad(loss)(q)
+        g_want = torch.func.grad(loss)(q)
+        hv = fwdgrad.hvp(loss, q, t)
+        hv_want = torch.func.jvp(torch.func.grad(loss), (q,), (t,))[1]
     tol = dict(atol=5e-2, rtol=5e-2)
     for name, got in results.items():
         assert got.dtype == results["jvp"].dtype, name
         torch.testing.assert_close(got.float(), results["jvp"].float(), **tol, msg=name)
     torch.testing.assert_close(results["jvp"].float(), want.float(), **tol)
-    torch.testing.assert_close(g, g_want, **tol)
-    torch.testing.assert_close(hv, hv_want, **tol)
+    # low precision inside: compare relative to the largest entry
+    for got, ref in ((g, g_want), (hv, hv_want)):
+        scale = ref.abs().max()
+        torch.testing.assert_close(got / scale, ref / scale, atol=5e-2, rtol=0)
 
 
 def test_autocast_reverse_over_forward():
