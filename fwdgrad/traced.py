@@ -12,11 +12,15 @@ The signature (the guard) holds everything the recording may depend on:
 - the pytree structure of the arguments, and which leaves carry tangents;
 - every tensor's shape, strides, dtype, device and ``requires_grad``;
 - every non-tensor argument's value (by equality; identity if unhashable);
-- grad mode, inference mode and autocast;
+- grad mode, inference mode and autocast (with its dtype);
 - the tensors ``f`` captures: tensors and ``nn.Module``\\ s (or lists,
   tuples and dicts of them) in its closure, its defaults or the globals it
   names, and, for a module (or a bound method of one), every parameter and
-  buffer by identity plus every submodule's ``training`` flag.
+  buffer by identity plus every submodule's ``training`` flag and plain
+  attributes (``Dropout.p``);
+- the other values in its closure and the globals it names (a float the
+  recording multiplied by is baked in): numbers, strings and tuples by
+  value, other objects by identity (``trace.value_key``).
 
 Captured tensors are graph constants held by reference, never copied, so an
 in-place update (``optimizer.step()``, ``load_state_dict``) is seen by the
