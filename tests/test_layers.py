@@ -21,6 +21,7 @@ LAYERS = [
     {"rules"},
     {"arguments"},
     {"graph", "trace"},
+    {"state"},
     {"reverse"},
     {"traced"},
     {"jacobian"},
