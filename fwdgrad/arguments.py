@@ -136,14 +136,22 @@ def lift(primals, tangents, level, name, prefix="primals"):
     return pytree.tree_unflatten(duals, spec)
 
 
+@torch.compiler.allow_in_graph
+def primal_and_tangent(d):
+    """``d``'s primal and tangent at its own level; a zero tangent is materialised.
+
+    ``torch.compile`` writes this call into its graph instead of reading the
+    dual's attributes: a view's record of its base is nothing Dynamo can hold.
+    """
+    p = d._primal
+    t = tangent_of(d)
+    return p, torch.zeros_like(p) if t is None else t
+
+
 def lower_output(o, level):
     """``(primal, tangent)`` of an output at ``level``; a zero tangent is materialised."""
     if isinstance(o, Dual) and o._level == level:
-        p = o._primal
-        t = tangent_of(o)
-        if t is None:
-            t = torch.zeros_like(p)
-        return p, t
+        return primal_and_tangent(o)
     return o, torch.zeros_like(o)
 
 

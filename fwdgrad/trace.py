@@ -43,7 +43,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .arguments import drop_level, param_names, split_aux, split_outputs
 from .graph import Graph, Node, Program, has_effects, remap
-from .interpreter import Dual, new_level
+from .interpreter import Dual, enter_level, exit_level
 from .ops import functional_variant, is_random, mutated_args, op_name, returns_alias
 
 _set_grad_enabled = torch._C._set_grad_enabled
@@ -560,18 +560,22 @@ class FlatJvp:
 
     def __call__(self, *xs):
         n = len(self.tensor_idx)
-        level = new_level()
-        leaves = list(self.leaves)
-        tangents = dict(zip(self.tangent_idx, xs[n:]))
-        for i, p in zip(self.tensor_idx, xs[:n]):
-            leaves[i] = Dual(p, tangents.get(i), level, requires_grad=p.requires_grad) if i in self.dual else p
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        out = self.func(*args, **kwargs)
-        out, aux = split_aux(out, self.has_aux, self.name)
-        primal, tangent = split_outputs(out, level, self.name)
+        level = enter_level()
+        try:
+            leaves = list(self.leaves)
+            tangents = dict(zip(self.tangent_idx, xs[n:]))
+            for i, p in zip(self.tensor_idx, xs[:n]):
+                leaves[i] = Dual(p, tangents.get(i), level, requires_grad=p.requires_grad) if i in self.dual else p
+            args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+            out = self.func(*args, **kwargs)
+            out, aux = split_aux(out, self.has_aux, self.name)
+            primal, tangent = split_outputs(out, level, self.name)
+            aux = drop_level(aux, level)
+        finally:
+            exit_level(level)
         p_leaves, self.out_spec = pytree.tree_flatten(primal)
         t_leaves = pytree.tree_flatten(tangent)[0]
-        aux_leaves, self.aux_spec = pytree.tree_flatten(drop_level(aux, level))
+        aux_leaves, self.aux_spec = pytree.tree_flatten(aux)
         self.n_out = len(p_leaves)
         return [*p_leaves, *t_leaves, *aux_leaves]
 

@@ -1,7 +1,7 @@
 """The public forward-mode transforms ``jvp`` and ``forward_grad``.
 
-Each call gets a fresh level.  Levels need no stack: a ``Dual`` carries its
-own level and later levels are higher, so nothing global is left behind when
+Each call enters a fresh level (one deeper than every running transform in
+this thread) and leaves it in ``finally``, so nothing is left behind when
 ``func`` raises, and threads never share state.  ``jvp(batched=True)`` goes
 to ``fwdgrad.jacobian``, ``trace=True`` to ``fwdgrad.traced``.
 """
@@ -13,7 +13,7 @@ import torch
 from .arguments import (
     check_callable, check_outside_functorch, check_tangent, drop_level, lift, split_aux, split_outputs,
 )
-from .interpreter import Dual, new_level
+from .interpreter import Dual, enter_level, exit_level
 from .jacobian import batched_jvp
 from .traced import TracedForwardGrad, jvp_traced
 
@@ -53,14 +53,17 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
         return batched_jvp(func, primals, tangents, has_aux, name)
     if trace:
         return jvp_traced(func, primals, tangents, has_aux)
-    level = new_level()
-    duals = lift(tuple(primals), tuple(tangents), level, name)
-    out = func(*duals)
-    out, aux = split_aux(out, has_aux, name)
-    primal_out, tangent_out = split_outputs(out, level, name)
-    if has_aux:
-        return primal_out, tangent_out, drop_level(aux, level)
-    return primal_out, tangent_out
+    level = enter_level()
+    try:
+        duals = lift(tuple(primals), tuple(tangents), level, name)
+        out = func(*duals)
+        out, aux = split_aux(out, has_aux, name)
+        primal_out, tangent_out = split_outputs(out, level, name)
+        if has_aux:
+            return primal_out, tangent_out, drop_level(aux, level)
+        return primal_out, tangent_out
+    finally:
+        exit_level(level)
 
 
 def forward_grad(func, *, has_aux=False, trace=False):
@@ -91,25 +94,28 @@ def forward_grad(func, *, has_aux=False, trace=False):
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
         check_outside_functorch(name)
-        level = new_level()
-        args = []
-        for i in range(0, len(pairs), 2):
-            p, t = pairs[i], pairs[i + 1]
-            where = f"argument {i // 2}"
-            if t is None and not isinstance(p, torch.Tensor):
-                args.append(p)  # a constant
-                continue
-            if isinstance(p, torch.Tensor):
-                check_tangent(name, where, p, t)
-                args.append(Dual(p, t, level, requires_grad=p.requires_grad))
-            else:
-                args.append(lift(p, t, level, name, prefix=where))
-        out = func(*args, **kwargs)
-        out, aux = split_aux(out, has_aux, name)
-        r, dr = split_outputs(out, level, name)
-        if has_aux:
-            return r, dr, drop_level(aux, level)
-        return r, dr
+        level = enter_level()
+        try:
+            args = []
+            for i in range(0, len(pairs), 2):
+                p, t = pairs[i], pairs[i + 1]
+                where = f"argument {i // 2}"
+                if t is None and not isinstance(p, torch.Tensor):
+                    args.append(p)  # a constant
+                    continue
+                if isinstance(p, torch.Tensor):
+                    check_tangent(name, where, p, t)
+                    args.append(Dual(p, t, level, requires_grad=p.requires_grad))
+                else:
+                    args.append(lift(p, t, level, name, prefix=where))
+            out = func(*args, **kwargs)
+            out, aux = split_aux(out, has_aux, name)
+            r, dr = split_outputs(out, level, name)
+            if has_aux:
+                return r, dr, drop_level(aux, level)
+            return r, dr
+        finally:
+            exit_level(level)
 
     return df
 
