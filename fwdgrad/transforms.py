@@ -18,7 +18,7 @@ from .jacobian import batched_jvp
 from .traced import TracedForwardGrad, jvp_traced
 
 
-def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
+def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False, compile=False):
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
 
     Returns ``(output, jvp_out)``, or ``(output, jvp_out, aux)`` with ``has_aux``.
@@ -35,6 +35,10 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
     size ``k``; the ``k`` jvps share one primal computation.
     ``trace=True``: record the program once per input signature and replay it
     on later calls whose inputs match (shapes, dtypes, captured tensors...).
+    ``compile=True`` (with ``trace=True``; or a dict of ``torch.compile``
+    keyword arguments) runs each recorded program through ``torch.compile``.
+    ``fwdgrad.jvp`` can also be called inside a function given to
+    ``torch.compile`` (``fullgraph=True`` works).
     """
     name = "jvp"
     check_callable(func, name)
@@ -49,10 +53,12 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
         )
     if batched and trace:
         raise ValueError(f"{name}: batched=True and trace=True cannot be combined")
+    if compile is not False and not trace:
+        raise ValueError(f"{name}: compile= applies to the traced mode; pass trace=True as well")
     if batched:
         return batched_jvp(func, primals, tangents, has_aux, name)
     if trace:
-        return jvp_traced(func, primals, tangents, has_aux)
+        return jvp_traced(func, primals, tangents, has_aux, compile)
     level = enter_level()
     try:
         duals = lift(tuple(primals), tuple(tangents), level, name)
@@ -66,7 +72,7 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
         exit_level(level)
 
 
-def forward_grad(func, *, has_aux=False, trace=False):
+def forward_grad(func, *, has_aux=False, trace=False, compile=False):
     """HIPS/Tangent-style forward derivative: ``df(x, dx, y, dy, ...) -> (r, dr)``.
 
     Arguments come in (value, tangent) pairs; a ``None`` tangent is zero and a
@@ -80,12 +86,17 @@ def forward_grad(func, *, has_aux=False, trace=False):
     (6.0, 3.0)
 
     ``trace=True`` records the program once per input signature and replays it
-    on later calls whose inputs match; ``df.code`` shows it.
+    on later calls whose inputs match; ``df.code`` shows it, and
+    ``df.graph_module`` is it as a ``torch.fx.GraphModule``.  ``compile=True``
+    (with ``trace=True``; or a dict of ``torch.compile`` keyword arguments)
+    runs each recorded program through ``torch.compile``.
     """
     name = "forward_grad"
     check_callable(func, name)
+    if compile is not False and not trace:
+        raise ValueError(f"{name}: compile= applies to the traced mode; pass trace=True as well")
     if trace:
-        return TracedForwardGrad(func, has_aux)
+        return TracedForwardGrad(func, has_aux, compile)
 
     @functools.wraps(func)
     def df(*pairs, **kwargs):

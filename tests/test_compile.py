@@ -137,3 +137,19 @@ def test_inductor_compiled_jvp_matches_eager():
     assert close(c(x, v), torch.func.jvp(chain, (x,), (v,)))
     assert close(c(x + 1, v), torch.func.jvp(chain, (x + 1,), (v,)))
     assert graphs() == 1
+
+
+def test_traced_mode_compile_option():
+    x, v = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    df = fwdgrad.forward_grad(chain, trace=True, compile={"backend": "aot_eager"})
+    for i in range(3):  # the first call records, the second compiles, the third replays
+        assert close(df(x + i, v), torch.func.jvp(chain, (x + i,), (v,)))
+    assert graphs() == 1
+    assert "cos" in df.code
+    out = fwdgrad.jvp(chain, (x,), (v,), trace=True, compile={"backend": "aot_eager"})
+    out = fwdgrad.jvp(chain, (x,), (v,), trace=True, compile={"backend": "aot_eager"})
+    assert close(out, torch.func.jvp(chain, (x,), (v,)))
+    with pytest.raises(ValueError, match="trace=True"):
+        fwdgrad.jvp(chain, (x,), (v,), compile=True)
+    with pytest.raises(TypeError, match="compile must be"):
+        fwdgrad.forward_grad(chain, trace=True, compile="yes")

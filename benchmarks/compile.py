@@ -1,0 +1,161 @@
+"""fwdgrad under torch.compile, side by side with torch.func (one run, medians of interleaved rounds).
+
+For each workload (the 200-op unary chain on 16 elements, an MLP, a GPT-2
+block) it times
+
+- ``torch.func.jvp`` eager and ``torch.compile(torch.func.jvp)`` (the anchors);
+- ``fwdgrad.jvp`` eager, traced (``trace=True``), traced and compiled
+  (``trace=True, compile=True``), and ``torch.compile`` of a function that
+  calls ``fwdgrad.jvp`` (``fullgraph=True``);
+
+and prints each time with its ratio to both anchors.  It also checks that
+``fwdgrad.jvp(torch.compile(f))`` leaves the plain compiled ``f`` as fast as
+before, with no new compile.
+
+    PYTHONPATH=. python benchmarks/compile.py [--rounds 20] [--json PATH] [--only chain]
+
+Targets (issue 16): compiled fwdgrad <= 1.0x torch.compile(torch.func.jvp).
+Compiling takes a while (inductor, C++); the times exclude it.
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import fwdgrad
+from common import time_interleaved
+
+FUNC, FUNC_C = "torch.func.jvp", "compile(torch.func.jvp)"
+EAGER, TRACED, TRACED_C, COMPILED = (
+    "fwdgrad.jvp", "fwdgrad.jvp(trace=True)", "fwdgrad.jvp(trace=True, compile=True)", "compile(fwdgrad.jvp)",
+)
+METHODS = [FUNC, FUNC_C, EAGER, TRACED, TRACED_C, COMPILED]
+
+
+def chain():
+    def f(x):
+        for _ in range(50):
+            x = torch.cos(torch.sigmoid(torch.tanh(torch.sin(x))))
+        return x
+
+    torch.manual_seed(0)
+    return f, torch.randn(16), torch.randn(16)
+
+
+def mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 512))
+    return model, torch.randn(64, 512), torch.randn(64, 512)
+
+
+def gpt2_block():
+    from transformers import GPT2Config
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=256, n_head=4, n_positions=128, attn_implementation="eager")
+    block = GPT2Block(config).eval()
+
+    def f(h):
+        out = block(h)
+        return out[0] if isinstance(out, tuple) else out
+
+    return f, torch.randn(1, 128, 256), torch.randn(1, 128, 256)
+
+
+WORKLOADS = {"chain": chain, "mlp": mlp, "gpt2 block": gpt2_block}
+
+
+def methods_for(f, x, v):
+    func_c = torch.compile(lambda x, v: torch.func.jvp(f, (x,), (v,)), dynamic=False)
+    fwd_c = torch.compile(lambda x, v: fwdgrad.jvp(f, (x,), (v,)), fullgraph=True, dynamic=False)
+    return {
+        FUNC: lambda: torch.func.jvp(f, (x,), (v,)),
+        FUNC_C: lambda: func_c(x, v),
+        EAGER: lambda: fwdgrad.jvp(f, (x,), (v,)),
+        TRACED: lambda: fwdgrad.jvp(f, (x,), (v,), trace=True),
+        TRACED_C: lambda: fwdgrad.jvp(f, (x,), (v,), trace=True, compile=True),
+        COMPILED: lambda: fwd_c(x, v),
+    }
+
+
+def warm(methods, reference):
+    """Run each method until compiled; check its tangent; return compile seconds."""
+    seconds = {}
+    for name, fn in methods.items():
+        t0 = time.perf_counter()
+        for _ in range(3):
+            out = fn()
+        seconds[name] = time.perf_counter() - t0
+        if not torch.allclose(out[1], reference, atol=1e-4, rtol=1e-4):
+            raise AssertionError(f"{name}: wrong tangent")
+    return seconds
+
+
+def cache_check(f, x, v, rounds):
+    """``fwdgrad.jvp(torch.compile(f))`` must not slow down or recompile plain compiled calls."""
+    cf = torch.compile(f, dynamic=False)
+    for _ in range(3):
+        cf(x)
+    before = time_interleaved({"plain": lambda: cf(x)}, rounds)["plain"]
+    graphs = counters["stats"]["unique_graphs"]
+    fwdgrad.jvp(cf, (x,), (v,))
+    fwdgrad.jvp(cf, (x,), (v,))
+    after_jvp = counters["stats"]["unique_graphs"]
+    after = time_interleaved({"plain": lambda: cf(x)}, rounds)["plain"]
+    cf(x)
+    return {
+        "plain before": before, "plain after": after, "ratio": after / before,
+        "graphs for duals": after_jvp - graphs, "graphs after": counters["stats"]["unique_graphs"] - after_jvp,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--only", action="append", choices=list(WORKLOADS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.cache_size_limit = 64
+    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.rounds} interleaved rounds")
+    results = {}
+    for wname in args.only or WORKLOADS:
+        f, x, v = WORKLOADS[wname]()
+        with torch.no_grad():
+            reference = torch.func.jvp(f, (x,), (v,))[1]
+            methods = methods_for(f, x, v)
+            compile_s = warm(methods, reference)
+            times = time_interleaved(methods, args.rounds)
+            cache = cache_check(f, x, v, args.rounds)
+        results[wname] = {"times": times, "compile seconds": compile_s, "plain compiled f": cache}
+        print(f"\n{wname}")
+        print(f"  {'method':40s} {'time ms':>9s} {'vs torch.func':>14s} {'vs compiled':>12s} {'warm-up s':>10s}")
+        for m in METHODS:
+            t = times[m]
+            print(f"  {m:40s} {t * 1e3:9.3f} {t / times[FUNC]:13.2f}x {t / times[FUNC_C]:11.2f}x {compile_s[m]:10.1f}")
+        print(f"  compiled f's plain calls after fwdgrad.jvp(compiled f): {cache['ratio']:.2f}x before, "
+              f"{cache['graphs for duals']} graph(s) for duals, {cache['graphs after']} new plain graph(s)")
+    print("\ntargets")
+    for wname, r in results.items():
+        t = r["times"]
+        ratio = t[COMPILED] / t[FUNC_C]
+        print(f"  {wname}: compile(fwdgrad.jvp) {ratio:.2f}x compile(torch.func.jvp) (<= 1.0: "
+              f"{'met' if ratio <= 1.0 else 'MISSED'}); traced+compile {t[TRACED_C] / t[FUNC_C]:.2f}x")
+        if wname == "chain":
+            e = t[EAGER] / t[FUNC]
+            print(f"  chain: fwdgrad.jvp eager {e:.2f}x torch.func.jvp (<= 1.0: {'met' if e <= 1.0 else 'MISSED'})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
