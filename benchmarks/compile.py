@@ -86,16 +86,25 @@ def methods_for(f, x, v):
 
 
 def warm(methods, reference):
-    """Run each method until compiled; check its tangent; return compile seconds."""
-    seconds = {}
-    for name, fn in methods.items():
+    """Run each method until compiled and check its tangent.
+
+    Returns the warm-up seconds, and the methods that failed with the reason
+    (they are dropped from ``methods``).
+    """
+    seconds, failed = {}, {}
+    for name, fn in list(methods.items()):
         t0 = time.perf_counter()
-        for _ in range(3):
-            out = fn()
+        try:
+            for _ in range(3):
+                out = fn()
+        except Exception as e:  # an anchor that cannot run is reported, not fatal
+            failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:100]}"
+            del methods[name]
+            continue
         seconds[name] = time.perf_counter() - t0
         if not torch.allclose(out[1], reference, atol=1e-4, rtol=1e-4):
             raise AssertionError(f"{name}: wrong tangent")
-    return seconds
+    return seconds, failed
 
 
 def cache_check(f, x, v, rounds):
@@ -116,6 +125,10 @@ def cache_check(f, x, v, rounds):
     }
 
 
+def _ratio(t, times, anchor):
+    return f"{t / times[anchor]:13.2f}x" if anchor in times else f"{'-':>14s}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
@@ -132,20 +145,28 @@ def main():
         with torch.no_grad():
             reference = torch.func.jvp(f, (x,), (v,))[1]
             methods = methods_for(f, x, v)
-            compile_s = warm(methods, reference)
+            compile_s, failed = warm(methods, reference)
             times = time_interleaved(methods, args.rounds)
             cache = cache_check(f, x, v, args.rounds)
-        results[wname] = {"times": times, "compile seconds": compile_s, "plain compiled f": cache}
+        results[wname] = {"times": times, "compile seconds": compile_s, "failed": failed, "plain compiled f": cache}
         print(f"\n{wname}")
         print(f"  {'method':40s} {'time ms':>9s} {'vs torch.func':>14s} {'vs compiled':>12s} {'warm-up s':>10s}")
         for m in METHODS:
+            if m in failed:
+                print(f"  {m:40s} fails: {failed[m]}")
+                continue
             t = times[m]
-            print(f"  {m:40s} {t * 1e3:9.3f} {t / times[FUNC]:13.2f}x {t / times[FUNC_C]:11.2f}x {compile_s[m]:10.1f}")
+            print(f"  {m:40s} {t * 1e3:9.3f} {_ratio(t, times, FUNC)} {_ratio(t, times, FUNC_C)[1:]} "
+                  f"{compile_s[m]:10.1f}")
         print(f"  compiled f's plain calls after fwdgrad.jvp(compiled f): {cache['ratio']:.2f}x before, "
               f"{cache['graphs for duals']} graph(s) for duals, {cache['graphs after']} new plain graph(s)")
     print("\ntargets")
     for wname, r in results.items():
         t = r["times"]
+        if FUNC_C not in t:
+            print(f"  {wname}: compile(torch.func.jvp) fails ({r['failed'][FUNC_C]}); "
+                  f"compile(fwdgrad.jvp) {t[COMPILED] / t[FUNC]:.2f}x torch.func.jvp eager")
+            continue
         ratio = t[COMPILED] / t[FUNC_C]
         print(f"  {wname}: compile(fwdgrad.jvp) {ratio:.2f}x compile(torch.func.jvp) (<= 1.0: "
               f"{'met' if ratio <= 1.0 else 'MISSED'}); traced+compile {t[TRACED_C] / t[FUNC_C]:.2f}x")
