@@ -133,23 +133,18 @@ class Dual(torch.Tensor):
 
     @staticmethod
     def __new__(cls, primal, tangent, level, view=None, requires_grad=False):
-        if _compiling():
-            # Dynamo cannot trace ``storage_offset()`` (an int from a tensor).
-            r = _make_wrapper(
-                cls, primal.size(), strides=primal.stride(), dtype=primal.dtype,
-                device=primal.device, layout=primal.layout, requires_grad=requires_grad,
-            )
-        else:
-            r = _make_wrapper(
-                cls,
-                primal.size(),
-                strides=primal.stride(),
-                storage_offset=primal.storage_offset(),
-                dtype=primal.dtype,
-                device=primal.device,
-                layout=primal.layout,
-                requires_grad=requires_grad,
-            )
+        # Dynamo writes this call into its graph (Dual is traceable) rather
+        # than tracing it, so the ints read here are never guarded on.
+        r = _make_wrapper(
+            cls,
+            primal.size(),
+            strides=primal.stride(),
+            storage_offset=primal.storage_offset(),
+            dtype=primal.dtype,
+            device=primal.device,
+            layout=primal.layout,
+            requires_grad=requires_grad,
+        )
         r._primal = primal
         r._tangent = tangent
         r._level = level

@@ -55,10 +55,6 @@ _EAGER = object()  # a cache value: run these inputs eagerly
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _autocast_state():
-    return (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
-
-
 class _Entry:
     __slots__ = ("program", "call", "keep")
 
@@ -66,16 +62,6 @@ class _Entry:
         self.program = program
         self.call = call
         self.keep = keep  # captured objects, so the ids in the key stay theirs
-
-
-def _leaf_key(x):
-    if isinstance(x, torch.Tensor):
-        return (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
-    try:
-        hash(x)
-    except TypeError:
-        return ("id", id(x))
-    return (type(x), x)
 
 
 class TracedJvp:
@@ -140,15 +126,8 @@ class TracedJvp:
                 )
                 return self._eager(args, kwargs, dual, tangents)
         captured, keep = self.captures.state()
-        key = (
-            spec,
-            tuple(map(_leaf_key, leaves)),
-            tuple(dual),
-            tuple((i, _leaf_key(t)) for i, t in tangents.items()),
-            torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled(),
-            _autocast_state(),
-            captured,
+        key = trace.signature(
+            spec, leaves, captured, tuple(dual), tuple((i, trace.leaf_key(t)) for i, t in tangents.items())
         )
         entry = self.cache.get(key)
         if entry is None:
