@@ -12,7 +12,7 @@ and prints each time with its ratio to both anchors.  It also checks that
 ``fwdgrad.jvp(torch.compile(f))`` leaves the plain compiled ``f`` as fast as
 before, with no new compile.
 
-    PYTHONPATH=. python benchmarks/compile.py [--rounds 20] [--json PATH] [--only chain]
+    PYTHONPATH=. python benchmarks/compile.py [--rounds 20] [--json PATH] [--plot PNG] [--only chain]
 
 Targets (issue 16): compiled fwdgrad <= 1.0x torch.compile(torch.func.jvp).
 Compiling takes a while (inductor, C++); the times exclude it.
@@ -27,7 +27,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import fwdgrad
-from common import time_interleaved
+from common import run_child, time_interleaved
 
 FUNC, FUNC_C = "torch.func.jvp", "compile(torch.func.jvp)"
 EAGER, TRACED, TRACED_C, COMPILED = (
@@ -72,6 +72,21 @@ def gpt2_block():
 WORKLOADS = {"chain": chain, "mlp": mlp, "gpt2 block": gpt2_block}
 
 
+def probe(wname):
+    """Whether ``torch.compile(torch.func.jvp)`` runs on a workload, tried in a fresh
+    process: a failed compile can leave functorch's state broken for the rest of
+    this one (torch.func.jvp then fails too)."""
+    f, x, v = WORKLOADS[wname]()
+    try:
+        with torch.no_grad():
+            torch.compile(lambda x, v: torch.func.jvp(f, (x,), (v,)), dynamic=False)(x, v)
+    except Exception as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        print(json.dumps({"error": f"{type(e).__name__}: {' / '.join(lines[:2])}"}))
+        return
+    print(json.dumps({"ok": True}))
+
+
 def methods_for(f, x, v):
     func_c = torch.compile(lambda x, v: torch.func.jvp(f, (x,), (v,)), dynamic=False)
     fwd_c = torch.compile(lambda x, v: fwdgrad.jvp(f, (x,), (v,)), fullgraph=True, dynamic=False)
@@ -112,15 +127,19 @@ def cache_check(f, x, v, rounds):
     cf = torch.compile(f, dynamic=False)
     for _ in range(3):
         cf(x)
-    before = time_interleaved({"plain": lambda: cf(x)}, rounds)["plain"]
+    # Each time is taken side by side with eager f, and the ratio of the two
+    # compared, so that a change in the machine's load between them cancels.
+    t = time_interleaved({"compiled": lambda: cf(x), "eager": lambda: f(x)}, rounds)
+    before = t["compiled"] / t["eager"]
     graphs = counters["stats"]["unique_graphs"]
     fwdgrad.jvp(cf, (x,), (v,))
     fwdgrad.jvp(cf, (x,), (v,))
     after_jvp = counters["stats"]["unique_graphs"]
-    after = time_interleaved({"plain": lambda: cf(x)}, rounds)["plain"]
+    t = time_interleaved({"compiled": lambda: cf(x), "eager": lambda: f(x)}, rounds)
+    after = t["compiled"] / t["eager"]
     cf(x)
     return {
-        "plain before": before, "plain after": after, "ratio": after / before,
+        "compiled/eager before": before, "compiled/eager after": after, "ratio": after / before,
         "graphs for duals": after_jvp - graphs, "graphs after": counters["stats"]["unique_graphs"] - after_jvp,
     }
 
@@ -134,18 +153,28 @@ def main():
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--plot", help="write a bar chart of the times relative to torch.func.jvp here")
+    parser.add_argument("--rst", help="write the table for the docs here (reStructuredText)")
     parser.add_argument("--only", action="append", choices=list(WORKLOADS))
+    parser.add_argument("--probe", choices=list(WORKLOADS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        return probe(args.probe)
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 64
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.rounds} interleaved rounds")
     results = {}
     for wname in args.only or WORKLOADS:
+        anchor = run_child(__file__, ["--probe", wname])
         f, x, v = WORKLOADS[wname]()
         with torch.no_grad():
             reference = torch.func.jvp(f, (x,), (v,))[1]
             methods = methods_for(f, x, v)
+            if "error" in anchor:
+                del methods[FUNC_C]
             compile_s, failed = warm(methods, reference)
+            if "error" in anchor:
+                failed[FUNC_C] = anchor["error"][:160]
             times = time_interleaved(methods, args.rounds)
             cache = cache_check(f, x, v, args.rounds)
         results[wname] = {"times": times, "compile seconds": compile_s, "failed": failed, "plain compiled f": cache}
@@ -176,6 +205,55 @@ def main():
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    if args.rst:
+        with open(args.rst, "w") as fh:
+            fh.write(rst_table(results))
+
+
+def rst_table(results):
+    """One row per workload and method: ms, and the ratios to both anchors."""
+    rows = [("workload", "method", "time ms", "/ torch.func.jvp", "/ compile(torch.func.jvp)")]
+    for wname, r in results.items():
+        t = r["times"]
+        for m in METHODS:
+            if m not in t:
+                rows.append((wname, m, "fails", "", ""))
+                continue
+            c = f"{t[m] / t[FUNC_C]:.2f}x" if FUNC_C in t else "-"
+            rows.append((wname, m, f"{t[m] * 1e3:.3f}", f"{t[m] / t[FUNC]:.2f}x", c))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    rule = " ".join("=" * w for w in widths)
+    line = lambda row: " ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([rule, line(rows[0]), rule, *map(line, rows[1:]), rule, ""])
+
+
+def plot(results, path):
+    """Grouped bars: each method's time over torch.func.jvp's, per workload (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(METHODS)
+    for j, m in enumerate(METHODS):
+        xs, ys = [], []
+        for i, w in enumerate(names):
+            t = results[w]["times"]
+            if m in t:
+                xs.append(i + (j - len(METHODS) / 2 + 0.5) * width)
+                ys.append(t[m] / t[FUNC])
+        ax.bar(xs, ys, width, label=m)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("time / torch.func.jvp")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -199,10 +199,6 @@ class Dual(torch.Tensor):
 
 
 _compiling = torch.compiler.is_compiling
-# Dynamo writes a dual's construction into its graph when it traces the caller;
-# it must never compile ``__new__`` as a frame of its own (after a graph break),
-# which would stop halfway through building the dual.
-torch._dynamo.eval_frame.skip_code(Dual.__new__.__code__)
 _USER_DETACH = {torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__}
 
 

@@ -153,3 +153,16 @@ def test_traced_mode_compile_option():
         fwdgrad.jvp(chain, (x,), (v,), compile=True)
     with pytest.raises(TypeError, match="compile must be"):
         fwdgrad.forward_grad(chain, trace=True, compile="yes")
+
+
+def test_a_graph_break_inside_the_function_keeps_values_right():
+    def f(x):
+        y = torch.sin(x) * 2
+        torch._dynamo.graph_break()
+        return torch.cos(y) + y.exp()
+
+    c = torch.compile(lambda x, v: fwdgrad.jvp(f, (x,), (v,)), backend="aot_eager")
+    x, v = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    for i in range(3):
+        assert close(c(x + i, v), torch.func.jvp(f, (x + i,), (v,)))
+    assert not counters["recompiles"]
