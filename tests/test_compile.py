@@ -36,8 +36,8 @@ def graphs():
     return counters["stats"]["unique_graphs"]
 
 
-def close(a, b):
-    return all(torch.allclose(p, q, atol=1e-6, rtol=1e-5) for p, q in zip(a, b))
+def close(a, b, atol=1e-6, rtol=1e-5):
+    return all(torch.allclose(p, q, atol=atol, rtol=rtol) for p, q in zip(a, b))
 
 
 def test_compiled_jvp_fullgraph_matches_eager_and_oracle_without_recompiling():
@@ -133,9 +133,11 @@ def test_dual_flattens_to_its_primal_and_tangent():
 @pytest.mark.compile
 def test_inductor_compiled_jvp_matches_eager():
     c = torch.compile(lambda x, v: fwdgrad.jvp(chain, (x,), (v,)), fullgraph=True)
+    torch.manual_seed(0)
     x, v = torch.randn(64), torch.randn(64)
-    assert close(c(x, v), torch.func.jvp(chain, (x,), (v,)))
-    assert close(c(x + 1, v), torch.func.jvp(chain, (x + 1,), (v,)))
+    # float32, and inductor fuses the sums in another order: float32 tolerances.
+    assert close(c(x, v), torch.func.jvp(chain, (x,), (v,)), atol=1e-4, rtol=1e-4)
+    assert close(c(x + 1, v), torch.func.jvp(chain, (x + 1,), (v,)), atol=1e-4, rtol=1e-4)
     assert graphs() == 1
 
 
