@@ -5,8 +5,9 @@ block) it times
 
 - ``torch.func.jvp`` eager and ``torch.compile(torch.func.jvp)`` (the anchors);
 - ``fwdgrad.jvp`` eager, traced (``trace=True``), traced and compiled
-  (``trace=True, compile=True``), and ``torch.compile`` of a function that
-  calls ``fwdgrad.jvp`` (``fullgraph=True``);
+  (``trace=True, compile=True``), ``torch.compile`` of a function that
+  calls ``fwdgrad.jvp`` (``fullgraph=True``), and ``fwdgrad.jvp`` of a
+  compiled ``f``;
 
 and prints each time with its ratio to both anchors.  It also checks that
 ``fwdgrad.jvp(torch.compile(f))`` leaves the plain compiled ``f`` as fast as
@@ -30,10 +31,11 @@ import fwdgrad
 from common import run_child, time_interleaved
 
 FUNC, FUNC_C = "torch.func.jvp", "compile(torch.func.jvp)"
-EAGER, TRACED, TRACED_C, COMPILED = (
+EAGER, TRACED, TRACED_C, COMPILED, OF_COMPILED = (
     "fwdgrad.jvp", "fwdgrad.jvp(trace=True)", "fwdgrad.jvp(trace=True, compile=True)", "compile(fwdgrad.jvp)",
+    "fwdgrad.jvp(compile(f))",
 )
-METHODS = [FUNC, FUNC_C, EAGER, TRACED, TRACED_C, COMPILED]
+METHODS = [FUNC, FUNC_C, EAGER, TRACED, TRACED_C, COMPILED, OF_COMPILED]
 
 
 def chain():
@@ -90,6 +92,7 @@ def probe(wname):
 def methods_for(f, x, v):
     func_c = torch.compile(lambda x, v: torch.func.jvp(f, (x,), (v,)), dynamic=False)
     fwd_c = torch.compile(lambda x, v: fwdgrad.jvp(f, (x,), (v,)), fullgraph=True, dynamic=False)
+    f_c = torch.compile(f, dynamic=False)
     return {
         FUNC: lambda: torch.func.jvp(f, (x,), (v,)),
         FUNC_C: lambda: func_c(x, v),
@@ -97,6 +100,7 @@ def methods_for(f, x, v):
         TRACED: lambda: fwdgrad.jvp(f, (x,), (v,), trace=True),
         TRACED_C: lambda: fwdgrad.jvp(f, (x,), (v,), trace=True, compile=True),
         COMPILED: lambda: fwd_c(x, v),
+        OF_COMPILED: lambda: fwdgrad.jvp(f_c, (x,), (v,)),
     }
 
 
