@@ -6,6 +6,7 @@ lifted to duals of a fresh level, and the outputs lowered back to
 ``(primal, tangent)`` pairs.
 """
 
+import functools
 import inspect
 
 import torch
@@ -38,6 +39,41 @@ def check_outside_functorch(name):
             f"fwdgrad's tangents.  Nest them the other way round (e.g. "
             f"fwdgrad.jvp(torch.func.grad(f), ...)), or use fwdgrad.grad for the reverse part."
         )
+
+
+def normal_mode(transform):
+    """Run a transform outside any ``torch.inference_mode`` of the caller.
+
+    Under inference mode every tensor made is an inference tensor: no version
+    counter (the recorder reads it) and no autograd (hvp and grad need it), so
+    a transform run there gives zeros or crashes.  A transform's own work runs
+    in normal mode, whatever the caller's mode, as in torch.func; its results
+    are ordinary tensors.
+    """
+
+    @functools.wraps(transform)
+    def run(*args, **kwargs):
+        # (torch.compile traces no inference mode, and cannot ask about it)
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+            return transform(*args, **kwargs)
+        with torch.inference_mode(False):
+            return transform(*args, **kwargs)
+
+    return run
+
+
+def usable(x):
+    """``x``, or a normal copy of it if it is an inference tensor (one that autograd
+    cannot save and that has no version counter)."""
+    if isinstance(x, torch.Tensor) and not torch.compiler.is_compiling() and x.is_inference():
+        with torch.inference_mode(False):
+            return x.clone()
+    return x
+
+
+def usable_tree(tree):
+    """``usable`` on every tensor of a pytree."""
+    return pytree.tree_map_only(torch.Tensor, usable, tree)
 
 
 def check_callable(func, name, what="func"):
@@ -143,16 +179,24 @@ def lift(primals, tangents, level, name, prefix="primals"):
     return pytree.tree_unflatten(duals, spec)
 
 
+@torch.compiler.allow_in_graph
+def primal_and_tangent(d):
+    """``d``'s primal and tangent at its own level; a zero tangent is materialised.
+
+    ``torch.compile`` writes this call into its graph instead of reading the
+    dual's attributes: a view's record of its base is nothing Dynamo can hold.
+    """
+    p = d._primal
+    t = tangent_of(d)
+    return p, torch.zeros_like(p) if t is None else t
+
+
 def lower_output(o, level):
     """``(primal, tangent)`` of an output at ``level``; a zero tangent is materialised."""
     if isinstance(o, AsyncCollectiveTensor):  # a functional collective's result wraps our dual
         o = o.trigger_wait()
     if isinstance(o, Dual) and o._level == level:
-        p = o._primal
-        t = tangent_of(o)
-        if t is None:
-            t = torch.zeros_like(p)
-        return p, t
+        return primal_and_tangent(o)
     return o, torch.zeros_like(o)
 
 

@@ -18,15 +18,16 @@ transform sends the backward ops through this dispatch loop (forward over
 reverse).
 """
 
+import hashlib
 import itertools
 import os
+import threading
 
 import torch
 
 from . import ops, registry
 from .dtensor import MIXED_DTENSOR, is_dtensor
 
-_level_counter = itertools.count(1)
 _make_wrapper = torch.Tensor._make_wrapper_subclass
 _restore_autograd = torch._C._RestorePythonTLSSnapshot
 _disable_torch_function = torch._C.DisableTorchFunctionSubclass
@@ -35,9 +36,75 @@ _disable_torch_function = torch._C.DisableTorchFunctionSubclass
 CHECK_TANGENTS = os.environ.get("FWDGRAD_CHECK", "") not in ("", "0")
 
 
-def new_level():
-    """A fresh level.  Later levels are higher, so an inner transform always wins."""
-    return next(_level_counter)
+# A level is an int: the transform's depth in this thread's stack of running
+# transforms (1 = outermost) in its low bits, and in eager mode a serial number
+# above them.  Depths order levels (an inner transform is deeper, so it wins);
+# the serial tells two transforms of the same depth apart, so a dual that
+# escaped a finished transform is refused rather than taken for the new one's.
+# Under ``torch.compile`` the level is the depth alone: a value that changed
+# on every call would be a guard that fails on every call (recompiles), and
+# the depth is also what ``Dual.__tensor_flatten__`` puts in a dual's context.
+_DEPTH_BITS = 6
+_DEPTH_MASK = (1 << _DEPTH_BITS) - 1
+_serials = itertools.count(1)
+class _Levels(threading.local):
+    """This thread's running levels, innermost last (made on a thread's first use,
+    so that compiled code never sees it missing and then present)."""
+
+    def __init__(self):
+        self.stack = []
+
+
+_local = _Levels()
+
+
+def _stack():
+    return _local.stack
+
+
+def enter_level():
+    """Push and return a fresh level, deeper than every running one in this thread.
+
+    Pair it with ``exit_level`` in a ``finally``.
+    """
+    s = _stack()
+    depth = len(s) + 1
+    if depth > _DEPTH_MASK:
+        raise RuntimeError(f"fwdgrad: more than {_DEPTH_MASK} nested transforms")
+    level = depth if _compiling() else next(_serials) << _DEPTH_BITS | depth
+    s.append(level)
+    return level
+
+
+def exit_level(level):
+    s = _stack()
+    if not s or s[-1] != level:
+        raise RuntimeError("fwdgrad: transform levels left out of order")
+    s.pop()
+
+
+def depth_of(level):
+    return level & _DEPTH_MASK
+
+
+def level_at(depth):
+    """The running level of ``depth`` in this thread (the depth alone if none runs there)."""
+    s = _stack()
+    return s[depth - 1] if depth <= len(s) else depth
+
+
+def _deeper(a, b):
+    """Whether level ``a`` is deeper than level ``b`` (two different levels)."""
+    da, db = a & _DEPTH_MASK, b & _DEPTH_MASK
+    if da == db:
+        raise RuntimeError(
+            f"fwdgrad: a dual tensor of a transform that has finished (or runs in another "
+            f"thread) met one of a running transform at the same depth ({da}).  A tensor "
+            f"computed inside a transformed function was kept (in a global, an attribute, a "
+            f"closure) and used after that transform returned; return it from the function "
+            f"instead."
+        )
+    return da > db
 
 
 class View:
@@ -67,6 +134,8 @@ class Dual(torch.Tensor):
 
     @staticmethod
     def __new__(cls, primal, tangent, level, view=None, requires_grad=False):
+        # Dynamo writes this call into its graph (Dual is traceable) rather
+        # than tracing it, so the ints read here are never guarded on.
         r = _make_wrapper(
             cls,
             primal.size(),
@@ -84,6 +153,29 @@ class Dual(torch.Tensor):
             r._view = view
         return r
 
+    def __tensor_flatten__(self):
+        """What ``torch.compile`` sees: the primal and the tangent (if nonzero) as
+        inner tensors, the level's depth as the context (a view becomes a root)."""
+        if tangent_of(self) is None:
+            return ["_primal"], depth_of(self._level)
+        return ["_primal", "_tangent"], depth_of(self._level)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, depth, outer_size, outer_stride):
+        return Dual(inner["_primal"], inner.get("_tangent"), level_at(depth))
+
+    def _stable_hash_for_caching(self):
+        """AOTAutograd's cache key for a dual: its depth, which inner tensors it has, their metadata."""
+        attrs, depth = self.__tensor_flatten__()
+        parts = [str(depth), str(self.requires_grad)]
+        for name in attrs:
+            t = getattr(self, name)
+            parts.append(
+                t._stable_hash_for_caching() if isinstance(t, Dual)
+                else f"{name}{tuple(t.shape)}{t.stride()}{t.dtype}{t.device}{t.requires_grad}"
+            )
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+
     def __repr__(self):
         with _disable_torch_function():
             return (
@@ -97,6 +189,8 @@ class Dual(torch.Tensor):
         # autograd's internal detach of saved outputs never comes through here.
         if func in _USER_DETACH:
             return strip(args[0]).detach()
+        if func is _TOLIST:
+            return _tolist(args[0])
         if kwargs is None:
             kwargs = {}
         with _disable_torch_function():
@@ -115,14 +209,32 @@ class Dual(torch.Tensor):
         return interpret(func, args, kwargs or {})
 
 
+_compiling = torch.compiler.is_compiling
 _USER_DETACH = {torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__}
+_TOLIST = torch.Tensor.tolist
+
+
+def _tolist(d):
+    """``.tolist()`` of a dual: the primal's values (PyTorch refuses it for subclasses).
+
+    A recording dispatch mode does not see ``tolist`` on a plain tensor, so it
+    is told with a value read it does see (``.item()`` of a sum): a recording
+    that read values must not be replayed for other values.
+    """
+    p = strip(d)
+    if torch._C._len_torch_dispatch_stack():
+        _aten._local_scalar_dense.default(_aten.sum.default(p.detach()))
+    return p.tolist()
 
 
 def _lift_dtensors(args, kwargs):
     """DTensor constants among ``args``/``kwargs`` as duals (zero tangent) of the top level."""
     flat = [a for a in list(args) + list(kwargs.values()) for a in (a if isinstance(a, (list, tuple)) else (a,))]
-    level = max((a._level for a in flat if isinstance(a, Dual)), default=0)
-    if not level:
+    level = None
+    for a in flat:
+        if isinstance(a, Dual) and (level is None or (a._level != level and _deeper(a._level, level))):
+            level = a._level
+    if level is None:
         return args, kwargs
 
     def lift(a):
@@ -146,17 +258,20 @@ def tangent_of(d):
     A view's tangent is derived from its base's, and derived again when the
     base's tangent object changes (materialised or replaced by an in-place op).
     """
-    view = d._view
-    if view is None:
+    if d._view is None:
         return d._tangent
-    base_t = tangent_of(view.base)
-    if base_t is None:
-        return None
-    if d._tangent_from is base_t:
-        return d._tangent
-    t = view.derive(base_t)
-    d._tangent = t
-    d._tangent_from = base_t
+    chain = []  # iterative, so that a chain of thousands of views cannot overflow the stack
+    while d._view is not None:
+        chain.append(d)
+        d = d._view.base
+    t = d._tangent
+    for v in reversed(chain):
+        if t is None:
+            return None
+        if v._tangent_from is not t:
+            v._tangent = v._view.derive(t)
+            v._tangent_from = t
+        t = v._tangent
     return t
 
 
@@ -247,24 +362,27 @@ registry.watch(_forget_rule)
 # The dispatch loop.
 
 
-def _unwrap(args, kwargs, level=0):
+def _unwrap(args, kwargs, level=None):
     """``(level, primals, tangents, kwarg primals, kwarg tangents, any tangent nonzero)``.
 
-    ``level`` is the highest level among the duals in ``args`` and ``kwargs``;
-    duals of that level are unwrapped, lower ones pass through as constants.
-    One pass: the first dual sets the level, and a higher one found later
-    starts the pass again at that level (nesting is rare, so this is cheap).
+    ``level`` is the deepest level among the duals in ``args`` and ``kwargs``;
+    duals of that level are unwrapped, shallower ones pass through as
+    constants.  One pass: the first dual sets the level, and a deeper one found
+    later starts the pass again at that level (nesting is rare, so this is
+    cheap).  Levels are compared by depth only when they differ.
     """
     primals = []
     tangents = []
     any_t = False
     for a in args:
         if isinstance(a, Dual):
-            if a._level > level:
-                if level:
-                    return _unwrap(args, kwargs, a._level)
-                level = a._level
-            if a._level == level:
+            la = a._level
+            if la != level:
+                if level is None:
+                    level = la
+                elif _deeper(la, level):
+                    return _unwrap(args, kwargs, la)
+            if la == level:
                 primals.append(a._primal)
                 t = a._tangent if a._view is None else tangent_of(a)
                 tangents.append(t)
@@ -272,13 +390,14 @@ def _unwrap(args, kwargs, level=0):
                     any_t = True
                 continue
         elif isinstance(a, (list, tuple)) and a:
-            top = max((b._level for b in a if isinstance(b, Dual)), default=0)
-            if top > level:
-                if level:
+            top = _top(a)
+            if top is not None and top != level:
+                if level is None:
+                    level = top
+                elif _deeper(top, level):
                     return _unwrap(args, kwargs, top)
-                level = top
-            if top == level and top:
-                ps, ts = _unwrap_list(a, level)
+            if top == level and top is not None:
+                ps, ts = unwrap_list(a, level)
                 sub = any(t is not None for t in ts)
                 primals.append(ps)
                 tangents.append(ts if sub else None)
@@ -289,8 +408,9 @@ def _unwrap(args, kwargs, level=0):
     if not kwargs:
         return level, primals, tangents, kwargs, registry.NO_KW_TANGENTS, any_t
     for a in kwargs.values():
-        if isinstance(a, Dual) and a._level > level:
-            return _unwrap(args, kwargs, a._level)
+        if isinstance(a, Dual) and a._level != level:
+            if level is None or _deeper(a._level, level):
+                return _unwrap(args, kwargs, a._level)
     pkwargs = {}
     tkwargs = {}
     for k, a in kwargs.items():
@@ -304,7 +424,18 @@ def _unwrap(args, kwargs, level=0):
     return level, primals, tangents, pkwargs, tkwargs, any_t or bool(tkwargs)
 
 
-def _unwrap_list(items, level):
+def _top(items):
+    """The deepest level among the duals in a list argument (``None`` if there are none)."""
+    top = None
+    for b in items:
+        if isinstance(b, Dual) and b._level != top:
+            if top is None or _deeper(b._level, top):
+                top = b._level
+    return top
+
+
+def unwrap_list(items, level):
+    """Primals and tangents (``None`` for zero) of ``items`` at ``level``."""
     primals, tangents = [], []
     for b in items:
         if isinstance(b, Dual) and b._level == level:
@@ -391,23 +522,41 @@ def interpret(func, args, kwargs):
     if entry is None:
         entry = entry_for(func)
     level, pargs, targs, pkwargs, tkwargs, any_t = _unwrap(args, kwargs)
-    kind = entry.kind
     with _restore_autograd():
-        if kind is FUNCTIONAL:
-            ans = entry.call(*pargs, **pkwargs)
-            if not any_t or not _differentiable(ans):
-                return _wrap(func, ans, None, level)
-            rule = entry._rule or entry.rule
-            return _wrap(func, ans, rule(_tangents(targs, tkwargs), ans, *pargs, **pkwargs), level)
-        if kind is VIEW:
-            return _view(func, entry, args, pargs, pkwargs, targs, any_t, level)
-        if kind is INPLACE:
-            return _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level)
-        if kind is INPLACE_VIEW:
-            return _inplace_view(func, entry, args, pargs, pkwargs, level)
-        if kind is COLLECTIVE:
-            return _collective(func, entry, args, pargs, pkwargs, targs, tkwargs, level)
-        return _out(func, entry, kwargs, pargs, pkwargs, targs, tkwargs, level)
+        if _any_autocast():
+            # Restoring the caller's TLS re-enables autocast, which the primal
+            # kernel never saw (the op was cast once, above this dispatch):
+            # primal and tangent math run as the plain kernel would.
+            with _ExcludeKeys(_AUTOCAST_KEYS):
+                return _dispatch(func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, any_t)
+        return _dispatch(func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, any_t)
+
+
+_any_autocast = torch._C._is_any_autocast_enabled
+_ExcludeKeys = torch._C._ExcludeDispatchKeyGuard
+_AUTOCAST_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+for _k in ("AutocastCUDA", "AutocastXPU", "AutocastMPS", "AutocastHPU", "AutocastIPU", "AutocastPrivateUse1"):
+    if hasattr(torch._C.DispatchKey, _k):
+        _AUTOCAST_KEYS = _AUTOCAST_KEYS | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _k))
+
+
+def _dispatch(func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, any_t):
+    kind = entry.kind
+    if kind is FUNCTIONAL:
+        ans = entry.call(*pargs, **pkwargs)
+        if not any_t or not _differentiable(ans):
+            return _wrap(func, ans, None, level)
+        rule = entry._rule or entry.rule
+        return _wrap(func, ans, rule(_tangents(targs, tkwargs), ans, *pargs, **pkwargs), level)
+    if kind is VIEW:
+        return _view(func, entry, args, pargs, pkwargs, targs, any_t, level)
+    if kind is INPLACE:
+        return _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level)
+    if kind is INPLACE_VIEW:
+        return _inplace_view(func, entry, args, pargs, pkwargs, level)
+    if kind is COLLECTIVE:
+        return _collective(func, entry, args, pargs, pkwargs, targs, tkwargs, level)
+    return _out(func, entry, kwargs, pargs, pkwargs, targs, tkwargs, level)
 
 
 def _view(func, entry, args, pargs, pkwargs, targs, any_t, level):

@@ -18,27 +18,69 @@ tensor-subclass inputs (the duals of an enclosing fwdgrad transform, as in
 ``jacfwd(jacfwd(f))``), which the recorder cannot see through.
 """
 
+import collections
 import functools
 
 import torch
 from torch.utils import _pytree as pytree
 
 from . import trace
-from .arguments import check_argnums, check_callable, check_differentiable, check_tangent, diff_mask, param_names
+from .arguments import (
+    check_argnums, check_callable, check_differentiable, check_tangent, diff_mask, normal_mode, param_names,
+    usable_tree,
+)
 from .errors import warn
+from .graph import has_effects
 from .reverse import grad
+from .state import State, rng_state, set_rng_state
+
+_set_grad_enabled = torch._C._set_grad_enabled
 
 
-def _rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
+class Programs:
+    """Recordings of one function's jvp kept for later calls: at most ``size``
+    signatures (``trace.signature``: shapes, dtypes, captured tensors, modes...).
+
+    A call whose signature was recorded before runs the recorded primal
+    program at its own inputs (residuals included) instead of recording
+    again; only recordings that are valid at other values are kept (no value
+    read into Python, no in-place op, nothing functionalized).
+    """
+
+    def __init__(self, func, size=8):
+        self.captures = trace.Captures(func)
+        self.size = size
+        self.entries = collections.OrderedDict()  # signature -> _Replay, least recently used first
+
+    def key(self, args, diff):
+        leaves, spec = pytree.tree_flatten(tuple(args))
+        captured, keep = self.captures.state()
+        return trace.signature(spec, leaves, captured, tuple(diff)), keep
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key, entry):
+        self.entries[key] = entry
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
 
 
-def _set_rng_state(state):
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+class _Replay:
+    """One kept recording: the primal program (primal outputs, aux, residuals), the
+    tangent program, and the output structure."""
+
+    __slots__ = ("primal", "tangent", "n_residuals", "n_out", "out_spec", "aux_spec", "keep")
+
+    def __init__(self, primal, tangent, n_residuals, call, keep):
+        self.primal = primal
+        self.tangent = tangent
+        self.n_residuals = n_residuals
+        self.n_out, self.out_spec, self.aux_spec = call.n_out, call.out_spec, call.aux_spec
+        self.keep = keep  # the captured objects, so that the ids in the key stay theirs
 
 
 class Linearized:
@@ -48,12 +90,17 @@ class Linearized:
     flat tangent outputs; ``push_batched`` does the same for tangents with a
     leading batch dimension, under ``torch.vmap``.  When the recording could
     not be reused (see the module docstring) both fall back to the eager
-    interpreter, one direction at a time.
+    interpreter, one direction at a time.  With ``programs`` (a ``Programs``),
+    a signature recorded before is replayed instead of recorded again.
     """
 
-    def __init__(self, func, args, diff, has_aux, name):
+    def __init__(self, func, args, diff, has_aux, name, programs=None):
         self.func = func
         self.name = name
+        # The state before the first evaluation: eager pushes evaluate func
+        # again from it (same random draws, same buffers) and leave no trace.
+        self.state = State(func)
+        args = usable_tree(args)
         leaves = pytree.tree_leaves(args)
         tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         self.call = trace.FlatJvp(
@@ -65,38 +112,68 @@ class Linearized:
         if any(type(leaves[i]) not in (torch.Tensor, torch.nn.Parameter) for i in tensors):
             # Tensor subclasses (e.g. duals of an enclosing fwdgrad transform) are
             # invisible to the recorder: push tangents eagerly.
-            self._set_outputs(self._eager([None] * len(self.inputs)))
+            call = self.call
+            self._set_outputs(call(*[call.leaves[i] for i in call.tensor_idx], *[None] * len(self.inputs)))
             return
-        self._record([leaves[i] for i in tensors])
+        primals = [leaves[i] for i in tensors]
+        key = keep = None
+        if programs is not None:
+            key, keep = programs.key(args, diff)
+            entry = programs.get(key)
+            if entry is not None:
+                self._replay(entry, primals)
+                return
+        rec, residual_nodes = self._record(primals)
+        if programs is not None and rec is not None and _replayable(rec):
+            n = self.call.n_out
+            primal = trace.primal_program(rec, [*range(n), *range(2 * n, len(rec.outputs))], residual_nodes)
+            programs.put(key, _Replay(primal, self.program, len(residual_nodes), self.call, keep))
+
+    def _replay(self, entry, primals):
+        call = self.call
+        call.n_out, call.out_spec, call.aux_spec = entry.n_out, entry.out_spec, entry.aux_spec
+        values = list(entry.primal(*primals))
+        split = len(values) - entry.n_residuals
+        outs, self.residuals = values[:split], values[split:]
+        n = call.n_out
+        self._set_outputs([*outs[:n], *outs[:n], *outs[n:]])  # the middle stands in for the tangents
+        self.program = entry.tangent
 
     def _record(self, primals):
+        """Record, set the outputs and (where it can be replayed) the tangent program.
+
+        Returns ``(recording, residual nodes)`` when the first recording is the
+        one replayed, ``(None, None)`` otherwise.
+        """
         call = self.call
-        rng = _rng_state()
+        rng = rng_state()
         names = trace.Captures(self.func).names()
         zeros = [torch.zeros_like(x) for x in self.inputs]
         # The recording's tangent values are not needed: skip the heavy tangent ops.
         rec = call.record(primals, zeros, keep_residuals=True, constant_names=names, skip_tangent_work=True)
-        if rec.unbatchable_mutation is not None or rec.stale_residuals():
+        functionalized = rec.unbatchable_mutation is not None or rec.stale_residuals()
+        if functionalized:
             try:
                 rec = trace.functionalized(
-                    rec, [*primals, *zeros], call.is_tangent(), lambda: _set_rng_state(rng)
+                    rec, [*primals, *zeros], call.is_tangent(), lambda: set_rng_state(rng)
                 )
             except Exception as e:  # an op functionalization cannot handle
                 self._fall_back(rec, f"functionalizing its in-place ops failed ({type(e).__name__}: {e})")
-                return
+                return None, None
             if rec.unbatchable_mutation is not None:
                 self._fall_back(rec, f"it writes a tangent in place ({rec.unbatchable_mutation})")
-                return
+                return None, None
         reads = rec.value_reads(tangent_only=True)
         if reads:
             self._fall_back(
                 rec, "its tangent computation reads tensor values into Python: "
                 + ", ".join(sorted({trace.describe_read(f) for f in reads}))
             )
-            return
+            return None, None
         self._set_outputs(rec.outputs)
         n = call.n_out
-        self.program, self.residuals = trace.tangent_program(rec, range(n, 2 * n))
+        self.program, self.residuals, residual_nodes = trace.tangent_program(rec, range(n, 2 * n))
+        return (None, None) if functionalized else (rec, residual_nodes)
 
     def _set_outputs(self, outputs):
         self.primal_out, _, self.aux = self.call.unflatten(outputs)
@@ -115,7 +192,8 @@ class Linearized:
     def _eager(self, tangent_leaves):
         """All flat outputs of one eager jvp along ``tangent_leaves``."""
         call = self.call
-        return call(*[call.leaves[i] for i in call.tensor_idx], *tangent_leaves)
+        with self.state.again():
+            return call(*[call.leaves[i] for i in call.tensor_idx], *tangent_leaves)
 
     # -- pushing tangents ----------------------------------------------------
 
@@ -137,10 +215,22 @@ class Linearized:
         return list(out)
 
 
+def _replayable(rec):
+    """Whether ``rec``'s primal program gives the right residuals at other inputs:
+    no value read into Python (control flow may depend on it) and no in-place
+    op (a replay would apply it on a different footing; functionalized
+    recordings never get here)."""
+    if rec.value_reads():
+        return False
+    return not any(n.op == "call" and n.target is not _set_grad_enabled and has_effects(n.target)
+                   for n in rec.graph.nodes)
+
+
 # --------------------------------------------------------------------------
 # linearize
 
 
+@normal_mode
 def linearize(func, *primals):
     """``(output, jvp_fn)``: ``func(*primals)`` and a function pushing tangents through it.
 
@@ -157,9 +247,11 @@ def linearize(func, *primals):
     name = "linearize"
     check_callable(func, name)
     check_differentiable(primals, range(len(primals)), name, param_names(func, len(primals)))
-    lin = Linearized(func, primals, [True] * len(pytree.tree_leaves(primals)), False, name)
+    with State(func).undone_on_error():
+        lin = Linearized(func, primals, [True] * len(pytree.tree_leaves(primals)), False, name)
     in_spec = pytree.tree_structure(tuple(primals))
 
+    @normal_mode
     def jvp_fn(*tangents):
         if len(tangents) != len(primals):
             raise ValueError(f"{name}: jvp_fn expected {len(primals)} tangent(s), got {len(tangents)}")
@@ -182,7 +274,29 @@ def linearize(func, *primals):
 # --------------------------------------------------------------------------
 # batched jvp (jvp(batched=True))
 
+_MAX_FUNCTIONS = 64
+_programs = collections.OrderedDict()  # (func, has_aux) -> Programs, least recently used first
 
+
+def _programs_for(func, has_aux):
+    """The kept recordings of ``jacfwd`` and batched ``jvp`` for ``func`` (the last 64 functions)."""
+    try:
+        key = (func, has_aux)
+        hash(key)
+    except TypeError:
+        return None  # an unhashable callable: record on every call
+    programs = _programs.get(key)
+    if programs is None:
+        programs = _programs[key] = Programs(func)
+        if len(_programs) > _MAX_FUNCTIONS:
+            _programs.popitem(last=False)
+    else:
+        _programs.move_to_end(key)
+    return programs
+
+
+
+@normal_mode
 def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
     """``jvp`` with a leading batch dimension on every tangent; one primal computation."""
     p_leaves, p_spec = pytree.tree_flatten(tuple(primals))
@@ -216,12 +330,13 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
         diff.append(True)
     if k is None:
         raise ValueError(f"{name}: with batched=True, at least one tangent must be a tensor (not None)")
-    lin = Linearized(func, tuple(primals), diff, has_aux, name)
-    batch = [t for t, d in zip(t_leaves, diff) if d]
-    if k == 0:
-        outs = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
-    else:
-        outs = lin.push_batched(batch)
+    with State(func).undone_on_error():
+        lin = Linearized(func, tuple(primals), diff, has_aux, name, _programs_for(func, has_aux))
+        batch = [t for t, d in zip(t_leaves, diff) if d]
+        if k == 0:
+            outs = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
+        else:
+            outs = lin.push_batched(batch)
     tangent_out = pytree.tree_unflatten(outs, lin.out_spec)
     if has_aux:
         return lin.primal_out, tangent_out, lin.aux
@@ -264,40 +379,48 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
         if chunk_size < 1:
             raise ValueError(f"{name}: chunk_size must be at least 1, got {chunk_size}")
 
+    programs = _programs_for(func, has_aux)  # shared by every jacfwd(func): jacfwd(f)(x) in a loop
+
     @functools.wraps(func)
+    @normal_mode
     def jac_fn(*args):
         nums = check_argnums(argnums, len(args), name)
         check_differentiable(args, nums, name, param_names(func, len(args)))
-        lin = Linearized(func, args, diff_mask(args, nums), has_aux, name)
-        inputs = lin.inputs
-        sizes = [x.numel() for x in inputs]
-        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-        total = sum(sizes)
-        step = total if chunk_size is None else min(chunk_size, total)
-        if total == 0:
-            full = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
-        elif step == total:
-            full = lin.push_batched([_basis_chunk(0, total, o, x) for o, x in zip(offsets, inputs)])
-        else:
-            full = None
-            for start in range(0, total, step):
-                stop = min(start + step, total)
-                part = lin.push_batched([_basis_chunk(start, stop, o, x) for o, x in zip(offsets, inputs)])
-                if full is None:
-                    full = [p.new_empty((total, *p.shape[1:])) for p in part]
-                for f, p in zip(full, part):
-                    f[start:stop] = p
-        jac = []
-        for f in full:  # one output leaf: (total, *out_shape)
-            per_leaf = [
-                f[o:o + n].movedim(0, -1).reshape((*f.shape[1:], *x.shape))
-                for o, n, x in zip(offsets, sizes, inputs)
-            ]
-            jac.append(_arrange(per_leaf, args, nums, argnums))
-        result = pytree.tree_unflatten(jac, lin.out_spec)
-        return (result, lin.aux) if has_aux else result
+        with State(func).undone_on_error():
+            return _jacobian(func, args, nums, argnums, has_aux, chunk_size, name, programs)
 
     return jac_fn
+
+
+def _jacobian(func, args, nums, argnums, has_aux, chunk_size, name, programs):
+    lin = Linearized(func, args, diff_mask(args, nums), has_aux, name, programs)
+    inputs = lin.inputs
+    sizes = [x.numel() for x in inputs]
+    offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+    total = sum(sizes)
+    step = total if chunk_size is None else min(chunk_size, total)
+    if total == 0:
+        full = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
+    elif step == total:
+        full = lin.push_batched([_basis_chunk(0, total, o, x) for o, x in zip(offsets, inputs)])
+    else:
+        full = None
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            part = lin.push_batched([_basis_chunk(start, stop, o, x) for o, x in zip(offsets, inputs)])
+            if full is None:
+                full = [p.new_empty((total, *p.shape[1:])) for p in part]
+            for f, p in zip(full, part):
+                f[start:stop] = p
+    jac = []
+    for f in full:  # one output leaf: (total, *out_shape)
+        per_leaf = [
+            f[o:o + n].movedim(0, -1).reshape((*f.shape[1:], *x.shape))
+            for o, n, x in zip(offsets, sizes, inputs)
+        ]
+        jac.append(_arrange(per_leaf, args, nums, argnums))
+    result = pytree.tree_unflatten(jac, lin.out_spec)
+    return (result, lin.aux) if has_aux else result
 
 
 def _arrange(per_leaf, args, nums, argnums):

@@ -17,17 +17,22 @@ are computed once, and the tangent of the gradient is ``H v``.  With a closure
 import functools
 import gc
 import inspect
+import signal
+import threading
 import traceback
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .arguments import (
-    check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, split_aux,
+    check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, normal_mode,
+    primal_and_tangent, split_aux, usable,
 )
 from .distributed import ParallelForwards, check_group, ddp_holding, weighted_mean
 from .dtensor import check_layout, is_dtensor, storage_ptr
-from .interpreter import Dual, new_level, strip, tangent_of
+from .interpreter import Dual, enter_level, exit_level, strip
+from .state import State
 
 _aten_detach = torch.ops.aten.detach.default
 
@@ -56,7 +61,7 @@ def _input_leaf(x):
     """
     if x.requires_grad:
         return x.view_as(x)
-    return detach_keeping_tangents(x).requires_grad_()
+    return detach_keeping_tangents(usable(x)).requires_grad_()
 
 
 def _reaches_other_leaves(out, inputs):
@@ -122,9 +127,13 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=No
                 f"(fwdgrad.jvp, fwdgrad.hvp) works"
             )
         if out.requires_grad:
-            grads = torch.autograd.grad(
-                out, inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
-            )
+            try:
+                grads = torch.autograd.grad(
+                    out, inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
+                )
+            except BaseException as e:
+                _free_graph(e)
+                raise
         else:
             grads = [torch.zeros_like(x) for x in inputs]
     if not create_graph:
@@ -163,8 +172,10 @@ def grad(func, argnums=0, *, has_aux=False, process_group=None, weight=None):
     check_callable(func, name)
 
     @functools.wraps(func)
+    @normal_mode
     def grad_f(*args, **kwargs):
-        _, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group, weight)
+        with State(func).undone_on_error():
+            _, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group, weight)
         return (g, aux) if has_aux else g
 
     return grad_f
@@ -185,8 +196,10 @@ def value_and_grad(func, argnums=0, *, has_aux=False, process_group=None, weight
     check_callable(func, name)
 
     @functools.wraps(func)
+    @normal_mode
     def value_and_grad_f(*args, **kwargs):
-        out, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group, weight)
+        with State(func).undone_on_error():
+            out, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group, weight)
         return ((out, aux), g) if has_aux else (out, g)
 
     return value_and_grad_f
@@ -301,8 +314,9 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
     gs, hvs = [], []
     for x, g in zip(inputs, grads):
         if isinstance(g, Dual) and g._level == level:
-            gs.append(g._primal)
-            hvs.append(tangent_of(g))
+            p, t = primal_and_tangent(g)
+            gs.append(p)
+            hvs.append(t)
         else:
             gs.append(g)
             hvs.append(None)
@@ -325,7 +339,7 @@ def _own(t, like, foreign):
     """``t`` as a result the caller may modify: zeros if absent, copied if it aliases an input."""
     if t is None:
         return torch.zeros_like(like)
-    if t.stride() != like.stride() or _storage_ptr(t) in foreign:
+    if foreign is None or t.stride() != like.stride() or _storage_ptr(t) in foreign:
         return t.clone(memory_format=torch.contiguous_format)
     return t
 
@@ -334,7 +348,18 @@ def _storage_ptr(t):
     return storage_ptr(strip(t))
 
 
+@normal_mode
 def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None):
+    """One forward-over-reverse pass: ``(value, grads, Hvs)``.
+
+    Under ``torch.compile`` it is traced into the graph when Dynamo traces
+    ``torch.autograd.grad`` (``torch._dynamo.config.trace_autograd_ops``);
+    otherwise it runs eagerly behind one graph break: a graph that ended
+    before ``autograd.grad`` would differentiate compiled code whose backward
+    cannot take dual cotangents.
+    """
+    if torch.compiler.is_compiling() and not torch._dynamo.config.trace_autograd_ops:
+        return _forward_over_reverse_eager(loss, params, v, name, process_group, weight)
     check_callable(loss, name, "loss")
     check_outside_functorch(name)
     group, weight = check_group(process_group, weight, name)
@@ -360,19 +385,27 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
                 group, weight = check_group(ddp.process_group, None, name)
     # A direction that is itself a parameter object (v = params, for H @ w) would
     # become its own dual when the closure form swaps that object: use an alias.
-    v_leaves = [t.detach() if any(t is p for p in p_leaves) else t for t in v_leaves]
-    level = new_level()
-    duals = [
-        Dual(detach_keeping_tangents(p), t, level, requires_grad=True)
-        for p, t in zip(p_leaves, v_leaves)
-    ]
-    with ParallelForwards() as ddps:
-        if closure:
-            value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name, held)
-        else:
-            call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
-            value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
-    del duals
+    v_leaves = [usable(t.detach()) if any(t is p for p in p_leaves) else usable(t) for t in v_leaves]
+    level = enter_level()
+    try:
+        duals = [
+            Dual(detach_keeping_tangents(usable(p)), t, level, requires_grad=True)
+            for p, t in zip(p_leaves, v_leaves)
+        ]
+        with State(loss).undone_on_error(), ParallelForwards() as ddps:
+            if closure:
+                value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name, held)
+            else:
+                call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
+                try:
+                    value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
+                except BaseException as e:
+                    del call_args
+                    _free_graph(e)
+                    raise
+        del duals
+    finally:
+        exit_level(level)
     ddps.check_reduced(group, name)
     if group is not None:
         n = len(p_leaves)
@@ -380,94 +413,186 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
         hvs = [torch.zeros_like(p) if h is None else h for h, p in zip(hvs, p_leaves)]
         value, *rest = weighted_mean([value, *gs, *hvs], group, weight, name)
         gs, hvs = rest[:n], rest[n:]
-    foreign = {_storage_ptr(x) for x in p_leaves + v_leaves}
+    # Under torch.compile storages have no address to compare: copy every result.
+    foreign = None if torch.compiler.is_compiling() else {_storage_ptr(x) for x in p_leaves + v_leaves}
     grads = [_own(g, p, foreign) for g, p in zip(gs, p_leaves)]
     hvps = [_own(h, p, foreign) for h, p in zip(hvs, p_leaves)]
     return value, rebuild(grads), rebuild(hvps)
 
 
+_forward_over_reverse_eager = torch.compiler.disable(_forward_over_reverse)
+
+
 def _in_closure(loss, keys, params, duals, level, name, held=frozenset()):
     """Run the closure with each live parameter object temporarily turned into its dual.
 
-    ``held``: ids of parameters that a DDP reducer holds; those references are
-    not a pending graph, and the reducer keeps seeing the original tensors.
+    Whatever happens (an exception or a ``KeyboardInterrupt`` at any point),
+    every parameter is swapped back: the swaps and their bookkeeping run with
+    SIGINT deferred (``_Deferred``), and on an exception the partial graph is
+    freed before the swap back.  ``held``: ids of parameters that a DDP
+    reducer holds; those references are not a pending graph (the reducer goes
+    on seeing the original tensors, which the swap moves to the duals' objects
+    and back).
     """
     seen = set()
     for k, p in zip(keys, params):
         if id(p) in seen:
             raise ValueError(f"{name}: params{k} appears twice in params")
         seen.add(id(p))
-        if p._use_count() > 1 and id(p) not in held:
+        holder = None if id(p) in held else _holder(p)
+        if holder is not None:
             raise RuntimeError(
-                f"{name}: cannot use params{k} in the closure form: another reference to it is "
-                f"alive (most likely an autograd graph that saved it, e.g. a loss you have not "
-                f"called .backward() on yet).  Call hvp before building that graph, or use the "
-                f"pure form loss(params)."
+                f"{name}: cannot use params{k} in the closure form: {holder}.  Call hvp "
+                f"before building that graph (or free it), or use the pure form loss(params)."
             )
-    swapped = []
+    swapped = []  # (param, dual, hook handle or None), in swap order
+    raised = False
     try:
-        for p, d in zip(params, duals):
-            _swap(p, d, id(p) in held)
-            swapped.append((p, d))
+        with _Deferred():
+            for p, d in zip(params, duals):
+                swapped.append((p, d, _swap(p, d, force=id(p) in held)))
         return _loss_and_grads(loss, (), params, level, name)
     except BaseException as e:
         # The traceback's frames hold the partial graph, which holds the
         # parameters; free it so that they can be swapped back.
-        traceback.clear_frames(e.__traceback__)
-        gc.collect()
+        raised = True
+        _free_graph(e)
         raise
     finally:
-        failed = []
-        for p, d in reversed(swapped):
-            try:
-                _swap_back(p, d, name, id(p) in held)
-            except RuntimeError as e:
-                failed.append(e)  # restore the others before reporting
-        if failed:
-            raise failed[0]
+        with _Deferred():
+            _swap_all_back(swapped, name, force=raised, held=held)
+
+
+def _free_graph(e):
+    """After ``e`` was raised inside a call: free the partial graph (which holds the parameters).
+
+    The traceback's frames hold it.  When the error came out of a backward
+    pass, autograd's engine also keeps its last graph task (and with it the
+    graph) until the next backward pass on the thread: run a tiny one.
+    """
+    traceback.clear_frames(e.__traceback__)
+    with _disable_current_modes(), torch.enable_grad():
+        leaf = torch.zeros((), requires_grad=True)
+        torch.autograd.grad(leaf * 1.0, leaf)
+    gc.collect()
+
+
+def _swap_all_back(swapped, name, force, held=frozenset()):
+    failed = []
+    for p, d, hook in reversed(swapped):
+        try:
+            if id(p) in held:  # the DDP reducer's references are expected
+                _swap(p, d, block=False, force=True)
+            else:
+                _swap_back(p, d, name, force)
+        except RuntimeError as e:
+            failed.append(e)  # restore the others before reporting
+            continue
+        if hook is not None:
+            hook.remove()
+    if failed:
+        raise failed[0]
+
+
+class _Deferred:
+    """SIGINT (``KeyboardInterrupt``) is held back inside the block and delivered after it.
+
+    A swap is three steps (class, ``__dict__``, the C++ tensor); an interrupt
+    between two of them would leave a parameter half a dual.  Only the main
+    thread receives signals, so elsewhere this does nothing.
+    """
+
+    depth = 0  # blocks open now (tests that inject interrupts read it)
+
+    def __enter__(self):
+        self.pending = []
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, lambda signum, frame: self.pending.append(frame))
+        _Deferred.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        _Deferred.depth -= 1
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+            if self.pending and callable(self.old):
+                self.old(signal.SIGINT, self.pending[0])
+        return False
+
+
+def _holder(t):
+    """Why ``t`` cannot be swapped now (``None`` if it can).
+
+    The Python object holds one reference to its C++ tensor.  A leaf's
+    gradient accumulator holds one more while a graph that used it is alive
+    (``torch.optim.LBFGS`` keeps the last loss, and with it its graph, after
+    ``backward``); that node cannot run during the swap (``_swap`` blocks it),
+    so it is harmless.  Any other reference (a graph that saved the tensor and
+    has not run its backward, DDP's reducer) is not.
+    """
+    n = t._use_count()
+    if n == 1 or (n == 2 and t.is_leaf and t.requires_grad and _accumulator_holds(t)):
+        return None
+    return (
+        f"another reference to it is alive ({n - 1} from C++: an autograd graph that saved it, "
+        f"such as a loss whose backward has not run or a graph kept with retain_graph=True, or a "
+        f"wrapper such as DistributedDataParallel that holds its parameters)"
+    )
+
+
+def _accumulator_holds(t):
+    """Whether the extra reference to the leaf ``t`` is its live gradient accumulator."""
+    node = torch.autograd.graph.get_gradient_edge(t).node
+    return t._use_count() == 2 and node is not None
 
 
 def _poisoned(grad_outputs):
     raise RuntimeError(
         "fwdgrad.hvp: this graph used a parameter while hvp had turned it into a dual "
-        "(closure form); it cannot be differentiated after hvp returned"
+        "(closure form); it cannot be differentiated during that call"
     )
 
 
-def _swap(t1, t2, held=False):
+def _swap(t1, t2, block=True, force=False):
     """Exchange the contents of two tensor objects, keeping their identities.
 
     Like ``torch.utils.swap_tensors``, but weak references are allowed: a weak
     reference to a parameter (``nn.LSTM`` keeps them) goes on pointing at the
     same object, which is what the temporary swap of the closure form needs.
-    A ``held`` tensor's C++ references (DDP's reducer) are allowed too.
+    A leaf held by the gradient accumulator of a live graph (``_holder``) gets
+    a hook (with ``block``) that stops that graph's backward while the swap lasts; the hook's
+    handle is returned (``None`` if none was needed), to be removed after the
+    swap back.
     """
-    for t in () if held else (t1, t2):
-        if t._use_count() > 1:
-            # A leaf may also be held by its AccumulateGrad node (a graph that
-            # outlives the call): that node must not run on the swapped tensor.
-            if t._use_count() == 2 and t.is_leaf:
-                node = torch.autograd.graph.get_gradient_edge(t).node
-                if t._use_count() == 2:
-                    node.register_prehook(lambda grad_outputs: _poisoned(grad_outputs))
-                    continue
-            raise RuntimeError(
-                f"a tensor to swap has {t._use_count()} references from C++ (a live graph?)"
-            )
+    hook = None
+    for t in () if force else (t1, t2):
+        why = _holder(t)
+        if why is not None:
+            raise RuntimeError(f"a tensor to swap is held elsewhere: {why}")
+        if block and t._use_count() == 2:
+            node = torch.autograd.graph.get_gradient_edge(t).node
+            hook = node.register_prehook(_poisoned)
     for attr in ("__class__", "__dict__"):
         tmp = getattr(t1, attr)
         setattr(t1, attr, getattr(t2, attr))
         setattr(t2, attr, tmp)
     torch._C._swap_tensor_impl(t1, t2)
+    return hook
 
 
-def _swap_back(p, d, name, held=False):
+def _swap_back(p, d, name, force):
+    """Swap ``p`` back.  ``force`` (the call raised): even if C++ still holds
+    the dual's tensor.  What holds it then is a graph that a backward pass
+    interrupted part-way left behind, unreachable from Python, so it can
+    never run on the swapped tensors; the parameter must come back regardless.
+    """
     try:
-        _swap(p, d, held)
+        _swap(p, d, block=False)
     except RuntimeError:
         gc.collect()
         try:
-            _swap(p, d, held)
+            _swap(p, d, block=False, force=force)
         except RuntimeError as e:
             raise RuntimeError(
                 f"{name}: could not restore a parameter after the closure ran, because a "

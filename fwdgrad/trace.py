@@ -32,6 +32,7 @@ tangent ops are recorded without being run; see ``Recorder._skip``.
 
 import functools
 import operator
+import types
 
 import torch
 import torch.fx as fx
@@ -43,8 +44,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .arguments import drop_level, param_names, split_aux, split_outputs
 from .graph import Graph, Node, Program, has_effects, remap
-from .interpreter import Dual, new_level
-from .ops import functional_variant, is_random, mutated_args, op_name, returns_alias
+from .interpreter import Dual, enter_level, exit_level
+from .ops import fill_defaults, functional_variant, is_random, mutated_args, op_name, returns_alias
 
 _set_grad_enabled = torch._C._set_grad_enabled
 
@@ -213,7 +214,8 @@ class Recorder(TorchDispatchMode):
         found = []
         mutated = mutated_args(func)
         functional = self._functional_instead(func, args, kwargs) if mutated else None
-        rfunc, rargs = _normalized(functional or func, args)
+        # The out-of-place op may lack a default the in-place one has (bernoulli_'s p).
+        rfunc, rargs = _normalized(functional or func, fill_defaults(func, args) if functional else args)
         nargs = tuple(self._arg(a, found) for a in rargs)
         nkwargs = {k: self._arg(v, found) for k, v in kwargs.items()}
         depends = any(n.tangent for n, _ in found)
@@ -255,8 +257,8 @@ class Recorder(TorchDispatchMode):
         if mutated_args(func) != (0,) or kwargs or not isinstance(args[0], torch.Tensor):
             return None
         w = args[0]
-        if w._base is not None or w.is_meta:
-            return None
+        if w._base is not None or w.is_meta or self.node_of.get(w) is None:
+            return None  # a view, or a tensor the recording did not make (captured: BatchNorm's counter)
         storage = StorageWeakRef(w.untyped_storage())
         if storage in self.input_storages or storage in self.aliased:
             return None
@@ -396,20 +398,23 @@ def functionalized(rec, inputs, is_tangent, restore_rng):
 
 
 def tangent_program(rec, tangent_outputs):
-    """The tangent program alone: ``(Program, residual values)``.
+    """The tangent program alone: ``(Program, residual values, residual nodes)``.
 
     The program takes the residuals, then the tangent inputs, and returns the
     outputs of ``rec`` at the indices ``tangent_outputs``.  A primal value
     returned as a tangent (a materialised zero tangent) is a residual too.
+    The residual nodes are ``rec``'s, for ``primal_program``.
     """
     graph = Graph()
     env = {}
     residuals = {}  # placeholder -> value
+    sources = {}  # placeholder -> rec's node
 
     def residual(node, value):
         if node not in env:
             env[node] = graph.add("placeholder", node.name, name=node.name)
             residuals[env[node]] = value
+            sources[env[node]] = node
 
     for node, (value, _) in rec.residuals.items():
         residual(node, value)
@@ -434,7 +439,27 @@ def tangent_program(rec, tangent_outputs):
     used = {n for node in graph.nodes for n in node.inputs()}
     graph.nodes = [n for n in graph.nodes if n.op != "placeholder" or n.tangent or n in used]
     values = [residuals[n] for n in graph.nodes if n in residuals]
-    return Program(graph, {}), values
+    return Program(graph, {}), values, [sources[n] for n in graph.nodes if n in residuals]
+
+
+def primal_program(rec, primal_outputs, residual_nodes):
+    """The primal program alone, to compute at new inputs what ``tangent_program`` reads.
+
+    It takes ``rec``'s primal inputs and returns its outputs at the indices
+    ``primal_outputs``, then the values of ``residual_nodes``.
+    """
+    graph = Graph()
+    env = {}
+    for node, _ in rec.inputs:
+        if not node.tangent:
+            env[node] = graph.add("placeholder", node.name, name=node.name)
+    for node in rec.graph.nodes:
+        if node.op == "get_attr" or (node.op == "call" and (not node.tangent or node.target is _set_grad_enabled)):
+            env[node] = graph.copy(node, env)
+    wanted = [rec.output_nodes[i] for i in primal_outputs] + list(residual_nodes)
+    graph.add("output", "output", (tuple(remap(n, env) for n in wanted),))
+    graph.eliminate_dead_code()
+    return Program(graph, dict(rec.constants))
 
 
 # --------------------------------------------------------------------------
@@ -455,6 +480,34 @@ def _contents(obj):
     return []
 
 
+_SCALARS = (bool, int, complex, str, bytes, type(None))
+_MISSING = object()
+
+
+def value_key(obj):
+    """What a recording may have baked in from a captured non-tensor value: the
+    value itself for numbers, strings and tuples of them (a float by its exact
+    bits, so NaN matches itself); otherwise the object's identity."""
+    if isinstance(obj, float):
+        return (float, obj.hex())
+    if isinstance(obj, _SCALARS):
+        return (type(obj), obj)
+    if isinstance(obj, tuple):
+        return (tuple, tuple(value_key(x) for x in obj))
+    return ("id", id(obj))
+
+
+def _module_values(module):
+    """Plain attributes of ``module`` and its submodules (``p`` of Dropout, ``eps``, a
+    user's ``self.scale``): a forward may read them."""
+    out = []
+    for m in module.modules():
+        for k, v in vars(m).items():
+            if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module)):
+                out.append(value_key(v))
+    return out
+
+
 class Captures:
     """Where ``func`` may find tensors that are not its arguments (shallow).
 
@@ -467,6 +520,7 @@ class Captures:
         self.direct = []  # objects reached without a lookup
         self.cells = []
         self.globals = []  # (dict, name)
+        self.other_globals = []  # (dict, name) of other values it names (not modules)
         self._collect(func, depth=0)
 
     def _collect(self, obj, depth):
@@ -492,6 +546,8 @@ class Captures:
         for name in code.co_names:
             if _contents(g.get(name)):
                 self.globals.append((g, name))
+            elif name in g and not isinstance(g[name], types.ModuleType):
+                self.other_globals.append((g, name))
         for d in (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()):
             if _contents(d):
                 self.direct.append(d)
@@ -521,6 +577,21 @@ class Captures:
                     ids.append(id(t))
                     keep.append(t)
                 flags.extend(m.training for m in obj.modules())
+                flags.extend(_module_values(obj))
+        # Non-tensor values in the closure and the globals it names: a float a
+        # recording multiplied by is baked into the graph.
+        for cell in self.cells:
+            try:
+                v = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if not _contents(v):
+                flags.append(value_key(v))
+                keep.append(v)
+        for g, name in self.other_globals:
+            v = g.get(name, _MISSING)
+            flags.append(value_key(v))
+            keep.append(v)
         return (tuple(ids), tuple(flags)), keep
 
     def names(self):
@@ -531,6 +602,32 @@ class Captures:
                 for n, t in (*obj.named_parameters(), *obj.named_buffers()):
                     names.setdefault(id(t), n)
         return names
+
+
+def leaf_key(x):
+    """What a recorded program may depend on in one argument leaf."""
+    if isinstance(x, torch.Tensor):
+        return (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+    try:
+        hash(x)
+    except TypeError:
+        return ("id", id(x))
+    return (type(x), x)
+
+
+def signature(spec, leaves, captured, *extra):
+    """The guard of a recorded program: the arguments' structure and leaves, what
+    the function captures (``Captures.state``), ``extra``, and the modes."""
+    return (
+        spec,
+        tuple(map(leaf_key, leaves)),
+        *extra,
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        # autocast's switches and target dtypes: a bfloat16 recording must not replay under float16
+        tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
+        captured,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -560,18 +657,22 @@ class FlatJvp:
 
     def __call__(self, *xs):
         n = len(self.tensor_idx)
-        level = new_level()
-        leaves = list(self.leaves)
-        tangents = dict(zip(self.tangent_idx, xs[n:]))
-        for i, p in zip(self.tensor_idx, xs[:n]):
-            leaves[i] = Dual(p, tangents.get(i), level, requires_grad=p.requires_grad) if i in self.dual else p
-        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        out = self.func(*args, **kwargs)
-        out, aux = split_aux(out, self.has_aux, self.name)
-        primal, tangent = split_outputs(out, level, self.name)
+        level = enter_level()
+        try:
+            leaves = list(self.leaves)
+            tangents = dict(zip(self.tangent_idx, xs[n:]))
+            for i, p in zip(self.tensor_idx, xs[:n]):
+                leaves[i] = Dual(p, tangents.get(i), level, requires_grad=p.requires_grad) if i in self.dual else p
+            args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+            out = self.func(*args, **kwargs)
+            out, aux = split_aux(out, self.has_aux, self.name)
+            primal, tangent = split_outputs(out, level, self.name)
+            aux = drop_level(aux, level)
+        finally:
+            exit_level(level)
         p_leaves, self.out_spec = pytree.tree_flatten(primal)
         t_leaves = pytree.tree_flatten(tangent)[0]
-        aux_leaves, self.aux_spec = pytree.tree_flatten(drop_level(aux, level))
+        aux_leaves, self.aux_spec = pytree.tree_flatten(aux)
         self.n_out = len(p_leaves)
         return [*p_leaves, *t_leaves, *aux_leaves]
 

@@ -8,18 +8,34 @@ os.environ.setdefault("FWDGRAD_CHECK", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+# Opt-in tests: each runs when its marker is named in -m, when
+# FWDGRAD_TEST_<NAME>=1, or (sweeps) with --sweep.
+OPT_IN = {
+    "sweep": "a long fault-injection sweep",
+    "compile": "runs inductor (a C++ compile)",
+    "heavy": "4-process distributed runs",
+}
+
+
 def pytest_addoption(parser):
-    parser.addoption("--heavy", action="store_true", help="also run the tests marked heavy")
+    parser.addoption("--sweep", action="store_true", help="also run the long fault-injection sweeps")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "heavy: slow cases (4-process runs), run with --heavy")
+    for name, what in OPT_IN.items():
+        config.addinivalue_line("markers", f"{name}: {what}; run with -m {name} or FWDGRAD_TEST_{name.upper()}=1")
+
+
+def _opted_in(config, name):
+    return (os.environ.get(f"FWDGRAD_TEST_{name.upper()}") == "1" or name in (config.option.markexpr or "")
+            or (name == "sweep" and config.getoption("--sweep")))
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--heavy"):
-        return
-    skip = pytest.mark.skip(reason="heavy: run with --heavy")
-    for item in items:
-        if "heavy" in item.keywords:
-            item.add_marker(skip)
+    for name in OPT_IN:
+        if _opted_in(config, name):
+            continue
+        skip = pytest.mark.skip(reason=f"opt-in: run with -m {name} or FWDGRAD_TEST_{name.upper()}=1")
+        for item in items:
+            if item.get_closest_marker(name):
+                item.add_marker(skip)
