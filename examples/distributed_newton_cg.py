@@ -1,7 +1,7 @@
 """Data-parallel Hessian-free training: Newton-CG steps on a DDP model, checked against one process.
 
 Run it with ``torchrun --nproc-per-node 2 examples/distributed_newton_cg.py``
-(gloo on CPU, NCCL where there is a GPU), or plainly with ``python``, which
+(NCCL where there is a GPU per process, gloo on the CPU otherwise), or plainly with ``python``, which
 starts two gloo processes itself.  Each rank holds its shard of the batch and
 a DistributedDataParallel model.  Each product ``H v`` inside conjugate
 gradients is one closure-form call::
@@ -79,7 +79,8 @@ def newton_cg(model, params, loss):
 
 def main():
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if nccl else torch.device("cpu")
     x, y = two_spirals(64 * world)
     xr, yr = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)
     ddp = DDP(make_model().to(device))
@@ -111,7 +112,9 @@ def _spawned(rank, world, port):
 
 if __name__ == "__main__":
     if "RANK" in os.environ:  # under torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # NCCL needs a GPU per rank; otherwise gloo on the CPU.
+        gpus = torch.cuda.device_count()
+        dist.init_process_group("nccl" if gpus >= int(os.environ["WORLD_SIZE"]) else "gloo")
         try:
             main()
         finally:

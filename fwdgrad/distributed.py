@@ -122,7 +122,7 @@ class ParallelForwards:
     def __init__(self):
         self.ddps = []
         self._saved = []
-        self._thread = threading.get_ident()
+        self._thread = None
         self._handle = None
 
     def _pre_hook(self, module, args):
@@ -145,7 +145,10 @@ class ParallelForwards:
                 module._static_graph_delay_allreduce_enqueued = True
 
     def __enter__(self):
-        if DDP:
+        # Under torch.compile it stands aside (Dynamo cannot trace the hook's
+        # bookkeeping; DDP under compile is DDP's own compiled path).
+        if DDP and not torch.compiler.is_compiling():
+            self._thread = threading.get_ident()
             self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._pre_hook)
         return self
 
