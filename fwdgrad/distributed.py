@@ -17,6 +17,7 @@ A module sharded by FSDP2 is refused: its hooks gather its own parameters
 and would drop the tangents.
 """
 
+import contextlib
 import gc
 import math
 import threading
@@ -172,5 +173,12 @@ class ParallelForwards:
             )
 
 
-def group_of(ddp):
-    return ddp.process_group
+def watch_forwards():
+    """``ParallelForwards()`` where DDP or FSDP2 can run (a process group exists), else nothing.
+
+    The forward-mode transforms use it, so that without torch.distributed
+    (and under torch.compile) they carry no context manager of their own.
+    """
+    if torch.compiler.is_compiling() or dist is None or not dist.is_available() or not dist.is_initialized():
+        return contextlib.nullcontext()
+    return ParallelForwards()

@@ -29,7 +29,7 @@ from .arguments import (
     check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, normal_mode,
     primal_and_tangent, split_aux, usable,
 )
-from .distributed import ParallelForwards, check_group, ddp_holding, weighted_mean
+from .distributed import check_group, ddp_holding, watch_forwards, weighted_mean
 from .dtensor import check_layout, is_dtensor, storage_ptr
 from .interpreter import Dual, enter_level, exit_level, strip
 from .state import State
@@ -109,7 +109,7 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=No
             fresh = [_input_leaf(x) for x in leaves]
             inputs.extend(fresh)
             args[n] = pytree.tree_unflatten(fresh, spec)
-        with ParallelForwards() as ddps:
+        with watch_forwards() as ddps:
             out = func(*args, **kwargs)
         out, aux = split_aux(out, has_aux, name)
         check_scalar_output(out, name)
@@ -119,7 +119,8 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=No
         create_graph = outer_grad and (
             any(x.requires_grad for x in originals) or _reaches_other_leaves(out, inputs)
         )
-        ddps.check_reduced(group, name)
+        if ddps is not None:
+            ddps.check_reduced(group, name)
         if group is not None and create_graph:
             raise NotImplementedError(
                 f"{name}: with process_group=, the gradient cannot be differentiated again by "
@@ -392,7 +393,7 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
             Dual(detach_keeping_tangents(usable(p)), t, level, requires_grad=True)
             for p, t in zip(p_leaves, v_leaves)
         ]
-        with State(loss).undone_on_error(), ParallelForwards() as ddps:
+        with State(loss).undone_on_error(), watch_forwards() as ddps:
             if closure:
                 value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name, held)
             else:
@@ -406,7 +407,8 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
         del duals
     finally:
         exit_level(level)
-    ddps.check_reduced(group, name)
+    if ddps is not None:
+        ddps.check_reduced(group, name)
     if group is not None:
         n = len(p_leaves)
         gs = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, p_leaves)]

@@ -13,7 +13,7 @@ import torch
 from .arguments import (
     check_callable, check_outside_functorch, check_tangent, drop_level, lift, normal_mode, split_aux, split_outputs,
 )
-from .distributed import ParallelForwards
+from .distributed import watch_forwards
 from .interpreter import Dual, enter_level, exit_level
 from .jacobian import batched_jvp
 from .state import State
@@ -65,7 +65,7 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False, c
     level = enter_level()
     try:
         duals = lift(tuple(primals), tuple(tangents), level, name)
-        with State(func).undone_on_error(), ParallelForwards():
+        with State(func).undone_on_error(), watch_forwards():
             out = func(*duals)
         out, aux = split_aux(out, has_aux, name)
         primal_out, tangent_out = split_outputs(out, level, name)
@@ -124,7 +124,7 @@ def forward_grad(func, *, has_aux=False, trace=False, compile=False):
                     args.append(Dual(p, t, level, requires_grad=p.requires_grad))
                 else:
                     args.append(lift(p, t, level, name, prefix=where))
-            with State(func).undone_on_error(), ParallelForwards():
+            with State(func).undone_on_error(), watch_forwards():
                 out = func(*args, **kwargs)
             out, aux = split_aux(out, has_aux, name)
             r, dr = split_outputs(out, level, name)
