@@ -17,8 +17,6 @@ are computed once, and the tangent of the gradient is ``H v``.  With a closure
 import functools
 import gc
 import inspect
-import signal
-import threading
 import traceback
 
 import torch
@@ -30,7 +28,7 @@ from .arguments import (
     usable,
 )
 from .interpreter import Dual, new_level, strip, tangent_of
-from .state import State
+from .state import Deferred, State
 
 _aten_detach = torch.ops.aten.detach.default
 
@@ -368,7 +366,7 @@ def _in_closure(loss, keys, params, duals, level, name):
 
     Whatever happens (an exception or a ``KeyboardInterrupt`` at any point),
     every parameter is swapped back: the swaps and their bookkeeping run with
-    SIGINT deferred (``_Deferred``), and on an exception the partial graph is
+    SIGINT deferred (``Deferred``), and on an exception the partial graph is
     freed before the swap back.
     """
     seen = set()
@@ -385,7 +383,7 @@ def _in_closure(loss, keys, params, duals, level, name):
     swapped = []  # (param, dual, hook handle or None), in swap order
     raised = False
     try:
-        with _Deferred():
+        with Deferred():
             for p, d in zip(params, duals):
                 swapped.append((p, d, _swap(p, d)))
         return _loss_and_grads(loss, (), params, level, name)
@@ -396,7 +394,7 @@ def _in_closure(loss, keys, params, duals, level, name):
         _free_graph(e)
         raise
     finally:
-        with _Deferred():
+        with Deferred():
             _swap_all_back(swapped, name, force=raised)
 
 
@@ -426,33 +424,6 @@ def _swap_all_back(swapped, name, force):
             hook.remove()
     if failed:
         raise failed[0]
-
-
-class _Deferred:
-    """SIGINT (``KeyboardInterrupt``) is held back inside the block and delivered after it.
-
-    A swap is three steps (class, ``__dict__``, the C++ tensor); an interrupt
-    between two of them would leave a parameter half a dual.  Only the main
-    thread receives signals, so elsewhere this does nothing.
-    """
-
-    depth = 0  # blocks open now (tests that inject interrupts read it)
-
-    def __enter__(self):
-        self.pending = []
-        self.old = None
-        if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGINT, lambda signum, frame: self.pending.append(frame))
-        _Deferred.depth += 1
-        return self
-
-    def __exit__(self, *exc):
-        _Deferred.depth -= 1
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
-            if self.pending and callable(self.old):
-                self.old(signal.SIGINT, self.pending[0])
-        return False
 
 
 def _holder(t):
