@@ -364,10 +364,13 @@ def _in_closure(loss, keys, params, duals, level, name):
             swapped.append((p, d))
         return _loss_and_grads(loss, (), params, level, name)
     except BaseException as e:
-        # The traceback's frames hold the partial graph, which holds the
-        # parameters; free it so that they can be swapped back.
-        traceback.clear_frames(e.__traceback__)
+        # The tracebacks' frames hold the partial graph, which holds the
+        # parameters; free it so that they can be swapped back.  That includes
+        # the exceptions this one was raised from or while handling (a missing
+        # rule is reported ``from None``, but its context stays attached).
+        _clear_frames(e)
         gc.collect()
+        _flush_autograd()
         raise
     finally:
         failed = []
@@ -380,6 +383,26 @@ def _in_closure(loss, keys, params, duals, level, name):
             raise failed[0]
 
 
+def _flush_autograd():
+    """Run a trivial backward pass on this thread.  When a backward pass raises,
+    autograd leaves the nodes it had queued in this thread's ready queue, and they
+    hold saved tensors (parameters among them) until the next pass discards them."""
+    with torch.enable_grad():
+        x = torch.zeros((), requires_grad=True)
+        torch.autograd.grad(x * 1.0, x)
+
+
+def _clear_frames(e):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        for chained in (e.__cause__,):
+            if chained is not None:
+                _clear_frames(chained)
+        e = e.__context__
+
+
 def _poisoned(grad_outputs):
     raise RuntimeError(
         "fwdgrad.hvp: this graph used a parameter while hvp had turned it into a dual "
@@ -387,15 +410,17 @@ def _poisoned(grad_outputs):
     )
 
 
-def _swap(t1, t2):
+def _swap(t1, t2, force=False):
     """Exchange the contents of two tensor objects, keeping their identities.
 
     Like ``torch.utils.swap_tensors``, but weak references are allowed: a weak
     reference to a parameter (``nn.LSTM`` keeps them) goes on pointing at the
     same object, which is what the temporary swap of the closure form needs.
+    ``force``: swap even while C++ references (a graph kept alive) hold one of
+    them; those references then keep the contents they were taken on.
     """
     for t in (t1, t2):
-        if t._use_count() > 1:
+        if t._use_count() > 1 and not force:
             # A leaf may also be held by its AccumulateGrad node (a graph that
             # outlives the call): that node must not run on the swapped tensor.
             if t._use_count() == 2 and t.is_leaf:
@@ -421,10 +446,16 @@ def _swap_back(p, d, name):
         try:
             _swap(p, d)
         except RuntimeError as e:
+            # Restore the parameter anyway: whatever still holds a reference
+            # (a graph the closure stored) keeps the dual it was built on.
+            _swap(p, d, force=True)
             raise RuntimeError(
-                f"{name}: could not restore a parameter after the closure ran, because a "
-                f"reference to it taken during the call is still alive (an output or graph "
-                f"stored by the closure?): {e}"
+                f"{name}: the closure kept a reference to a parameter taken while hvp had "
+                f"turned it into a dual (an output or autograd graph stored on a module or "
+                f"elsewhere, e.g. the weight that the hook-based torch.nn.utils.weight_norm "
+                f"stores on its module; use torch.nn.utils.parametrizations.weight_norm).  The "
+                f"parameters are restored, but that stored value belongs to hvp's call and "
+                f"must not be used: {e}"
             ) from None
 
 

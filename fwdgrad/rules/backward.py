@@ -24,7 +24,7 @@ from ..fallback import rule_for
 from ..ops import aten_ops
 from ..registry import defrule, tmul, tsub, tsum
 from ..slicing import accumulate, fresh_ok, in_place_ok, in_row_slices
-from .nn import _attention_probs, _channel_shape
+from .nn import _attention_probs, _channel_shape, kv_groups, repeat_kv, sum_kv, weight_norm_dims
 
 aten = torch.ops.aten
 
@@ -576,6 +576,27 @@ def _batch_norm_backward_jvp(t, ans, go, x, w, rm, rv, save_mean, save_var, upda
     return _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_var, update, eps, output_mask)
 
 
+@defrule(aten._weight_norm_interface_backward.default)
+def _weight_norm_backward_jvp(t, ans, gw, v, g, n, dim):
+    # With r = <gw, v> (summed over all dimensions but ``dim``), the kernel returns
+    #   gg = r / n  and  gv = (g / n) (gw - v gg / n),
+    # with n the saved norm (an input of its own, so its tangent enters too).
+    dgw, dv, dg, dn = t[0], t[1], t[2], t[3]
+    dims = weight_norm_dims(v, dim)
+    gv, gg = ans
+    dr = tsum(None if dgw is None else (dgw * v).sum(dims, keepdim=True),
+              None if dv is None else (gw * dv).sum(dims, keepdim=True))
+    dgg = tsub(None if dr is None else dr / n, None if dn is None else gg * dn / n)  # d(r / n)
+    scale = g / n
+    dscale = tsub(None if dg is None else dg / n, None if dn is None else scale * dn / n)
+    ratio = gg / n
+    dratio = tsub(None if dgg is None else dgg / n, None if dn is None else ratio * dn / n)
+    dgv = tsum(None if dscale is None else dscale * (gw - v * ratio),
+               None if dgw is None and dv is None and dratio is None else
+               scale * tsub(dgw, tsum(tmul(dv, ratio), tmul(v, dratio))))
+    return dgv, dgg
+
+
 # ---- attention ----------------------------------------------------------------------
 
 
@@ -603,6 +624,10 @@ def _sdpa_cpu_backward_jvp(t, ans, go, q, k, v, out, lse, dropout_p, is_causal, 
         dgq = dgk = dgv = None
     if all(a is None for a in (dq, dk, dv, dout, dlse, dmask)):
         return dgq, dgk, dgv
+    # Grouped-query attention: work with one key/value head per query head, and
+    # sum the key and value gradients' tangents back onto the shared heads.
+    groups = kv_groups(q, k)
+    k, v, dk, dv = (repeat_kv(a, groups) for a in (k, v, dk, dv))
     p = _attention_probs(q, k, lse, attn_mask, is_causal, scale)
     # Tangent of P = exp(S - lse).
     ds_in = tsum(None if dq is None else (dq @ k.transpose(-2, -1)) * scale,
@@ -616,11 +641,12 @@ def _sdpa_cpu_backward_jvp(t, ans, go, q, k, v, out, lse, dropout_p, is_causal, 
     inner = tsum(None if dv is None else go @ dv.transpose(-2, -1),
                  None if dout is None else -(go * dout).sum(-1, keepdim=True))
     d_dS = tsum(None if dp is None else dp * (dP - D), tmul(p, inner))
-    dgv = tsum(dgv, None if dp is None else dp.transpose(-2, -1) @ go)
+    cv = None if dp is None else dp.transpose(-2, -1) @ go
     dS = p * (dP - D)
+    ck = None
     if d_dS is not None:
         dgq = tsum(dgq, (d_dS @ k) * scale)
-        dgk = tsum(dgk, (d_dS.transpose(-2, -1) @ q) * scale)
+        ck = (d_dS.transpose(-2, -1) @ q) * scale
     dgq = tsum(dgq, None if dk is None else (dS @ dk) * scale)
-    dgk = tsum(dgk, None if dq is None else (dS.transpose(-2, -1) @ dq) * scale)
-    return dgq, dgk, dgv
+    ck = tsum(ck, None if dq is None else (dS.transpose(-2, -1) @ dq) * scale)
+    return dgq, tsum(dgk, sum_kv(ck, groups)), tsum(dgv, sum_kv(cv, groups))

@@ -194,6 +194,23 @@ def _group_norm_jvp(t, ans, x, w, b, N, C, HxW, group, eps):
     return _affine_tangent(dxhat, w, lambda: xhat.reshape(x.shape), t[1], t[2], shape), dmean, drstd
 
 
+def weight_norm_dims(v, dim):
+    """The dimensions ``_weight_norm_interface`` reduces: all but ``dim``."""
+    dim = dim % v.dim() if v.dim() else 0
+    return [d for d in range(v.dim()) if d != dim]
+
+
+@defrule(aten._weight_norm_interface.default)
+def _weight_norm_jvp(t, ans, v, g, dim=0):
+    # w = g v / n with n = ||v|| over all dimensions but ``dim`` (kept as size 1):
+    # dn = <v, dv> / n and dw = (dg v + g dv) / n - w dn / n.
+    w, n = ans
+    dv, dg = t[0], t[1]
+    dn = None if dv is None else (v * dv).sum(weight_norm_dims(v, dim), keepdim=True) / n
+    dw = tsub(tsum(tmul(dg, v), tmul(g, dv)), tmul(w, dn))
+    return None if dw is None else dw / n, dn
+
+
 # ---- pooling and resampling ---------------------------------------------------
 
 
@@ -303,6 +320,30 @@ def _attention_probs(q, k, lse, attn_mask, is_causal, scale, in_place=False):
     return p.nan_to_num(0.0)
 
 
+def kv_groups(q, k):
+    """How many query heads share each key/value head (grouped-query attention,
+    ``enable_gqa``: the fused CPU kernel takes keys and values with fewer heads)."""
+    if q.dim() < 3 or k.dim() < 3 or q.shape[-3] == k.shape[-3]:
+        return 1
+    return q.shape[-3] // k.shape[-3]
+
+
+def repeat_kv(x, groups):
+    """Keys or values (or their tangents) repeated to one head per query head, as
+    ``enable_gqa`` pairs them: query head h reads key head h // groups."""
+    if x is None or groups == 1:
+        return x
+    return x.repeat_interleave(groups, dim=-3)
+
+
+def sum_kv(x, groups):
+    """The adjoint of ``repeat_kv``: per-query-head terms summed back onto their key head."""
+    if x is None or groups == 1:
+        return x
+    shape = x.shape[:-3] + (x.shape[-3] // groups, groups) + x.shape[-2:]
+    return x.reshape(shape).sum(-3)
+
+
 @defrule(aten._scaled_dot_product_flash_attention_for_cpu.default)
 def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
     out, lse = ans  # (the kernel itself rejects dropout_p > 0; F.sdpa then takes the math path)
@@ -318,6 +359,8 @@ def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=
             q, k, tv, 0.0, is_causal, attn_mask=attn_mask, scale=scale
         )[0]
         return dout, None
+    groups = kv_groups(q, k)
+    k, v, tk, tv = (repeat_kv(a, groups) for a in (k, v, tk, tv))
     # With S = scale q k^T + mask and P = softmax(S): dP = P * (dS - rowsum(P * dS)),
     # so d out = P dV + (P * dS) V - rowsum(P * dS) out, and d lse = rowsum(P * dS).
     visible = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (q, k, attn_mask))
