@@ -11,7 +11,4 @@ EXPECTED_FAILURES = {
 }
 
 # tests/test_zoo.py: "<model>-<attention path>-<check>" -> why it fails (not fwdgrad's fault).
-ZOO_EXPECTED_FAILURES = {
-    "wav2vec2-eager-hvp": "no JVP rule yet for aten._ctc_loss_backward (PyTorch has no double backward for it)",
-    "wav2vec2-sdpa-hvp": "no JVP rule yet for aten._ctc_loss_backward (PyTorch has no double backward for it)",
-}
+ZOO_EXPECTED_FAILURES = {}

@@ -203,7 +203,12 @@ def _wav2vec2(attention, dtype):
         return model(input_values=audio).logits
 
     def loss():
-        return model(input_values=x, labels=labels).loss
+        # Wav2Vec2ForCTC's own loss casts the log-probabilities to float32 (no
+        # float64 oracle could check that); this is the same loss in the model's dtype.
+        log_probs = model(input_values=x).logits.log_softmax(-1).transpose(0, 1)
+        lengths = torch.full((BATCH,), log_probs.shape[0], dtype=torch.long)
+        return F.ctc_loss(log_probs, labels, lengths, torch.full((BATCH,), labels.shape[1]), blank=0,
+                          reduction="mean", zero_infinity=model.config.ctc_zero_infinity)
 
     return Case(model, x, f, loss)
 

@@ -24,7 +24,9 @@ from ..fallback import rule_for
 from ..ops import aten_ops
 from ..registry import defrule, tmul, tsub, tsum
 from ..slicing import accumulate, fresh_ok, in_place_ok, in_row_slices
-from .nn import _attention_probs, _channel_shape, kv_groups, repeat_kv, sum_kv, weight_norm_dims
+from .nn import (
+    CTCLattice, _attention_probs, _channel_shape, ctc_beta, kv_groups, repeat_kv, sum_kv, weight_norm_dims,
+)
 
 aten = torch.ops.aten
 
@@ -595,6 +597,44 @@ def _weight_norm_backward_jvp(t, ans, gw, v, g, n, dim):
                None if dgw is None and dv is None and dratio is None else
                scale * tsub(dgw, tsum(tmul(dv, ratio), tmul(v, dratio))))
     return dgv, dgg
+
+
+@defrule(aten._ctc_loss_backward.default, aten._ctc_loss_backward.Tensor)
+def _ctc_loss_backward_jvp(t, ans, gr, lp, targets, input_lengths, target_lengths, nll, log_alpha, blank,
+                           zero_infinity=False):
+    # On the frames in use the kernel returns gr (exp(lp) - E), with E = exp(lcab + nll - lp)
+    # and lcab[t, c] = log sum over the lattice positions labelled c of alpha beta.
+    # Its tangent needs those of log_alpha (an input), of log_beta (recomputed here
+    # with its tangent) and of lcab: the posterior-weighted sum of d(alpha + beta).
+    if lp.dim() != 3:
+        raise NotImplementedError("fwdgrad: forward over reverse through ctc_loss needs batched log_probs (T, N, C)")
+    dgr, dlp, dnll, dla = t[0], t[1], t[5], t[6]
+    T, N, C = lp.shape
+    lattice = CTCLattice(lp, targets, input_lengths, target_lengths, blank)
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    dlp_or0 = zero.expand(lp.shape) if dlp is None else dlp
+    lb, dlb = ctc_beta(lattice, lattice.gather(lp), lattice.gather(dlp_or0))
+    la = log_alpha.masked_fill(~lattice.valid, float("-inf"))
+    ab = la + lb  # (N, T, S)
+    index = lattice.ext.unsqueeze(1).expand(N, T, -1)
+    one_hot = torch.zeros(N, T, C, lattice.shape[2], dtype=torch.bool, device=lp.device)
+    one_hot.scatter_(2, index.unsqueeze(2), True)
+    lcab = torch.logsumexp(ab.unsqueeze(2).masked_fill(~one_hot, float("-inf")), 3)  # (N, T, C)
+    posterior = torch.where(ab.isinf(), 0.0, (ab - lcab.gather(2, index)).exp())
+    dab = tsum(dla, dlb)
+    dab = zero.expand(ab.shape) if dab is None else dab.masked_fill(~lattice.valid, 0.0)
+    dlcab = torch.zeros(N, T, C, dtype=lp.dtype, device=lp.device).scatter_add(2, index, posterior * dab)
+    lcab, dlcab = lcab.transpose(0, 1), dlcab.transpose(0, 1)  # (T, N, C)
+    E = torch.where(lcab.isinf(), 0.0, (lcab + nll.view(1, N, 1) - lp).exp())
+    frames = torch.arange(T, device=lp.device)
+    in_use = (frames.unsqueeze(1) < lattice.in_len).unsqueeze(2)
+    if zero_infinity:
+        in_use = in_use & ~nll.isinf().view(1, N, 1)
+    g = gr.view(1, N, 1) if gr.dim() else gr
+    dE = E * tsub(tsum(dlcab, None if dnll is None else dnll.view(1, N, 1)), dlp)
+    d = tsum(None if dgr is None else (dgr.view(1, N, 1) if dgr.dim() else dgr) * (lp.exp() - E),
+             g * tsub(None if dlp is None else lp.exp() * dlp, dE))
+    return d.masked_fill(~in_use, 0.0)
 
 
 # ---- attention ----------------------------------------------------------------------
