@@ -12,7 +12,7 @@ this process (``common.time_interleaved``):
   eager-attention twin where PyTorch has no forward AD for the SDPA kernel);
 * ``jvp p``: the same w.r.t. all parameters (``functional_call``);
 * ``hvp``: ``fwdgrad.hvp`` (closure form) / double backward
-  (``autograd.grad`` of ``<grad, v>`` with ``create_graph``), and
+  (``autograd.grad`` of ``<grad, v>`` with ``create_graph``, on the eager twin), and
   ``hvp/grad``, against one plain gradient;
 * ``mem``: peak live tensor bytes of the hvp / of one gradient, and the same
   for double backward (``common.tensor_peak``).
@@ -70,9 +70,11 @@ def _bench(family, name, path, build, rounds):
     def grad():
         return torch.autograd.grad(case.loss(), tp)
 
-    def double_backward():
-        g = torch.autograd.grad(case.loss(), tp, create_graph=True)
-        return torch.autograd.grad(sum((a * vp[k]).sum() for a, k in zip(g, params)), tp)
+    twin_tp = [p for p in twin.model.parameters() if p.requires_grad]
+
+    def double_backward():  # on the eager twin: the fused SDPA kernel has no double backward
+        g = torch.autograd.grad(twin.loss(), twin_tp, create_graph=True)
+        return torch.autograd.grad(sum((a * vp[k]).sum() for a, k in zip(g, params)), twin_tp)
 
     methods = {
         "fwdgrad jvp x": no_grad(lambda: fwdgrad.jvp(case.f, (x,), (vx,))),
