@@ -17,6 +17,10 @@ this process (``common.time_interleaved``):
 * ``mem``: peak live tensor bytes of the hvp / of one gradient, and the same
   for double backward (``common.tensor_peak``).
 
+``--alexnet BATCH`` (default 16) adds torchvision's full-size AlexNet: ``jvp``
+w.r.t. the input, time and peak memory against ``torch.func.jvp`` and the
+double-backward trick.
+
 Goals (issue 15): ``jvp p`` at most 0.8 on every model; ``hvp`` at most 1.0,
 at about 2x a gradient's memory.  A method that cannot run prints its error.
 """
@@ -40,10 +44,11 @@ from common import tensor_peak, time_interleaved  # noqa: E402
 class _Call(torch.nn.Module):
     def __init__(self, model, f):
         super().__init__()
-        self.model, self.f = model, f
+        self.model = model
+        self._f = (f,)  # not registered: f may be the model itself
 
     def forward(self, x):
-        return self.f(x)
+        return self._f[0](x)
 
 
 def _bench(family, name, path, build, rounds):
@@ -71,6 +76,8 @@ def _bench(family, name, path, build, rounds):
         return torch.autograd.grad(case.loss(), tp)
 
     twin_tp = [p for p in twin.model.parameters() if p.requires_grad]
+    twin_detached = {k: p.detach() for k, p in twin.model.named_parameters() if p.requires_grad}
+    assert twin_detached.keys() == detached.keys()
 
     def double_backward():  # on the eager twin: the fused SDPA kernel has no double backward
         g = torch.autograd.grad(twin.loss(), twin_tp, create_graph=True)
@@ -80,8 +87,7 @@ def _bench(family, name, path, build, rounds):
         "fwdgrad jvp x": no_grad(lambda: fwdgrad.jvp(case.f, (x,), (vx,))),
         "func jvp x": no_grad(lambda: torch.func.jvp(twin.f, (x,), (vx,))),
         "fwdgrad jvp p": no_grad(lambda: fwdgrad.jvp(at(case), (detached,), (vp,))),
-        "func jvp p": no_grad(lambda: torch.func.jvp(at(twin), ({k: p.detach() for k, p in twin.model.named_parameters()
-                                                                 if p.requires_grad},), (vp,))),
+        "func jvp p": no_grad(lambda: torch.func.jvp(at(twin), (twin_detached,), (vp,))),
         "grad": grad,
         "fwdgrad hvp": lambda: fwdgrad.hvp(case.loss, params, vp),
         "double backward": double_backward,
@@ -112,6 +118,38 @@ def _bench(family, name, path, build, rounds):
     return row
 
 
+def alexnet_row(batch, rounds):
+    """torchvision's AlexNet at full size (224x224, 1000 classes): jvp w.r.t. the input
+    under no_grad, against torch.func.jvp and the double-backward trick
+    (torch.autograd.functional.jvp), time and peak live tensor bytes."""
+    tv = zoo_models.torchvision()
+    torch.manual_seed(0)
+    model = tv.models.alexnet().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 224, 224, generator=gen)
+    v = torch.randn(x.shape, generator=gen)
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
+
+    methods = {
+        "forward": no_grad(lambda: model(x)),
+        "fwdgrad jvp": no_grad(lambda: fwdgrad.jvp(model, (x,), (v,))),
+        "torch.func.jvp": no_grad(lambda: torch.func.jvp(model, (x,), (v,))),
+        "double-backward trick": lambda: torch.autograd.functional.jvp(model, x, v),
+    }
+    times = time_interleaved(methods, rounds)
+    mem = {m: tensor_peak(fn, warmup=1) for m, fn in methods.items()}
+    print(f"AlexNet, batch {batch} at 224x224, jvp w.r.t. the input:")
+    for m in methods:
+        print(f"  {m:24s} {times[m] * 1e3:9.1f} ms  {times[m] / times['forward']:5.2f}x forward   "
+              f"peak {mem[m] / 2 ** 20:8.1f} MiB  {mem[m] / mem['forward']:5.2f}x forward")
+    return {"model": f"alexnet batch {batch}", "times": times, "memory": mem}
+
+
 def _fmt(x):
     return "   -  " if x is None else f"{x:6.2f}"
 
@@ -121,6 +159,8 @@ def main():
     parser.add_argument("--model", action="append", help="a zoo model name (repeatable); default all")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--alexnet", type=int, metavar="BATCH", default=16,
+                        help="batch of the full-size AlexNet row (0: skip it)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -144,6 +184,8 @@ def main():
     if hv:
         print(f"goal hvp <= 1.0 x double backward on every model: {'met' if max(hv) <= 1.0 else 'missed'} "
               f"(worst {max(hv):.2f})")
+    if args.alexnet and zoo_models.torchvision() is not None and (not args.model or "alexnet" in args.model):
+        rows.append(alexnet_row(args.alexnet, args.rounds))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

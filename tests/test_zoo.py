@@ -162,7 +162,8 @@ class _Call(torch.nn.Module):
 
     def __init__(self, model, f):
         super().__init__()
-        self.model, self.f = model, f
+        self.model = model
+        self._f = (f,)  # not registered: f may be the model itself
 
     def forward(self, x):
-        return self.f(x)
+        return self._f[0](x)
