@@ -13,6 +13,8 @@ The quick subset runs by default; the whole zoo with ``-m zoo``
 (``pytest tests/test_zoo.py -m zoo``).
 """
 
+import importlib.util
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -33,7 +35,9 @@ FINITE_DIFFERENCE_HVP = {
 def _params(entry):
     family, name, path, build = entry
     if family == "torchvision" and zoo_models.torchvision() is None:
-        pytest.skip("torchvision is not installed (pip install --no-deps torchvision)")
+        pytest.skip("torchvision is not installed (pip install --no-deps torchvision==0.28.0)")
+    if family == "transformers" and importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (it is in the test extra)")
     return build(path, torch.float64)
 
 
