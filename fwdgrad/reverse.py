@@ -425,7 +425,13 @@ def _free_graph(e):
     pass, autograd's engine also keeps its last graph task (and with it the
     graph) until the next backward pass on the thread: run a tiny one.
     """
-    traceback.clear_frames(e.__traceback__)
+    # Also the exceptions it was raised from or while handling: a missing rule
+    # is reported ``from None``, but its context, and that traceback, stay attached.
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
     with _disable_current_modes(), torch.enable_grad():
         leaf = torch.zeros((), requires_grad=True)
         torch.autograd.grad(leaf * 1.0, leaf)

@@ -13,7 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 OPT_IN = {
     "sweep": "a long fault-injection sweep",
     "compile": "runs inductor (a C++ compile)",
+    "zoo": "the whole model zoo of tests/test_zoo.py",
 }
+# A test marked "<name>_quick" as well is part of the default suite (the zoo's quick subset).
 
 
 def pytest_addoption(parser):
@@ -23,6 +25,7 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     for name, what in OPT_IN.items():
         config.addinivalue_line("markers", f"{name}: {what}; run with -m {name} or FWDGRAD_TEST_{name.upper()}=1")
+        config.addinivalue_line("markers", f"{name}_quick: a {name} test that the default suite runs too")
 
 
 def _opted_in(config, name):
@@ -36,5 +39,5 @@ def pytest_collection_modifyitems(config, items):
             continue
         skip = pytest.mark.skip(reason=f"opt-in: run with -m {name} or FWDGRAD_TEST_{name.upper()}=1")
         for item in items:
-            if item.get_closest_marker(name):
+            if item.get_closest_marker(name) and not item.get_closest_marker(f"{name}_quick"):
                 item.add_marker(skip)
