@@ -1,0 +1,218 @@
+"""Curvature operators side by side: fwdgrad, curvlinops and hessian-eigenthings, in one run.
+
+For a small CNN and a small transformer (one batch, float32, one thread):
+
+* matvec and matmat (``--k`` columns) time of the Hessian and the GGN
+  operators: fwdgrad's ``hessian_operator`` / ``ggn_operator`` (closure form
+  over the live model, cross-entropy's Hessian in closed form),
+  curvlinops' ``HessianLinearOperator`` / ``GGNLinearOperator`` (torch.func
+  ``jvp(jacrev)`` and ``jvp``/``vjp`` under ``vmap``), and
+  hessian-eigenthings' ``HessianOperator`` / ``GGNOperator`` (double
+  backward; matmat as a loop of matvecs, which is what it offers);
+* peak memory of the same calls: the peak of live tensor bytes above those
+  alive before the call (``tensor_peak`` in ``benchmarks/common.py``, from
+  the CPU allocator's own record);
+* wall time of the top-5 eigenvalues of the Hessian: ``scipy.sparse.linalg.eigsh``
+  on each library's scipy operator (``to_scipy()``; hessian-eigenthings has
+  none, so its own ``lanczos``), and fwdgrad's own Lanczos (``fwdgrad.spectra``).
+
+Ratios are fwdgrad over curvlinops (goal: time <= 0.7, memory <= 0.6).
+A library that is not installed is left out of the table.
+
+    python benchmarks/curvature.py                 # both models
+    python benchmarks/curvature.py --model cnn --rounds 5 --json out.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import tensor_peak, time_interleaved  # noqa: E402
+
+import fwdgrad  # noqa: E402
+import fwdgrad.linops as L  # noqa: E402
+import fwdgrad.spectra as S  # noqa: E402
+
+try:
+    import curvlinops
+except ImportError:
+    curvlinops = None
+try:
+    import hessian_eigenthings as he
+except ImportError:
+    he = None
+try:
+    from scipy.sparse.linalg import eigsh
+except ImportError:
+    eigsh = None
+
+
+class TinyTransformer(nn.Module):
+    """Token embedding, one pre-norm encoder layer, a linear head; logits flattened to (B*T, V)."""
+
+    def __init__(self, vocab=32, d=32, heads=2, length=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(length, d) * 0.1)
+        self.layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        h = self.layer(self.embed(tokens) + self.pos)
+        return self.head(h).flatten(0, 1)
+
+
+def build(name):
+    torch.manual_seed(0)
+    if name == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(16 * 8 * 8, 10),
+        )
+        x = torch.randn(64, 3, 32, 32)
+        y = torch.randint(0, 10, (64,))
+    else:
+        model = TinyTransformer()
+        x = torch.randint(0, 32, (16, 16))
+        y = torch.randint(0, 32, (16 * 16,))
+    return model.eval(), x, y
+
+
+def operators(model, x, y):
+    """{(library, curvature): (matvec, matmat, scipy_or_None)} for every installed library."""
+    params = dict(model.named_parameters())
+    plist = list(params.values())
+    ops = {}
+    loss = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    H = L.hessian_operator(loss, params)
+    G = L.ggn_operator(lambda: model(x), fwdgrad.cross_entropy_loss(y), params)
+    ops["fwdgrad", "hessian"] = (H.matvec, H.matmat, H)
+    ops["fwdgrad", "ggn"] = (G.matvec, G.matmat, G)
+    if curvlinops is not None:
+        data = [(x, y)]
+        kw = dict(progressbar=False, check_deterministic=False)
+        cH = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(), plist, data, **kw)
+        cG = curvlinops.GGNLinearOperator(model, nn.CrossEntropyLoss(), plist, data, **kw)
+        ops["curvlinops", "hessian"] = (cH.__matmul__, cH.__matmul__, cH)
+        ops["curvlinops", "ggn"] = (cG.__matmul__, cG.__matmul__, cG)
+    if he is not None:
+        data = [(x, y)]
+        eH = he.HessianOperator(model, data, he.supervised_loss(F.cross_entropy))
+        eG = he.GGNOperator(model, data, he.supervised_forward, he.supervised_loss_of_output(F.cross_entropy))
+        for name, op in (("hessian", eH), ("ggn", eG)):
+            ops["hessian-eigenthings", name] = (op.matvec, _loop_matmat(op), op)
+    return ops
+
+
+def _loop_matmat(op):
+    def matmat(X):
+        return torch.stack([op.matvec(X[:, j]) for j in range(X.shape[1])], 1)
+
+    return matmat
+
+
+def check_agreement(ops, n, k):
+    """Every library's products agree (float32 rounding) before anything is timed."""
+    torch.manual_seed(1)
+    v, X = torch.randn(n), torch.randn(n, k)
+    for curv in ("hessian", "ggn"):
+        ref_v = ops["fwdgrad", curv][0](v)
+        ref_X = ops["fwdgrad", curv][1](X)
+        for (lib, c), (mv, mm, _) in ops.items():
+            if c != curv or lib == "fwdgrad":
+                continue
+            for got, ref in ((mv(v), ref_v), (mm(X), ref_X)):
+                err = (got - ref).abs().max().item() / ref.abs().max().item()
+                assert err < 1e-3, f"{lib} {curv} disagrees with fwdgrad: relative error {err:.1e}"
+
+
+def top5(op, lib):
+    if lib == "fwdgrad-lanczos":
+        return lambda: S.eigenpairs(op, 5, tol=1e-4, max_steps=200)[0]
+    if lib == "hessian-eigenthings":
+        return lambda: he.lanczos(op, k=5, which="LA", max_iter=60, seed=0)
+    sp = op.to_scipy()
+    v0 = np.random.default_rng(0).standard_normal(op.shape[0]).astype(np.float32)
+    return lambda: eigsh(sp, k=5, which="LA", tol=1e-4, v0=v0)[0]
+
+
+def run(name, rounds, k):
+    model, x, y = build(name)
+    ops = operators(model, x, y)
+    n = sum(p.numel() for p in model.parameters())
+    check_agreement(ops, n, k)
+    torch.manual_seed(2)
+    v, X = torch.randn(n), torch.randn(n, k)
+    rows = {}
+    for curv in ("hessian", "ggn"):
+        for what, arg, idx in (("matvec", v, 0), (f"matmat k={k}", X, 1)):
+            calls = {lib: (lambda f=fns[idx]: f(arg)) for (lib, c), fns in ops.items() if c == curv}
+            times = time_interleaved(calls, rounds)
+            for lib, fn in calls.items():
+                rows[f"{curv} {what}", lib] = {"time_s": times[lib], "peak_bytes": tensor_peak(fn, warmup=1)}
+    if eigsh is not None:
+        calls = {}
+        for lib in ("fwdgrad", "curvlinops"):
+            if (lib, "hessian") in ops:
+                calls[lib] = top5(ops[lib, "hessian"][2], lib)
+        calls["fwdgrad-lanczos"] = top5(ops["fwdgrad", "hessian"][2], "fwdgrad-lanczos")
+        if he is not None:
+            calls["hessian-eigenthings"] = top5(ops["hessian-eigenthings", "hessian"][2], "hessian-eigenthings")
+        for lib, fn in calls.items():
+            fn()  # warm-up
+            t0 = time.perf_counter()
+            fn()
+            rows["hessian top-5 eigenvalues", lib] = {"time_s": time.perf_counter() - t0}
+    return n, rows
+
+
+def report(name, n, rows):
+    print(f"\n{name}: {n} parameters")
+    libs = ["fwdgrad", "fwdgrad-lanczos", "curvlinops", "hessian-eigenthings"]
+    print(f"{'operation':<30} {'library':<21} {'time ms':>9} {'peak MiB':>9} {'time/cl':>8} {'mem/cl':>7}")
+    for what in dict.fromkeys(w for w, _ in rows):
+        base = rows.get((what, "curvlinops"))
+        for lib in libs:
+            r = rows.get((what, lib))
+            if r is None:
+                continue
+            mem = r.get("peak_bytes")
+            t_ratio = f"{r['time_s'] / base['time_s']:.2f}" if base else "-"
+            m_ratio = f"{mem / base['peak_bytes']:.2f}" if base and mem is not None and base.get("peak_bytes") else "-"
+            mem_s = f"{mem / 2**20:.1f}" if mem is not None else "-"
+            print(f"{what:<30} {lib:<21} {r['time_s'] * 1e3:>9.1f} {mem_s:>9} {t_ratio:>8} {m_ratio:>7}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["cnn", "transformer"], action="append")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    installed = [lib for lib, mod in (("curvlinops", curvlinops), ("hessian-eigenthings", he), ("scipy", eigsh)) if mod]
+    print("installed for comparison: " + (", ".join(installed) or "none"))
+    out = {}
+    for name in args.model or ["cnn", "transformer"]:
+        n, rows = run(name, args.rounds, args.k)
+        report(name, n, rows)
+        out[name] = {"parameters": n, "rows": [{"operation": w, "library": lib, **r} for (w, lib), r in rows.items()]}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
