@@ -6,6 +6,7 @@ lifted to duals of a fresh level, and the outputs lowered back to
 ``(primal, tangent)`` pairs.
 """
 
+import functools
 import inspect
 
 import torch
@@ -32,6 +33,40 @@ def check_outside_functorch(name):
             f"fwdgrad's tangents.  Nest them the other way round (e.g. "
             f"fwdgrad.jvp(torch.func.grad(f), ...)), or use fwdgrad.grad for the reverse part."
         )
+
+
+def normal_mode(transform):
+    """Run a transform outside any ``torch.inference_mode`` of the caller.
+
+    Under inference mode every tensor made is an inference tensor: no version
+    counter (the recorder reads it) and no autograd (hvp and grad need it), so
+    a transform run there gives zeros or crashes.  A transform's own work runs
+    in normal mode, whatever the caller's mode, as in torch.func; its results
+    are ordinary tensors.
+    """
+
+    @functools.wraps(transform)
+    def run(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return transform(*args, **kwargs)
+        with torch.inference_mode(False):
+            return transform(*args, **kwargs)
+
+    return run
+
+
+def usable(x):
+    """``x``, or a normal copy of it if it is an inference tensor (one that autograd
+    cannot save and that has no version counter)."""
+    if isinstance(x, torch.Tensor) and x.is_inference():
+        with torch.inference_mode(False):
+            return x.clone()
+    return x
+
+
+def usable_tree(tree):
+    """``usable`` on every tensor of a pytree."""
+    return pytree.tree_map_only(torch.Tensor, usable, tree)
 
 
 def check_callable(func, name, what="func"):

@@ -11,13 +11,15 @@ import functools
 import torch
 
 from .arguments import (
-    check_callable, check_outside_functorch, check_tangent, drop_level, lift, split_aux, split_outputs,
+    check_callable, check_outside_functorch, check_tangent, drop_level, lift, normal_mode, split_aux, split_outputs,
 )
 from .interpreter import Dual, new_level
 from .jacobian import batched_jvp
+from .state import State
 from .traced import TracedForwardGrad, jvp_traced
 
 
+@normal_mode
 def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
 
@@ -55,7 +57,8 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
         return jvp_traced(func, primals, tangents, has_aux)
     level = new_level()
     duals = lift(tuple(primals), tuple(tangents), level, name)
-    out = func(*duals)
+    with State(func).undone_on_error():
+        out = func(*duals)
     out, aux = split_aux(out, has_aux, name)
     primal_out, tangent_out = split_outputs(out, level, name)
     if has_aux:
@@ -85,6 +88,7 @@ def forward_grad(func, *, has_aux=False, trace=False):
         return TracedForwardGrad(func, has_aux)
 
     @functools.wraps(func)
+    @normal_mode
     def df(*pairs, **kwargs):
         if len(pairs) % 2:
             raise TypeError(
@@ -104,7 +108,8 @@ def forward_grad(func, *, has_aux=False, trace=False):
                 args.append(Dual(p, t, level, requires_grad=p.requires_grad))
             else:
                 args.append(lift(p, t, level, name, prefix=where))
-        out = func(*args, **kwargs)
+        with State(func).undone_on_error():
+            out = func(*args, **kwargs)
         out, aux = split_aux(out, has_aux, name)
         r, dr = split_outputs(out, level, name)
         if has_aux:
