@@ -20,16 +20,15 @@ parameter objects with the given tensors for the duration of one call (the
 swap that the closure form of ``hvp`` uses).
 """
 
-import gc
-import traceback
-
 import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .arguments import check_callable, check_outside_functorch, check_scalar_output
 from .jacobian import batched_jvp
-from .reverse import _flatten_params, _is_closure, _swap, _swap_back, detach_keeping_tangents, grad
+from .reverse import (
+    _Deferred, _flatten_params, _free_graph, _holder, _is_closure, _swap, _swap_all_back, detach_keeping_tangents, grad,
+)
 from .reverse import hvp as _hvp
 from .transforms import jvp
 
@@ -92,9 +91,11 @@ class _Swapped:
     """A closure over live parameters, as a pure function of replacement tensors.
 
     ``self(*tensors)`` swaps each live parameter object with its replacement,
-    runs ``body()`` and swaps back (also on an exception), so that autograd
-    and fwdgrad's duals see the replacements where the closure reads the
-    parameters.  Identity, class and values of the parameters come back intact.
+    runs ``body(params)`` and swaps back (also on an exception or an
+    interrupt, with ``reverse``'s machinery for the closure form of ``hvp``),
+    so that autograd and fwdgrad's duals see the replacements where the
+    closure reads the parameters.  Identity, class and values of the
+    parameters come back intact.
     """
 
     def __init__(self, params, body, name):
@@ -103,34 +104,29 @@ class _Swapped:
             if id(p) in seen:
                 raise ValueError(f"{name}: a parameter appears twice in params")
             seen.add(id(p))
-            if p._use_count() > 1:
+            holder = _holder(p)
+            if holder is not None:
                 raise RuntimeError(
-                    f"{name}: cannot use the closure form: another reference to a parameter is alive "
-                    f"(most likely an autograd graph that saved it, e.g. a loss you have not called "
-                    f".backward() on yet).  Call {name} before building that graph, or use the pure form."
+                    f"{name}: cannot use a parameter in the closure form: {holder}.  Call {name} "
+                    f"before building that graph (or free it), or use the pure form."
                 )
         self.params, self.body, self.name = params, body, name
 
     def __call__(self, *replacements):
-        swapped = []
+        swapped = []  # (param, replacement, hook handle or None)
+        raised = False
         try:
-            for p, r in zip(self.params, replacements):
-                _swap(p, r)
-                swapped.append((p, r))
+            with _Deferred():
+                for p, r in zip(self.params, replacements):
+                    swapped.append((p, r, _swap(p, r)))
             return self.body(self.params)
         except BaseException as e:
-            traceback.clear_frames(e.__traceback__)
-            gc.collect()
+            raised = True
+            _free_graph(e)
             raise
         finally:
-            failed = []
-            for p, r in reversed(swapped):
-                try:
-                    _swap_back(p, r, self.name)
-                except RuntimeError as e:
-                    failed.append(e)
-            if failed:
-                raise failed[0]
+            with _Deferred():
+                _swap_all_back(swapped, self.name, force=raised)
 
 
 def _fresh(p):
