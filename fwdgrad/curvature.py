@@ -30,6 +30,7 @@ from .reverse import (
     _Deferred, _flatten_params, _free_graph, _holder, _is_closure, _swap, _swap_all_back, detach_keeping_tangents, grad,
 )
 from .reverse import hvp as _hvp
+from .state import State
 from .transforms import jvp
 
 
@@ -481,11 +482,20 @@ def _curvature_product(model_fn, loss_fn, params, v, batched, name, output_curva
     model = _Model(model_fn, params, p_leaves, rebuild, name)
     if batched and k == 0:
         return rebuild([p.new_zeros((0, *p.shape)) for p in p_leaves])
-    z, jv = model.jvp(v_leaves, batched)
-    u = output_curvature(z, jv)
-    if u.shape != jv.shape:
-        raise RuntimeError(f"{name}: the loss's curvature on the output has shape {tuple(u.shape)}, expected {tuple(jv.shape)}")
-    return rebuild(model.vjp(u.detach(), batched))
+    # The model runs twice (jvp, then vjp).  The second run starts from the state
+    # the first one started from (same random draws, e.g. dropout masks, and the
+    # same buffers) and leaves the state as one plain call leaves it.
+    state = State(model_fn)
+    with state.undone_on_error():
+        z, jv = model.jvp(v_leaves, batched)
+        u = output_curvature(z, jv)
+        if u.shape != jv.shape:
+            raise RuntimeError(
+                f"{name}: the loss's curvature on the output has shape {tuple(u.shape)}, expected {tuple(jv.shape)}"
+            )
+        with state.again():
+            out = model.vjp(u.detach(), batched)
+    return rebuild(out)
 
 
 def ggnvp(model_fn, loss_fn, params, v, *, batched=False):

@@ -187,3 +187,42 @@ def test_errors():
         fwdgrad.ggnvp(lambda: model(x), fwdgrad.mse_loss(t), params, {**v, "0.weight": torch.zeros(2)})
     with pytest.raises(TypeError, match="ggnvp: model_fn must return one tensor"):
         fwdgrad.ggnvp(lambda: (model(x),), fwdgrad.mse_loss(t), params, v)
+
+
+def test_ggnvp_dropout_and_batchnorm_state():
+    """The model runs twice (jvp, vjp): both see the same dropout mask, and the
+    running statistics and the RNG end as after one plain call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, C)).double()
+    x = torch.randn(N, 4, dtype=torch.float64)
+    y = torch.randint(0, C, (N,))
+    params = dict(model.named_parameters())
+    fl = Flat(params)
+    v = torch.randn(fl.flat.numel(), dtype=torch.float64)
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    torch.manual_seed(5)
+    out = fwdgrad.ggnvp(lambda: model(x), fwdgrad.cross_entropy_loss(y), params, fl.tree(v))
+    after_rng = torch.get_rng_state()
+    after_buffers = {k: b.clone() for k, b in model.named_buffers()}
+    # One plain call from the same start: the same RNG and buffers afterwards.
+    for k, b in model.named_buffers():
+        b.copy_(buffers[k])
+    torch.manual_seed(5)
+    model(x)
+    assert torch.equal(torch.get_rng_state(), after_rng)
+    for k, b in model.named_buffers():
+        assert torch.equal(b, after_buffers[k]), k
+    # Reference: J^T H J at the mask of seed 5, from the buffers before the call.
+    for k, b in model.named_buffers():
+        b.copy_(buffers[k])
+
+    def logits(f):
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(buffers[k])
+        return functional_call(model, fl.tree(f), (x,))
+
+    J = torch.autograd.functional.jacobian(logits, fl.flat).reshape(N * C, -1)  # BN writes buffers: not jacrev
+    H = torch.func.hessian(lambda z: F.cross_entropy(z, y))(logits(fl.flat)).reshape(N * C, N * C)
+    torch.testing.assert_close(fl.vec(out), J.T @ H @ J @ v)

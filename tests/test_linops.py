@@ -4,8 +4,6 @@ The ``problem`` fixture (a small MLP, its dense Hessian and GGN by torch.func)
 is shared with ``test_spectra.py``.
 """
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn
