@@ -26,6 +26,8 @@ LAYERS = [
     {"traced"},
     {"jacobian"},
     {"transforms"},
+    {"curvature"},
+    {"linops", "spectra"},
     {"__init__"},
 ]
 
