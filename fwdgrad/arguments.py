@@ -11,27 +11,12 @@ import inspect
 import torch
 from torch.utils import _pytree as pytree
 
+from .functorch_layers import lift_input, strip
 from .interpreter import Dual, tangent_of
 
 
 def is_float(x):
     return x.is_floating_point() or x.is_complex()
-
-
-def check_outside_functorch(name):
-    """Refuse to start a transform inside a torch.func transform (grad, jacrev, vmap).
-
-    functorch's wrappers cannot see the tangents that fwdgrad's duals carry in
-    ``__torch_dispatch__``: ``torch.func.grad`` of a function calling
-    ``fwdgrad.jvp`` would be silently wrong.  The other order works.
-    """
-    if torch._C._functorch.maybe_current_level() is not None:
-        raise RuntimeError(
-            f"{name}: fwdgrad's forward-mode transforms cannot run inside a torch.func "
-            f"transform (torch.func.grad, jacrev, vmap, ...), whose wrappers do not see "
-            f"fwdgrad's tangents.  Nest them the other way round (e.g. "
-            f"fwdgrad.jvp(torch.func.grad(f), ...)), or use fwdgrad.grad for the reverse part."
-        )
 
 
 def check_callable(func, name, what="func"):
@@ -132,12 +117,13 @@ def checked_leaves(name, primals, tangents, prefix="primals"):
 def lift(primals, tangents, level, name, prefix="primals"):
     """Wrap matching pytrees of primals and tangents as duals at ``level``."""
     leaves, spec = checked_leaves(name, primals, tangents, prefix)
-    duals = [Dual(p, t, level, requires_grad=p.requires_grad) for _, p, t in leaves]
+    duals = [Dual(lift_input(p, level), t, level, requires_grad=p.requires_grad) for _, p, t in leaves]
     return pytree.tree_unflatten(duals, spec)
 
 
 def lower_output(o, level):
     """``(primal, tangent)`` of an output at ``level``; a zero tangent is materialised."""
+    o = strip(o)
     if isinstance(o, Dual) and o._level == level:
         p = o._primal
         t = tangent_of(o)
@@ -149,9 +135,11 @@ def lower_output(o, level):
 
 def drop_level(tree, level):
     """Replace duals of ``level`` by their primals (for auxiliary outputs)."""
-    return pytree.tree_map_only(
-        Dual, lambda d: d._primal if d._level == level else d, tree
-    )
+    def drop(x):
+        x = strip(x)
+        return x._primal if isinstance(x, Dual) and x._level == level else x
+
+    return pytree.tree_map_only(torch.Tensor, drop, tree)
 
 
 def split_outputs(out, level, name):

@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 from . import trace
 from .arguments import check_argnums, check_callable, check_differentiable, check_tangent, diff_mask, param_names
 from .errors import warn
+from .functorch_layers import inside_functorch
 from .reverse import grad
 
 
@@ -62,9 +63,10 @@ class Linearized:
         self.inputs = [leaves[i] for i in self.call.tangent_idx]
         self.program = None
         self.reason = None
-        if any(type(leaves[i]) not in (torch.Tensor, torch.nn.Parameter) for i in tensors):
-            # Tensor subclasses (e.g. duals of an enclosing fwdgrad transform) are
-            # invisible to the recorder: push tangents eagerly.
+        if inside_functorch() or any(type(leaves[i]) not in (torch.Tensor, torch.nn.Parameter) for i in tensors):
+            # Tensor subclasses (e.g. duals of an enclosing fwdgrad transform) and
+            # functorch's wrappers (inside a torch.func transform) are invisible
+            # to the recorder: push tangents eagerly.
             self._set_outputs(self._eager([None] * len(self.inputs)))
             return
         self._record([leaves[i] for i in tensors])

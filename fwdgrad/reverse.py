@@ -22,10 +22,11 @@ import traceback
 import torch
 from torch.utils import _pytree as pytree
 
-from .arguments import (
-    check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, split_aux,
-)
-from .interpreter import Dual, new_level, strip, tangent_of
+from .arguments import check_argnums, check_callable, check_scalar_output, is_float, split_aux
+from . import interpreter
+from .functorch_layers import inside_functorch, level_scope, lift_input
+from .functorch_layers import strip as functorch_strip
+from .interpreter import Dual, strip, tangent_of
 
 _aten_detach = torch.ops.aten.detach.default
 
@@ -93,6 +94,8 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
                 )
         specs.append(spec)
         leaves_per_arg.append(leaves)
+    if inside_functorch():
+        return _functorch_value_and_grad(func, argnums, has_aux, args, kwargs, name)
     outer_grad = torch.is_grad_enabled()
     originals = [x for leaves in leaves_per_arg for x in leaves]
     with torch.enable_grad():
@@ -124,6 +127,22 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
     for leaves, spec in zip(leaves_per_arg, specs):
         results.append(pytree.tree_unflatten([next(grads) for _ in leaves], spec))
     g = tuple(results) if many else results[0]
+    return out, g, aux
+
+
+def _functorch_value_and_grad(func, argnums, has_aux, args, kwargs, name):
+    """Inside a torch.func transform autograd must be functorch's own (plain
+    ``torch.autograd.grad`` and ``requires_grad_`` are refused there), so the
+    gradient is ``torch.func.grad_and_value``'s.  Its wrappers sit above any
+    fwdgrad dual in ``args``, so forward over reverse still works."""
+
+    def scalar(*a):
+        out, aux = split_aux(func(*a, **kwargs), has_aux, name)
+        check_scalar_output(out, name)
+        return (out, aux) if has_aux else out
+
+    g, value = torch.func.grad_and_value(scalar, argnums, has_aux=has_aux)(*args)
+    out, aux = value if has_aux else (value, None)
     return out, g, aux
 
 
@@ -271,12 +290,16 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
     Kept in its own frame so that nothing here outlives the call: the closure
     form can swap the parameters back only once the graph is gone.
     """
+    functorch = inside_functorch()
     with torch.enable_grad():
-        out = _scalar_loss(loss(*call_args), name)
-        if out.requires_grad:
-            grads = torch.autograd.grad(out, inputs, allow_unused=True)
+        if functorch and call_args:
+            out, grads = _functorch_loss_and_grads(loss, call_args, inputs, name)
         else:
-            grads = (None,) * len(inputs)
+            out = _scalar_loss(loss(*call_args), name)
+            if out.requires_grad:
+                grads = torch.autograd.grad(out, inputs, allow_unused=True)
+            else:
+                grads = (None,) * len(inputs)
     value = out._primal if isinstance(out, Dual) and out._level == level else out
     gs, hvs = [], []
     for x, g in zip(inputs, grads):
@@ -286,6 +309,8 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
         else:
             gs.append(g)
             hvs.append(None)
+    if functorch:  # the graphs are the enclosing torch.func transforms'
+        return value, gs, hvs
     # Results carry no graph (a loss that captures tensors requiring grad would
     # give the value one); lower-level tangents, if any, stay.
     return (
@@ -293,6 +318,19 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
         [_no_graph(g) for g in gs],
         [_no_graph(h) for h in hvs],
     )
+
+
+def _functorch_loss_and_grads(loss, call_args, inputs, name):
+    """The pure form inside a torch.func transform: the gradient is
+    ``torch.func.grad_and_value``'s (see ``_functorch_value_and_grad``)."""
+
+    def of_inputs(*xs):
+        by_id = {id(d): x for d, x in zip(inputs, xs)}
+        args = pytree.tree_map_only(torch.Tensor, lambda t: by_id.get(id(t), t), call_args)
+        return _scalar_loss(loss(*args), name)
+
+    grads, out = torch.func.grad_and_value(of_inputs, argnums=tuple(range(len(inputs))))(*inputs)
+    return functorch_strip(out), [functorch_strip(g) for g in grads]
 
 
 def _no_graph(t):
@@ -305,18 +343,21 @@ def _own(t, like, foreign):
     """``t`` as a result the caller may modify: zeros if absent, copied if it aliases an input."""
     if t is None:
         return torch.zeros_like(like)
-    if t.stride() != like.stride() or _storage_ptr(t) in foreign:
+    ptr = _storage_ptr(t)
+    if ptr is None or t.stride() != like.stride() or ptr in foreign:
         return t.clone(memory_format=torch.contiguous_format)
     return t
 
 
 def _storage_ptr(t):
-    return strip(t).untyped_storage().data_ptr()
+    t = strip(t)
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return None  # no storage to compare (inside torch.func): _own copies
+    return t.untyped_storage().data_ptr()
 
 
 def _forward_over_reverse(loss, params, v, name):
     check_callable(loss, name, "loss")
-    check_outside_functorch(name)
     keys, p_leaves, v_leaves, rebuild = _flatten_params(params, v, name)
     if isinstance(params, (list, tuple)):
         pure_args = p_leaves
@@ -326,21 +367,29 @@ def _forward_over_reverse(loss, params, v, name):
     # A direction that is itself a parameter object (v = params, for H @ w) would
     # become its own dual when the closure form swaps that object: use an alias.
     v_leaves = [t.detach() if any(t is p for p in p_leaves) else t for t in v_leaves]
-    level = new_level()
-    duals = [
-        Dual(detach_keeping_tangents(p), t, level, requires_grad=True)
-        for p, t in zip(p_leaves, v_leaves)
-    ]
-    if closure:
-        value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name)
-    else:
-        call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
-        value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
-    del duals
+    with level_scope() as level:
+        duals = [
+            Dual(_hvp_primal(p, level), t, level, requires_grad=True)
+            for p, t in zip(p_leaves, v_leaves)
+        ]
+        if closure:
+            value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name)
+        else:
+            call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
+            value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
+        del duals
     foreign = {_storage_ptr(x) for x in p_leaves + v_leaves}
     grads = [_own(g, p, foreign) for g, p in zip(gs, p_leaves)]
     hvps = [_own(h, p, foreign) for h, p in zip(hvs, p_leaves)]
     return value, rebuild(grads), rebuild(hvps)
+
+
+def _hvp_primal(p, level):
+    """The primal of a parameter's dual: detached (hvp is not differentiable), but
+    inside a torch.func transform kept as it is, for the enclosing transforms."""
+    if interpreter.functorch_stacks.get(level) is not None and torch._C._functorch.is_functorch_wrapped_tensor(p):
+        return lift_input(p, level)
+    return detach_keeping_tangents(p)
 
 
 def _in_closure(loss, keys, params, duals, level, name):

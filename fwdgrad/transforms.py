@@ -10,10 +10,9 @@ import functools
 
 import torch
 
-from .arguments import (
-    check_callable, check_outside_functorch, check_tangent, drop_level, lift, split_aux, split_outputs,
-)
-from .interpreter import Dual, new_level
+from .arguments import check_callable, check_tangent, drop_level, lift, split_aux, split_outputs
+from .functorch_layers import level_scope, lift_input
+from .interpreter import Dual
 from .jacobian import batched_jvp
 from .traced import TracedForwardGrad, jvp_traced
 
@@ -38,7 +37,6 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
     """
     name = "jvp"
     check_callable(func, name)
-    check_outside_functorch(name)
     if not isinstance(primals, (tuple, list)):
         raise TypeError(f"{name}: primals must be a tuple of func's positional arguments, got {type(primals).__name__}")
     if not isinstance(tangents, (tuple, list)):
@@ -53,14 +51,14 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
         return batched_jvp(func, primals, tangents, has_aux, name)
     if trace:
         return jvp_traced(func, primals, tangents, has_aux)
-    level = new_level()
-    duals = lift(tuple(primals), tuple(tangents), level, name)
-    out = func(*duals)
-    out, aux = split_aux(out, has_aux, name)
-    primal_out, tangent_out = split_outputs(out, level, name)
-    if has_aux:
-        return primal_out, tangent_out, drop_level(aux, level)
-    return primal_out, tangent_out
+    with level_scope() as level:
+        duals = lift(tuple(primals), tuple(tangents), level, name)
+        out = func(*duals)
+        out, aux = split_aux(out, has_aux, name)
+        primal_out, tangent_out = split_outputs(out, level, name)
+        if has_aux:
+            return primal_out, tangent_out, drop_level(aux, level)
+        return primal_out, tangent_out
 
 
 def forward_grad(func, *, has_aux=False, trace=False):
@@ -90,26 +88,25 @@ def forward_grad(func, *, has_aux=False, trace=False):
             raise TypeError(
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
-        check_outside_functorch(name)
-        level = new_level()
-        args = []
-        for i in range(0, len(pairs), 2):
-            p, t = pairs[i], pairs[i + 1]
-            where = f"argument {i // 2}"
-            if t is None and not isinstance(p, torch.Tensor):
-                args.append(p)  # a constant
-                continue
-            if isinstance(p, torch.Tensor):
-                check_tangent(name, where, p, t)
-                args.append(Dual(p, t, level, requires_grad=p.requires_grad))
-            else:
-                args.append(lift(p, t, level, name, prefix=where))
-        out = func(*args, **kwargs)
-        out, aux = split_aux(out, has_aux, name)
-        r, dr = split_outputs(out, level, name)
-        if has_aux:
-            return r, dr, drop_level(aux, level)
-        return r, dr
+        with level_scope() as level:
+            args = []
+            for i in range(0, len(pairs), 2):
+                p, t = pairs[i], pairs[i + 1]
+                where = f"argument {i // 2}"
+                if t is None and not isinstance(p, torch.Tensor):
+                    args.append(p)  # a constant
+                    continue
+                if isinstance(p, torch.Tensor):
+                    check_tangent(name, where, p, t)
+                    args.append(Dual(lift_input(p, level), t, level, requires_grad=p.requires_grad))
+                else:
+                    args.append(lift(p, t, level, name, prefix=where))
+            out = func(*args, **kwargs)
+            out, aux = split_aux(out, has_aux, name)
+            r, dr = split_outputs(out, level, name)
+            if has_aux:
+                return r, dr, drop_level(aux, level)
+            return r, dr
 
     return df
 

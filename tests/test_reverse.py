@@ -407,28 +407,6 @@ def test_compose_with_functional_call():
         torch.testing.assert_close(ours_hv[k], ref_hv[k])
 
 
-@pytest.mark.parametrize("outer", ["grad", "jacrev", "vmap"])
-def test_forward_mode_inside_torch_func_transforms_is_refused(outer):
-    x, v = _randn(3), _randn(3)
-    directional = lambda x: fwdgrad.jvp(f, (x,), (v,))[1]  # noqa: E731
-    transform = {
-        "grad": lambda: torch.func.grad(directional)(x),
-        "jacrev": lambda: torch.func.jacrev(directional)(x),
-        "vmap": lambda: torch.func.vmap(lambda r: fwdgrad.jvp(torch.sin, (r,), (r,))[1])(_randn(2, 3)),
-    }[outer]
-    with pytest.raises(RuntimeError, match="cannot run inside a torch.func transform"):
-        transform()
-    with pytest.raises(RuntimeError, match="cannot run inside a torch.func transform"):
-        torch.func.vmap(lambda t: fwdgrad.hvp(f, x, t))(_randn(2, 3))
-    # Nothing is left behind: forward mode works afterwards.
-    torch.testing.assert_close(fwdgrad.jvp(torch.sin, (x,), (v,))[1], x.cos() * v)
-
-
-def test_vmap_over_fwdgrad_grad_is_refused_by_torch():
-    with pytest.raises(RuntimeError, match="requires_grad_"):
-        torch.func.vmap(fwdgrad.grad(f))(_randn(2, 3))
-
-
 def test_duals_never_escape():
     x, v = _randn(3), _randn(3)
     out, t = fwdgrad.jvp(fwdgrad.grad(f), (x,), (v,))
