@@ -24,8 +24,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import trace
-from .arguments import check_argnums, check_callable, check_differentiable, check_tangent, diff_mask, param_names
-from .errors import warn
+from .arguments import (
+    check_argnums, check_callable, check_differentiable, check_real, check_tangent, diff_mask, param_names,
+)
+from .errors import ArgumentTypeError, ArgumentValueError, warn
 from .functorch_layers import inside_functorch
 from .reverse import grad
 
@@ -164,17 +166,17 @@ def linearize(func, *primals):
 
     def jvp_fn(*tangents):
         if len(tangents) != len(primals):
-            raise ValueError(f"{name}: jvp_fn expected {len(primals)} tangent(s), got {len(tangents)}")
+            raise ArgumentValueError(f"{name}: jvp_fn expected {len(primals)} tangent(s), got {len(tangents)}")
         t_leaves, t_spec = pytree.tree_flatten(tangents)
         if t_spec != in_spec:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{name}: jvp_fn's tangents must have the structure of the primals; primals: "
                 f"{pytree.treespec_pprint(in_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
             )
         for path, p, t in zip(pytree.tree_flatten_with_path(tangents)[0], lin.inputs, t_leaves):
             where = "primals" + pytree.keystr(path[0])
             if t is None:
-                raise TypeError(f"{name}: jvp_fn got None as the tangent of {where}; pass a tensor")
+                raise ArgumentTypeError(f"{name}: jvp_fn got None as the tangent of {where}; pass a tensor")
             check_tangent(name, where, p, t)
         return pytree.tree_unflatten(lin.push(t_leaves), lin.out_spec)
 
@@ -190,7 +192,7 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
     p_leaves, p_spec = pytree.tree_flatten(tuple(primals))
     t_leaves, t_spec = pytree.tree_flatten(tuple(tangents), is_leaf=lambda x: x is None)
     if p_spec != t_spec:
-        raise ValueError(
+        raise ArgumentValueError(
             f"{name}: tangents must have the same structure as primals; primals: "
             f"{pytree.treespec_pprint(p_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
         )
@@ -203,21 +205,21 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
             diff.append(False)
             continue
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{name}: with batched=True, the tangent of {where} must be a tensor with a leading "
                 f"batch dimension, got {t.shape if isinstance(t, torch.Tensor) else type(t).__name__}"
             )
         if k is None:
             k = t.shape[0]
         elif t.shape[0] != k:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{name}: with batched=True, every tangent needs the same leading batch size; "
                 f"the tangent of {where} has {t.shape[0]}, an earlier one has {k}"
             )
         check_tangent(name, where, p, t[0] if k else t.new_empty(t.shape[1:]))
         diff.append(True)
     if k is None:
-        raise ValueError(f"{name}: with batched=True, at least one tangent must be a tensor (not None)")
+        raise ArgumentValueError(f"{name}: with batched=True, at least one tangent must be a tensor (not None)")
     lin = Linearized(func, tuple(primals), diff, has_aux, name)
     batch = [t for t, d in zip(t_leaves, diff) if d]
     if k == 0:
@@ -259,18 +261,25 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
     name = "jacfwd"
     check_callable(func, name)
     if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
-        raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
+        raise ArgumentTypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"{name}: chunk_size must be None or an int, got {type(chunk_size).__name__}")
+            raise ArgumentTypeError(f"{name}: chunk_size must be None or an int, got {type(chunk_size).__name__}")
         if chunk_size < 1:
-            raise ValueError(f"{name}: chunk_size must be at least 1, got {chunk_size}")
+            raise ArgumentValueError(f"{name}: chunk_size must be at least 1, got {chunk_size}")
 
     @functools.wraps(func)
     def jac_fn(*args):
         nums = check_argnums(argnums, len(args), name)
-        check_differentiable(args, nums, name, param_names(func, len(args)))
+        names = param_names(func, len(args))
+        check_differentiable(args, nums, name, names)
+        check_real(_selected(args, nums, names), name, "input")
         lin = Linearized(func, args, diff_mask(args, nums), has_aux, name)
+        check_real(
+            [(f"output{pytree.keystr(p)}", o) for (p, _), o in
+             zip(pytree.tree_flatten_with_path(lin.primal_out)[0], lin.primal_leaves)],
+            name, "output",
+        )
         inputs = lin.inputs
         sizes = [x.numel() for x in inputs]
         offsets = [sum(sizes[:j]) for j in range(len(sizes))]
@@ -300,6 +309,14 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
         return (result, lin.aux) if has_aux else result
 
     return jac_fn
+
+
+def _selected(args, nums, names):
+    """``(where, leaf)`` for the leaves of the arguments picked by ``argnums``."""
+    return [
+        (f"argument {i} ({names[i]}{pytree.keystr(path)})", leaf)
+        for i in nums for path, leaf in pytree.tree_flatten_with_path(args[i])[0]
+    ]
 
 
 def _arrange(per_leaf, args, nums, argnums):

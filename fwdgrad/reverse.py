@@ -22,8 +22,9 @@ import traceback
 import torch
 from torch.utils import _pytree as pytree
 
-from .arguments import check_argnums, check_callable, check_scalar_output, is_float, split_aux
 from . import interpreter
+from .arguments import check_argnums, check_callable, check_scalar_output, is_float, split_aux
+from .errors import ArgumentTypeError, ArgumentValueError
 from .functorch_layers import inside_functorch, level_scope, lift_input
 from .functorch_layers import strip as functorch_strip
 from .interpreter import Dual, strip, tangent_of
@@ -86,9 +87,9 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
         for path, leaf in pytree.tree_flatten_with_path(args[n])[0]:
             where = f"argument {n}" + "".join(str(k) for k in path)
             if not isinstance(leaf, torch.Tensor):
-                raise TypeError(f"{name}: {where} is a {type(leaf).__name__}; only tensors can be differentiated")
+                raise ArgumentTypeError(f"{name}: {where} is a {type(leaf).__name__}; only tensors can be differentiated")
             if not is_float(leaf):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"{name}: {where} has dtype {leaf.dtype}; only floating-point or complex "
                     f"tensors can be differentiated"
                 )
@@ -200,7 +201,7 @@ def _flatten_params(params, v, name):
     """Leaves of ``params`` and ``v`` (checked to match exactly), and a function to rebuild."""
     if isinstance(params, torch.Tensor):
         if not isinstance(v, torch.Tensor):
-            raise TypeError(f"{name}: params is a tensor, so v must be a tensor, got {type(v).__name__}")
+            raise ArgumentTypeError(f"{name}: params is a tensor, so v must be a tensor, got {type(v).__name__}")
         keys, p_leaves, v_leaves = [""], [params], [v]
 
         def rebuild(xs):
@@ -208,11 +209,11 @@ def _flatten_params(params, v, name):
 
     elif isinstance(params, dict):
         if not isinstance(v, dict):
-            raise TypeError(f"{name}: params is a dict, so v must be a dict with the same keys, got {type(v).__name__}")
+            raise ArgumentTypeError(f"{name}: params is a dict, so v must be a dict with the same keys, got {type(v).__name__}")
         missing = [k for k in params if k not in v]
         extra = [k for k in v if k not in params]
         if missing or extra:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{name}: v must have exactly the keys of params; missing {missing}, unexpected {extra}"
             )
         names = list(params)
@@ -225,12 +226,12 @@ def _flatten_params(params, v, name):
 
     elif isinstance(params, (list, tuple)):
         if not isinstance(v, (list, tuple)):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name}: params is a {type(params).__name__}, so v must be a sequence of the same "
                 f"length, got {type(v).__name__}"
             )
         if len(v) != len(params):
-            raise ValueError(f"{name}: params has {len(params)} tensors but v has {len(v)}")
+            raise ArgumentValueError(f"{name}: params has {len(params)} tensors but v has {len(v)}")
         keys = [f"[{i}]" for i in range(len(params))]
         p_leaves, v_leaves = list(params), list(v)
         kind = type(params)
@@ -239,26 +240,26 @@ def _flatten_params(params, v, name):
             return kind(xs)
 
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name}: params must be a tensor, a list/tuple of tensors or a dict of tensors, got "
             f"{type(params).__name__} (for a model, pass dict(model.named_parameters()) or "
             f"list(model.parameters()))"
         )
     if not p_leaves:
-        raise ValueError(f"{name}: params is empty")
+        raise ArgumentValueError(f"{name}: params is empty")
     for k, p, t in zip(keys, p_leaves, v_leaves):
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{name}: params{k} is a {type(p).__name__}, expected a tensor")
+            raise ArgumentTypeError(f"{name}: params{k} is a {type(p).__name__}, expected a tensor")
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: v{k} is a {type(t).__name__}, expected a tensor")
+            raise ArgumentTypeError(f"{name}: v{k} is a {type(t).__name__}, expected a tensor")
         if not is_float(p):
-            raise TypeError(f"{name}: params{k} has dtype {p.dtype}; only floating-point parameters have a Hessian")
+            raise ArgumentTypeError(f"{name}: params{k} has dtype {p.dtype}; only floating-point parameters have a Hessian")
         if t.shape != p.shape:
-            raise ValueError(f"{name}: v{k} has shape {tuple(t.shape)} but params{k} has shape {tuple(p.shape)}")
+            raise ArgumentValueError(f"{name}: v{k} has shape {tuple(t.shape)} but params{k} has shape {tuple(p.shape)}")
         if t.dtype != p.dtype:
-            raise ValueError(f"{name}: v{k} has dtype {t.dtype} but params{k} has dtype {p.dtype}")
+            raise ArgumentValueError(f"{name}: v{k} has dtype {t.dtype} but params{k} has dtype {p.dtype}")
         if t.device != p.device:
-            raise ValueError(f"{name}: v{k} is on {t.device} but params{k} is on {p.device}")
+            raise ArgumentValueError(f"{name}: v{k} is on {t.device} but params{k} is on {p.device}")
     return keys, p_leaves, v_leaves, rebuild
 
 
@@ -397,7 +398,7 @@ def _in_closure(loss, keys, params, duals, level, name):
     seen = set()
     for k, p in zip(keys, params):
         if id(p) in seen:
-            raise ValueError(f"{name}: params{k} appears twice in params")
+            raise ArgumentValueError(f"{name}: params{k} appears twice in params")
         seen.add(id(p))
         if p._use_count() > 1:
             raise RuntimeError(

@@ -44,7 +44,7 @@ from torch.utils import _pytree as pytree
 
 from . import trace
 from .arguments import check_tangent, checked_leaves
-from .errors import warn
+from .errors import ArgumentTypeError, warn
 
 _EAGER = object()  # a cache value: run these inputs eagerly
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -285,7 +285,7 @@ class TracedForwardGrad:
     def __call__(self, *pairs, **kwargs):
         name = "forward_grad"
         if len(pairs) % 2:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
         args, dual, tangents = [], [], {}

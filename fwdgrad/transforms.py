@@ -11,13 +11,14 @@ import functools
 import torch
 
 from .arguments import check_callable, check_tangent, drop_level, lift, split_aux, split_outputs
+from .errors import ArgumentTypeError, ArgumentValueError
 from .functorch_layers import level_scope, lift_input
 from .interpreter import Dual
 from .jacobian import batched_jvp
 from .traced import TracedForwardGrad, jvp_traced
 
 
-def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
+def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, trace=False):
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
 
     Returns ``(output, jvp_out)``, or ``(output, jvp_out, aux)`` with ``has_aux``.
@@ -34,19 +35,23 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
     size ``k``; the ``k`` jvps share one primal computation.
     ``trace=True``: record the program once per input signature and replay it
     on later calls whose inputs match (shapes, dtypes, captured tensors...).
+    ``strict=True`` (as in ``torch.func.jvp``): raise if an output does not
+    depend on the inputs, instead of returning a zero tangent for it.
     """
     name = "jvp"
     check_callable(func, name)
     if not isinstance(primals, (tuple, list)):
-        raise TypeError(f"{name}: primals must be a tuple of func's positional arguments, got {type(primals).__name__}")
+        raise ArgumentTypeError(f"{name}: primals must be a tuple of func's positional arguments, got {type(primals).__name__}")
     if not isinstance(tangents, (tuple, list)):
-        raise TypeError(f"{name}: tangents must be a tuple matching primals, got {type(tangents).__name__}")
+        raise ArgumentTypeError(f"{name}: tangents must be a tuple matching primals, got {type(tangents).__name__}")
     if len(primals) != len(tangents):
-        raise ValueError(
+        raise ArgumentValueError(
             f"{name}: got {len(primals)} primals but {len(tangents)} tangents; they must match"
         )
+    if strict and (batched or trace):
+        raise ArgumentValueError(f"{name}: strict=True cannot be combined with batched=True or trace=True")
     if batched and trace:
-        raise ValueError(f"{name}: batched=True and trace=True cannot be combined")
+        raise ArgumentValueError(f"{name}: batched=True and trace=True cannot be combined")
     if batched:
         return batched_jvp(func, primals, tangents, has_aux, name)
     if trace:
@@ -55,7 +60,7 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
         duals = lift(tuple(primals), tuple(tangents), level, name)
         out = func(*duals)
         out, aux = split_aux(out, has_aux, name)
-        primal_out, tangent_out = split_outputs(out, level, name)
+        primal_out, tangent_out = split_outputs(out, level, name, strict)
         if has_aux:
             return primal_out, tangent_out, drop_level(aux, level)
         return primal_out, tangent_out
@@ -85,7 +90,7 @@ def forward_grad(func, *, has_aux=False, trace=False):
     @functools.wraps(func)
     def df(*pairs, **kwargs):
         if len(pairs) % 2:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
         with level_scope() as level:

@@ -117,7 +117,11 @@ def test_jacfwd_has_aux():
     J0, aux0 = torch.func.jacfwd(f, has_aux=True)(x)
     assert_close(J, J0)
     assert_close(aux, aux0)
-    assert fwdgrad.jacfwd(f, has_aux=True)(x, 3)[1]["n"] == 3  # non-tensor aux passes through
+    # a non-tensor aux is refused, as torch.func refuses it (RuntimeError and TypeError both)
+    with pytest.raises(RuntimeError, match=r"aux must be a tensor or a pytree of tensors, but aux\['n'\] is a int"):
+        fwdgrad.jacfwd(f, has_aux=True)(x, 3)
+    with pytest.raises(TypeError):
+        fwdgrad.jacfwd(f, has_aux=True)(x, 3)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 64])

@@ -52,13 +52,15 @@ def test_value_and_grad_and_has_aux():
 
     def h(x):
         y = x.exp()
-        return y.sum(), {"y": y, "note": "kept"}
+        return y.sum(), {"y": y, "note": torch.tensor(1.0)}
 
     (value, aux), g = fwdgrad.value_and_grad(h, has_aux=True)(x)
     torch.testing.assert_close(value, x.exp().sum())
     torch.testing.assert_close(g, x.exp())
     torch.testing.assert_close(aux["y"], x.exp())
-    assert aux["note"] == "kept" and not aux["y"].requires_grad and not value.requires_grad
+    assert aux["note"] == 1 and not aux["y"].requires_grad and not value.requires_grad
+    with pytest.raises(fwdgrad.ArgumentTypeError, match=r"aux\['note'\] is a str"):
+        fwdgrad.value_and_grad(lambda x: (x.sum(), {"note": "kept"}), has_aux=True)(x)
     g2, aux2 = fwdgrad.grad(h, has_aux=True)(x)
     torch.testing.assert_close(g2, x.exp())
     value, g3 = fwdgrad.value_and_grad(f)(x)
