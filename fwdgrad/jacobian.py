@@ -29,7 +29,7 @@ from .arguments import (
 )
 from .errors import ArgumentTypeError, ArgumentValueError, warn
 from .functorch_layers import inside_functorch
-from .reverse import grad
+from .reverse import jacobian_by_reverse
 
 
 def _rng_state():
@@ -338,9 +338,11 @@ def _arrange(per_leaf, args, nums, argnums):
 
 
 def hessian(func, argnums=0):
-    """The Hessian of a scalar ``func``: ``jacfwd(grad(func))``, forward over reverse.
+    """The Hessian of ``func``, forward over reverse: ``jacfwd`` of its reverse-mode Jacobian.
 
-    Layout as ``torch.func.hessian``.
+    Any output shape, in ``torch.func.hessian``'s layout (``output.shape +
+    input.shape + input.shape`` per output leaf and argument); a scalar
+    output is ``jacfwd(grad(func))``.
 
     >>> import torch, fwdgrad
     >>> H = fwdgrad.hessian(lambda x: (x ** 3).sum())(torch.tensor([1.0, 2.0]))
@@ -352,8 +354,9 @@ def hessian(func, argnums=0):
 
     @functools.wraps(func)
     def hess_fn(*args):
-        check_argnums(argnums, len(args), name)  # errors name hessian, not jacfwd
-        return jacfwd(grad(func, argnums), argnums)(*args)
+        nums = check_argnums(argnums, len(args), name)  # errors name hessian, not jacfwd
+        check_real(_selected(args, nums, param_names(func, len(args))), name, "input")
+        return jacfwd(jacobian_by_reverse(func, argnums, name), argnums)(*args)
 
     return hess_fn
 

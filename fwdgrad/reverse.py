@@ -78,9 +78,8 @@ def _reaches_other_leaves(out, inputs):
     return False
 
 
-def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
-    nums, many = check_argnums(argnums, len(args), name), isinstance(argnums, tuple)
-    args = list(args)
+def _checked_leaves(args, nums, name):
+    """The tensor leaves (and tree specs) of the arguments picked by ``argnums``, checked."""
     specs, leaves_per_arg = [], []
     for n in nums:
         leaves, spec = pytree.tree_flatten(args[n])
@@ -95,6 +94,13 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
                 )
         specs.append(spec)
         leaves_per_arg.append(leaves)
+    return specs, leaves_per_arg
+
+
+def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
+    nums, many = check_argnums(argnums, len(args), name), isinstance(argnums, tuple)
+    args = list(args)
+    specs, leaves_per_arg = _checked_leaves(args, nums, name)
     if inside_functorch():
         return _functorch_value_and_grad(func, argnums, has_aux, args, kwargs, name)
     outer_grad = torch.is_grad_enabled()
@@ -145,6 +151,71 @@ def _functorch_value_and_grad(func, argnums, has_aux, args, kwargs, name):
     g, value = torch.func.grad_and_value(scalar, argnums, has_aux=has_aux)(*args)
     out, aux = value if has_aux else (value, None)
     return out, g, aux
+
+
+def jacobian_by_reverse(func, argnums, name):
+    """``func``'s Jacobian by reverse mode, in ``torch.func.jacrev``'s layout: for each
+    output leaf, the arguments' structure (a tuple for a tuple ``argnums``) of
+    tensors shaped ``output.shape + input.shape``.  One forward pass and one
+    backward pass per output element; ``hessian``'s inner half."""
+
+    @functools.wraps(func)
+    def jac(*args):
+        if inside_functorch():
+            return torch.func.jacrev(func, argnums)(*args)
+        nums = check_argnums(argnums, len(args), name)
+        args = list(args)
+        specs, leaves_per_arg = _checked_leaves(args, nums, name)
+        outer_grad = torch.is_grad_enabled()
+        originals = [x for leaves in leaves_per_arg for x in leaves]
+        with torch.enable_grad():
+            inputs = []
+            for n, leaves, spec in zip(nums, leaves_per_arg, specs):
+                fresh = [_input_leaf(x) for x in leaves]
+                inputs.extend(fresh)
+                args[n] = pytree.tree_unflatten(fresh, spec)
+            out = func(*args)
+            out_leaves, out_spec = pytree.tree_flatten(out)
+            if not out_leaves or not all(isinstance(o, torch.Tensor) and is_float(o) for o in out_leaves):
+                raise ArgumentTypeError(
+                    f"{name}: func must return a floating-point tensor or a non-empty pytree of them"
+                )
+            create_graph = outer_grad and (
+                any(x.requires_grad for x in originals)
+                or any(o.requires_grad and _reaches_other_leaves(o, inputs) for o in out_leaves)
+            )
+            per_out = [_jacobian_rows(o, inputs, create_graph) for o in out_leaves]
+        results = []
+        for rows in per_out:
+            it = iter(rows)
+            per_arg = [pytree.tree_unflatten([next(it) for _ in leaves], spec)
+                       for leaves, spec in zip(leaves_per_arg, specs)]
+            results.append(tuple(per_arg) if isinstance(argnums, tuple) else per_arg[0])
+        return pytree.tree_unflatten(results, out_spec)
+
+    return jac
+
+
+def _jacobian_rows(out, inputs, create_graph):
+    """``d out / d input`` for each input, shaped ``out.shape + input.shape``."""
+    flat = out.reshape(-1)
+    rows = []
+    for j in range(flat.numel()):
+        if flat.requires_grad:
+            rows.append(torch.autograd.grad(
+                flat[j], inputs, retain_graph=True, create_graph=create_graph,
+                allow_unused=True, materialize_grads=True,
+            ))
+        else:
+            rows.append([torch.zeros_like(x) for x in inputs])
+    jacs = []
+    for k, x in enumerate(inputs):
+        if rows:
+            jk = torch.stack([r[k] for r in rows]).reshape(*out.shape, *x.shape)
+        else:
+            jk = x.new_zeros((*out.shape, *x.shape))
+        jacs.append(jk if create_graph else detach_keeping_tangents(jk))
+    return jacs
 
 
 def grad(func, argnums=0, *, has_aux=False):
@@ -515,4 +586,4 @@ def value_grad_and_hvp(loss, params, v):
     return _forward_over_reverse(loss, params, v, "value_grad_and_hvp")
 
 
-__all__ = ["grad", "value_and_grad", "hvp", "value_grad_and_hvp"]
+__all__ = ["grad", "value_and_grad", "hvp", "value_grad_and_hvp", "jacobian_by_reverse"]

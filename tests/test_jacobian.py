@@ -395,3 +395,27 @@ def test_errors():
         jvp_fn(torch.ones(4, dtype=D))
     with pytest.raises(ValueError, match="expected 1 tangent"):
         jvp_fn(x, x)
+
+
+@pytest.mark.parametrize("argnums", [0, 1, (0, 1), (1, 0)])
+def test_hessian_of_vector_and_pytree_outputs(argnums):
+    # torch.func.hessian takes any output: output.shape + input.shape + input.shape
+    f = lambda x, y: {"a": x.outer(y).sin(), "b": (x ** 2).sum() * y.exp(), "c": (x * y.sum()).tanh()[1]}  # noqa: E731
+    x, y = torch.randn(3, dtype=D), torch.randn(2, dtype=D)
+    ours, ref = fwdgrad.hessian(f, argnums)(x, y), torch.func.hessian(f, argnums)(x, y)
+    assert pytree.tree_structure(ours) == pytree.tree_structure(ref)
+    for a, b in zip(pytree.tree_leaves(ours), pytree.tree_leaves(ref)):
+        assert_close(a, b)
+
+
+def test_hessian_of_a_constant_output_is_zero_and_of_a_model_output():
+    x = torch.randn(3, dtype=D)
+    assert_close(fwdgrad.hessian(lambda x: torch.ones(2, dtype=D))(x), torch.zeros(2, 3, 3, dtype=D))
+    m = _mlp()
+    xs = torch.randn(2, 5, dtype=D)
+    assert_close(fwdgrad.hessian(m)(xs), torch.func.hessian(m)(xs))
+
+
+def test_hessian_refuses_complex_inputs_like_torch_func():
+    with pytest.raises(RuntimeError, match="hessian: argument 0 .* is complex"):
+        fwdgrad.hessian(lambda z: z.abs().sum())(torch.randn(2, dtype=torch.complex128))
