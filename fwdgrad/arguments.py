@@ -41,22 +41,21 @@ def describe(path):
 def check_argnums(argnums, n_args, name):
     """``argnums`` (an int or a tuple of ints) as a list of non-negative positions."""
     if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
-        raise ArgumentTypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
+        raise ArgumentTypeError(f"{name}: argnums must be int or Tuple[int, ...], got {type(argnums).__name__}")
     nums = (argnums,) if isinstance(argnums, int) else argnums
     if not nums:
-        raise ArgumentValueError(f"{name}: argnums must not be an empty tuple")
+        raise ArgumentValueError(f"{name}: argnums must be non-empty, got an empty tuple")
     out = []
     for a in nums:
         if isinstance(a, bool) or not isinstance(a, int):
-            raise ArgumentTypeError(f"{name}: argnums must contain ints, got {type(a).__name__}")
+            raise ArgumentTypeError(f"{name}: argnums elements must be int, got {type(a).__name__}")
         if not -n_args <= a < n_args:
             raise ArgumentValueError(
-                f"{name}: argnums {a} is out of range for a call with {n_args} positional "
-                f"argument(s)"
+                f"{name}: argnums {a} is out of range: the call has only {n_args} positional inputs"
             )
         out.append(a % n_args)
     if len(set(out)) != len(out):
-        raise ArgumentValueError(f"{name}: argnums {argnums} contains duplicates")
+        raise ArgumentValueError(f"{name}: argnums {argnums} contains duplicates; its elements must be unique")
     return out
 
 
@@ -67,14 +66,15 @@ def check_tangent(name, where, p, t):
     """
     if not isinstance(p, torch.Tensor):
         raise ArgumentTypeError(
-            f"{name}: {where} is a {type(p).__name__}; only tensors (or pytrees of tensors) "
-            f"can be differentiated; pass non-tensor constants through a closure or keyword argument"
+            f"{name}: {where} is a {type(p).__name__}; primals must only contain Tensors (or pytrees "
+            f"of tensors); pass non-tensor constants through a closure or keyword argument"
         )
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise ArgumentTypeError(
-            f"{name}: the tangent of {where} is a {type(t).__name__}; expected a tensor or None"
+            f"{name}: the tangent of {where} is a {type(t).__name__}; tangents must only contain "
+            f"Tensors (or None for a zero tangent)"
         )
     if not is_float(p):
         raise ArgumentTypeError(
@@ -105,7 +105,7 @@ def checked_leaves(name, primals, tangents, prefix="primals"):
     t_leaves, t_spec = pytree.tree_flatten(tangents, is_leaf=lambda x: x is None)
     if p_spec != t_spec:
         raise ArgumentValueError(
-            f"{name}: tangents must have the same structure as {prefix}; {prefix}: "
+            f"{name}: tangents must have the same python structure as {prefix}; {prefix}: "
             f"{pytree.treespec_pprint(p_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
         )
     paths = [prefix + describe(path) for path, _ in pytree.tree_flatten_with_path(primals)[0]]
@@ -158,8 +158,8 @@ def split_outputs(out, level, name, strict=False):
             )
     if not leaves:
         raise ArgumentValueError(
-            f"{name}: func returned no tensors (output {pytree.treespec_pprint(spec)}); it must "
-            f"return at least one tensor"
+            f"{name}: expected func to return at least one tensor, but its output "
+            f"{pytree.treespec_pprint(spec)} holds none"
         )
     if strict:
         for path, leaf in pytree.tree_flatten_with_path(out)[0]:
@@ -233,8 +233,8 @@ def check_real(leaves, name, what):
     for where, t in leaves:
         if isinstance(t, torch.Tensor) and t.is_complex():
             raise ArgumentTypeError(
-                f"{name}: {where} is complex ({t.dtype}); {name} takes real inputs and outputs only, "
-                f"as torch.func does.  Pass the real and imaginary parts as separate real "
+                f"{name}: Expected all {what}s to be real, but {where} is complex ({t.dtype}), "
+                f"as torch.func requires.  Pass the real and imaginary parts as separate real "
                 f"tensors (torch.view_as_real) if you need that {what}'s derivative"
             )
 

@@ -19,7 +19,7 @@ class Error(RuntimeError):
 
     >>> import torch, fwdgrad
     >>> try:
-    ...     fwdgrad.jvp(torch.sin, [torch.ones(2)], (torch.ones(3),))
+    ...     fwdgrad.jvp(torch.sin, (torch.ones(2),), (torch.ones(3),))
     ... except RuntimeError as e:
     ...     print(type(e).__name__, isinstance(e, fwdgrad.Error))
     ArgumentValueError True
@@ -34,7 +34,7 @@ class ArgumentTypeError(Error, TypeError):
     ...     fwdgrad.jvp(torch.sin, (torch.ones(2),), (1.0,))
     ... except TypeError as e:
     ...     print(e)
-    jvp: the tangent of primals[0] is a float; expected a tensor or None
+    jvp: the tangent of primals[0] is a float; tangents must only contain Tensors (or None for a zero tangent)
     """
 
 

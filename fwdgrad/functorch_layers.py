@@ -140,7 +140,26 @@ def _call(func, types, args, kwargs):
 @contextlib.contextmanager
 def level_scope():
     """A fresh level for one transform call; inside torch.func it records the
-    functorch layers active now and lifts and strips while the transform runs."""
+    functorch layers active now and lifts and strips while the transform runs.
+
+    Like ``torch.func.jvp``, a transform turns PyTorch's forward-AD switch
+    (``torch._C._set_fwd_grad_enabled``) on while it runs; ``func`` may turn
+    it off for a region, and no tangent flows there.
+    """
+    if torch._C._is_fwd_grad_enabled():
+        with _functorch_scope() as level:
+            yield level
+        return
+    torch._C._set_fwd_grad_enabled(True)
+    try:
+        with _functorch_scope() as level:
+            yield level
+    finally:
+        torch._C._set_fwd_grad_enabled(False)
+
+
+@contextlib.contextmanager
+def _functorch_scope():
     level = new_level()
     if not inside_functorch():
         yield level

@@ -30,6 +30,7 @@ _level_counter = itertools.count(1)
 _make_wrapper = torch.Tensor._make_wrapper_subclass
 _restore_autograd = torch._C._RestorePythonTLSSnapshot
 _disable_torch_function = torch._C.DisableTorchFunctionSubclass
+_fwd_grad_enabled = torch._C._is_fwd_grad_enabled
 
 # Set FWDGRAD_CHECK=1 to verify every tangent's shape and dtype against its primal.
 CHECK_TANGENTS = os.environ.get("FWDGRAD_CHECK", "") not in ("", "0")
@@ -383,6 +384,14 @@ def interpret(func, args, kwargs):
     if entry is None:
         entry = entry_for(func)
     level, pargs, targs, pkwargs, tkwargs, any_t = _unwrap(args, kwargs)
+    if any_t and not _fwd_grad_enabled() and torch.is_grad_enabled():
+        # torch.autograd.forward_ad's switch is off (torch._C._set_fwd_grad_enabled):
+        # as in torch.func, no tangent flows through this op.  Not where grad mode
+        # is off too: that is how PyTorch runs an autograd.Function's forward (and
+        # inference_mode), whose ops fwdgrad differentiates.
+        any_t, targs, tkwargs = False, [None] * len(targs), registry.NO_KW_TANGENTS
+        if entry.kind is VIEW:
+            return _wrap(func, func(*pargs, **pkwargs), None, level)
     if functorch_stacks:
         layers = functorch_stacks.get(level)
         if layers is not None:

@@ -193,7 +193,7 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
     t_leaves, t_spec = pytree.tree_flatten(tuple(tangents), is_leaf=lambda x: x is None)
     if p_spec != t_spec:
         raise ArgumentValueError(
-            f"{name}: tangents must have the same structure as primals; primals: "
+            f"{name}: tangents must have the same python structure as primals; primals: "
             f"{pytree.treespec_pprint(p_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
         )
     paths = ["primals" + pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(tuple(primals))[0]]
@@ -261,7 +261,7 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
     name = "jacfwd"
     check_callable(func, name)
     if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
-        raise ArgumentTypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
+        raise ArgumentTypeError(f"{name}: argnums must be int or Tuple[int, ...], got {type(argnums).__name__}")
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             raise ArgumentTypeError(f"{name}: chunk_size must be None or an int, got {type(chunk_size).__name__}")

@@ -9,6 +9,7 @@ to ``fwdgrad.jacobian``, ``trace=True`` to ``fwdgrad.traced``.
 import functools
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .arguments import check_callable, check_tangent, drop_level, lift, split_aux, split_outputs
 from .errors import ArgumentTypeError, ArgumentValueError
@@ -41,13 +42,22 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, 
     name = "jvp"
     check_callable(func, name)
     if not isinstance(primals, (tuple, list)):
-        raise ArgumentTypeError(f"{name}: primals must be a tuple of func's positional arguments, got {type(primals).__name__}")
-    if not isinstance(tangents, (tuple, list)):
-        raise ArgumentTypeError(f"{name}: tangents must be a tuple matching primals, got {type(tangents).__name__}")
+        raise ArgumentTypeError(
+            f"{name}: Expected primals to be a tuple of func's positional arguments, got "
+            f"{type(primals).__name__}"
+        )
+    if not isinstance(tangents, (tuple, list)) or type(tangents) is not type(primals):
+        raise ArgumentTypeError(
+            f"{name}: tangents must be a {type(primals).__name__} with the same python structure "
+            f"as primals, got {type(tangents).__name__}"
+        )
     if len(primals) != len(tangents):
         raise ArgumentValueError(
-            f"{name}: got {len(primals)} primals but {len(tangents)} tangents; they must match"
+            f"{name}: got {len(primals)} primals but {len(tangents)} tangents; they must match "
+            f"(the same python structure)"
         )
+    if not pytree.tree_leaves(tuple(primals)):
+        raise ArgumentValueError(f"{name}: primals must contain at least one Tensor")
     if strict and (batched or trace):
         raise ArgumentValueError(f"{name}: strict=True cannot be combined with batched=True or trace=True")
     if batched and trace:

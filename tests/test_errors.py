@@ -80,20 +80,20 @@ CASES = [
         "tangent count differs from primals",
         lambda: fwdgrad.jvp(torch.sin, (X,), (X, X)),
         fwdgrad.ArgumentValueError,
-        "jvp: got 1 primals but 2 tangents; they must match",
+        "jvp: got 1 primals but 2 tangents; they must match (the same python structure)",
     ),
     Case(
         "tangent structure differs from primals",
         lambda: fwdgrad.jvp(lambda d: d["w"], ({"w": X},), ({"b": X},)),
         fwdgrad.ArgumentValueError,
-        "jvp: tangents must have the same structure as primals; "
+        "jvp: tangents must have the same python structure as primals; "
         "primals: ({'w': *},), tangents: ({'b': *},)",
     ),
     Case(
         "primals or tangents not a tuple",
         lambda: fwdgrad.jvp(torch.sin, X, X),
         fwdgrad.ArgumentTypeError,
-        "jvp: primals must be a tuple of func's positional arguments, got Tensor",
+        "jvp: Expected primals to be a tuple of func's positional arguments, got Tensor",
     ),
     Case(
         "a tangent for an integer primal",
@@ -113,21 +113,21 @@ CASES = [
         "a tangent that is not a tensor",
         lambda: fwdgrad.jvp(torch.sin, (X,), (1.0,)),
         fwdgrad.ArgumentTypeError,
-        "jvp: the tangent of primals[0] is a float; expected a tensor or None",
+        "jvp: the tangent of primals[0] is a float; tangents must only contain Tensors (or None for a zero tangent)",
     ),
     Case(
         "a non-tensor primal",
         lambda: fwdgrad.jvp(lambda a: a * 2, (3.0,), (1.0,)),
         fwdgrad.ArgumentTypeError,
-        "jvp: primals[0] is a float; only tensors (or pytrees of tensors) can be "
-        "differentiated; pass non-tensor constants through a closure or keyword argument",
+        "jvp: primals[0] is a float; primals must only contain Tensors (or "
+        "pytrees of tensors); pass non-tensor constants through a closure or keyword argument",
     ),
     Case(
         "a non-tensor argument with a tangent (forward_grad)",
         lambda: fwdgrad.forward_grad(lambda a: a)(3.0, torch.ones(())),
         fwdgrad.ArgumentTypeError,
-        "forward_grad: argument 0 is a float; only tensors (or pytrees of tensors) can be "
-        "differentiated; pass non-tensor constants through a closure or keyword argument",
+        "forward_grad: argument 0 is a float; primals must only contain Tensors (or "
+        "pytrees of tensors); pass non-tensor constants through a closure or keyword argument",
     ),
     Case(
         "an odd number of arguments to df (forward_grad)",
@@ -207,19 +207,19 @@ CASES = [
         "grad: argnums out of range",
         lambda: fwdgrad.grad(lambda a, b: (a * b).sum(), argnums=2)(X, X),
         fwdgrad.ArgumentValueError,
-        "grad: argnums 2 is out of range for a call with 2 positional argument(s)",
+        "grad: argnums 2 is out of range: the call has only 2 positional inputs",
     ),
     Case(
         "jacfwd: argnums out of range",
         lambda: fwdgrad.jacfwd(lambda a, b: a * b, argnums=(0, 5))(X, X),
         fwdgrad.ArgumentValueError,
-        "jacfwd: argnums 5 is out of range for a call with 2 positional argument(s)",
+        "jacfwd: argnums 5 is out of range: the call has only 2 positional inputs",
     ),
     Case(
         "hessian: argnums out of range",
         lambda: fwdgrad.hessian(lambda a: (a**3).sum(), argnums=-2)(X),
         fwdgrad.ArgumentValueError,
-        "hessian: argnums -2 is out of range for a call with 1 positional argument(s)",
+        "hessian: argnums -2 is out of range: the call has only 1 positional inputs",
     ),
     Case(
         "jacfwd: chunk_size below 1",
@@ -281,14 +281,14 @@ CASES = [
         "func returns no tensors",
         lambda: fwdgrad.jvp(lambda x: (), (X,), (X,)),
         fwdgrad.ArgumentValueError,
-        "jvp: func returned no tensors (output ()); it must return at least one tensor",
+        "jvp: expected func to return at least one tensor, but its output () holds none",
     ),
     Case(
         "a complex input to jacfwd",
         lambda: fwdgrad.jacfwd(torch.sin)(X.to(torch.complex64)),
         fwdgrad.ArgumentTypeError,
-        "jacfwd: argument 0 (arg0) is complex (torch.complex64); jacfwd takes real inputs and outputs "
-        "only, as torch.func does.  Pass the real and imaginary parts as separate real tensors "
+        "jacfwd: Expected all inputs to be real, but argument 0 (arg0) is complex (torch.complex64), as "
+        "torch.func requires.  Pass the real and imaginary parts as separate real tensors "
         "(torch.view_as_real) if you need that input's derivative",
     ),
     Case(

@@ -380,7 +380,7 @@ def test_errors():
         fwdgrad.jacfwd(f, chunk_size=0)
     with pytest.raises(TypeError, match="chunk_size must be None or an int"):
         fwdgrad.jacfwd(f, chunk_size=2.0)
-    with pytest.raises(TypeError, match="argnums must be an int or a tuple"):
+    with pytest.raises(TypeError, match=r"argnums must be int or Tuple\[int, ...\]"):
         fwdgrad.jacfwd(f, argnums=[0])
     with pytest.raises(TypeError, match="has dtype torch.int64"):
         fwdgrad.linearize(torch.sin, torch.arange(3))
@@ -417,5 +417,5 @@ def test_hessian_of_a_constant_output_is_zero_and_of_a_model_output():
 
 
 def test_hessian_refuses_complex_inputs_like_torch_func():
-    with pytest.raises(RuntimeError, match="hessian: argument 0 .* is complex"):
+    with pytest.raises(RuntimeError, match="hessian: Expected all inputs to be real, but argument 0 .* is complex"):
         fwdgrad.hessian(lambda z: z.abs().sum())(torch.randn(2, dtype=torch.complex128))
