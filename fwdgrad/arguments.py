@@ -6,6 +6,7 @@ lifted to duals of a fresh level, and the outputs lowered back to
 ``(primal, tangent)`` pairs.
 """
 
+import functools
 import inspect
 
 import torch
@@ -18,6 +19,40 @@ from .interpreter import Dual, tangent_of
 
 def is_float(x):
     return x.is_floating_point() or x.is_complex()
+
+
+def normal_mode(transform):
+    """Run a transform outside any ``torch.inference_mode`` of the caller.
+
+    Under inference mode every tensor made is an inference tensor: no version
+    counter (the recorder reads it) and no autograd (hvp and grad need it), so
+    a transform run there gives zeros or crashes.  A transform's own work runs
+    in normal mode, whatever the caller's mode, as in torch.func; its results
+    are ordinary tensors.
+    """
+
+    @functools.wraps(transform)
+    def run(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return transform(*args, **kwargs)
+        with torch.inference_mode(False):
+            return transform(*args, **kwargs)
+
+    return run
+
+
+def usable(x):
+    """``x``, or a normal copy of it if it is an inference tensor (one that autograd
+    cannot save and that has no version counter)."""
+    if isinstance(x, torch.Tensor) and x.is_inference():
+        with torch.inference_mode(False):
+            return x.clone()
+    return x
+
+
+def usable_tree(tree):
+    """``usable`` on every tensor of a pytree."""
+    return pytree.tree_map_only(torch.Tensor, usable, tree)
 
 
 def check_callable(func, name, what="func"):

@@ -100,6 +100,8 @@ class Dual(torch.Tensor):
         # autograd's internal detach of saved outputs never comes through here.
         if func in _USER_DETACH:
             return strip(args[0]).detach()
+        if func is _TOLIST:
+            return _tolist(args[0])
         if kwargs is None:
             kwargs = {}
         with _disable_torch_function():
@@ -125,6 +127,20 @@ def _over_functorch(cls, primal, tangent, level, view):
 
 
 _USER_DETACH = {torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__}
+_TOLIST = torch.Tensor.tolist
+
+
+def _tolist(d):
+    """``.tolist()`` of a dual: the primal's values (PyTorch refuses it for subclasses).
+
+    A recording dispatch mode does not see ``tolist`` on a plain tensor, so it
+    is told with a value read it does see (``.item()`` of a sum): a recording
+    that read values must not be replayed for other values.
+    """
+    p = strip(d)
+    if torch._C._len_torch_dispatch_stack():
+        _aten._local_scalar_dense.default(_aten.sum.default(p.detach()))
+    return p.tolist()
 
 
 def strip(x):
@@ -140,17 +156,20 @@ def tangent_of(d):
     A view's tangent is derived from its base's, and derived again when the
     base's tangent object changes (materialised or replaced by an in-place op).
     """
-    view = d._view
-    if view is None:
+    if d._view is None:
         return d._tangent
-    base_t = tangent_of(view.base)
-    if base_t is None:
-        return None
-    if d._tangent_from is base_t:
-        return d._tangent
-    t = view.derive(base_t)
-    d._tangent = t
-    d._tangent_from = base_t
+    chain = []  # iterative, so that a chain of thousands of views cannot overflow the stack
+    while d._view is not None:
+        chain.append(d)
+        d = d._view.base
+    t = d._tangent
+    for v in reversed(chain):
+        if t is None:
+            return None
+        if v._tangent_from is not t:
+            v._tangent = v._view.derive(t)
+            v._tangent_from = t
+        t = v._tangent
     return t
 
 
@@ -271,7 +290,7 @@ def _unwrap(args, kwargs, level=0):
                     return _unwrap(args, kwargs, top)
                 level = top
             if top == level and top:
-                ps, ts = _unwrap_list(a, level)
+                ps, ts = unwrap_list(a, level)
                 sub = any(t is not None for t in ts)
                 primals.append(ps)
                 tangents.append(ts if sub else None)
@@ -297,7 +316,8 @@ def _unwrap(args, kwargs, level=0):
     return level, primals, tangents, pkwargs, tkwargs, any_t or bool(tkwargs)
 
 
-def _unwrap_list(items, level):
+def unwrap_list(items, level):
+    """Primals and tangents (``None`` for zero) of ``items`` at ``level``."""
     primals, tangents = [], []
     for b in items:
         if isinstance(b, Dual) and b._level == level:
@@ -400,23 +420,41 @@ def interpret(func, args, kwargs):
 
 
 def _run(func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, any_t, layered=False):
-    kind = entry.kind
     with _restore_autograd():
         if layered:  # after restoring the caller's dispatch keys, which exclude functorch's
             _functorch_keys_on()
-        if kind is FUNCTIONAL:
-            ans = entry.call(*pargs, **pkwargs)
-            if not any_t or not _differentiable(ans):
-                return _wrap(func, ans, None, level)
-            rule = entry._rule or entry.rule
-            return _wrap(func, ans, rule(_tangents(targs, tkwargs), ans, *pargs, **pkwargs), level)
-        if kind is VIEW:
-            return _view(func, entry, args, pargs, pkwargs, targs, any_t, level)
-        if kind is INPLACE:
-            return _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level)
-        if kind is INPLACE_VIEW:
-            return _inplace_view(func, entry, args, pargs, pkwargs, level)
-        return _out(func, entry, kwargs, pargs, pkwargs, targs, tkwargs, level)
+        if _any_autocast():
+            # Restoring the caller's TLS re-enables autocast, which the primal
+            # kernel never saw (the op was cast once, above this dispatch):
+            # primal and tangent math run as the plain kernel would.
+            with _ExcludeKeys(_AUTOCAST_KEYS):
+                return _dispatch(func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, any_t)
+        return _dispatch(func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, any_t)
+
+
+_any_autocast = torch._C._is_any_autocast_enabled
+_ExcludeKeys = torch._C._ExcludeDispatchKeyGuard
+_AUTOCAST_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+for _k in ("AutocastCUDA", "AutocastXPU", "AutocastMPS", "AutocastHPU", "AutocastIPU", "AutocastPrivateUse1"):
+    if hasattr(torch._C.DispatchKey, _k):
+        _AUTOCAST_KEYS = _AUTOCAST_KEYS | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _k))
+
+
+def _dispatch(func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, any_t):
+    kind = entry.kind
+    if kind is FUNCTIONAL:
+        ans = entry.call(*pargs, **pkwargs)
+        if not any_t or not _differentiable(ans):
+            return _wrap(func, ans, None, level)
+        rule = entry._rule or entry.rule
+        return _wrap(func, ans, rule(_tangents(targs, tkwargs), ans, *pargs, **pkwargs), level)
+    if kind is VIEW:
+        return _view(func, entry, args, pargs, pkwargs, targs, any_t, level)
+    if kind is INPLACE:
+        return _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level)
+    if kind is INPLACE_VIEW:
+        return _inplace_view(func, entry, args, pargs, pkwargs, level)
+    return _out(func, entry, kwargs, pargs, pkwargs, targs, tkwargs, level)
 
 
 # --------------------------------------------------------------------------

@@ -25,23 +25,13 @@ from torch.utils import _pytree as pytree
 
 from . import trace
 from .arguments import (
-    check_argnums, check_callable, check_differentiable, check_real, check_tangent, diff_mask, param_names,
+    check_argnums, check_callable, check_differentiable, check_real, check_tangent, diff_mask, normal_mode,
+    param_names, usable_tree,
 )
 from .errors import ArgumentTypeError, ArgumentValueError, warn
 from .functorch_layers import inside_functorch
 from .reverse import jacobian_by_reverse
-
-
-def _rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state):
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+from .state import State, rng_state, set_rng_state
 
 
 class Linearized:
@@ -57,6 +47,10 @@ class Linearized:
     def __init__(self, func, args, diff, has_aux, name):
         self.func = func
         self.name = name
+        # The state before the first evaluation: eager pushes evaluate func
+        # again from it (same random draws, same buffers) and leave no trace.
+        self.state = State(func)
+        args = usable_tree(args)
         leaves = pytree.tree_leaves(args)
         tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         self.call = trace.FlatJvp(
@@ -69,13 +63,14 @@ class Linearized:
             # Tensor subclasses (e.g. duals of an enclosing fwdgrad transform) and
             # functorch's wrappers (inside a torch.func transform) are invisible
             # to the recorder: push tangents eagerly.
-            self._set_outputs(self._eager([None] * len(self.inputs)))
+            call = self.call
+            self._set_outputs(call(*[call.leaves[i] for i in call.tensor_idx], *[None] * len(self.inputs)))
             return
         self._record([leaves[i] for i in tensors])
 
     def _record(self, primals):
         call = self.call
-        rng = _rng_state()
+        rng = rng_state()
         names = trace.Captures(self.func).names()
         zeros = [torch.zeros_like(x) for x in self.inputs]
         # The recording's tangent values are not needed: skip the heavy tangent ops.
@@ -83,7 +78,7 @@ class Linearized:
         if rec.unbatchable_mutation is not None or rec.stale_residuals():
             try:
                 rec = trace.functionalized(
-                    rec, [*primals, *zeros], call.is_tangent(), lambda: _set_rng_state(rng)
+                    rec, [*primals, *zeros], call.is_tangent(), lambda: set_rng_state(rng)
                 )
             except Exception as e:  # an op functionalization cannot handle
                 self._fall_back(rec, f"functionalizing its in-place ops failed ({type(e).__name__}: {e})")
@@ -119,7 +114,8 @@ class Linearized:
     def _eager(self, tangent_leaves):
         """All flat outputs of one eager jvp along ``tangent_leaves``."""
         call = self.call
-        return call(*[call.leaves[i] for i in call.tensor_idx], *tangent_leaves)
+        with self.state.again():
+            return call(*[call.leaves[i] for i in call.tensor_idx], *tangent_leaves)
 
     # -- pushing tangents ----------------------------------------------------
 
@@ -145,6 +141,7 @@ class Linearized:
 # linearize
 
 
+@normal_mode
 def linearize(func, *primals):
     """``(output, jvp_fn)``: ``func(*primals)`` and a function pushing tangents through it.
 
@@ -161,9 +158,11 @@ def linearize(func, *primals):
     name = "linearize"
     check_callable(func, name)
     check_differentiable(primals, range(len(primals)), name, param_names(func, len(primals)))
-    lin = Linearized(func, primals, [True] * len(pytree.tree_leaves(primals)), False, name)
+    with State(func).undone_on_error():
+        lin = Linearized(func, primals, [True] * len(pytree.tree_leaves(primals)), False, name)
     in_spec = pytree.tree_structure(tuple(primals))
 
+    @normal_mode
     def jvp_fn(*tangents):
         if len(tangents) != len(primals):
             raise ArgumentValueError(f"{name}: jvp_fn expected {len(primals)} tangent(s), got {len(tangents)}")
@@ -187,6 +186,7 @@ def linearize(func, *primals):
 # batched jvp (jvp(batched=True))
 
 
+@normal_mode
 def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
     """``jvp`` with a leading batch dimension on every tangent; one primal computation."""
     p_leaves, p_spec = pytree.tree_flatten(tuple(primals))
@@ -220,12 +220,13 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
         diff.append(True)
     if k is None:
         raise ArgumentValueError(f"{name}: with batched=True, at least one tangent must be a tensor (not None)")
-    lin = Linearized(func, tuple(primals), diff, has_aux, name)
-    batch = [t for t, d in zip(t_leaves, diff) if d]
-    if k == 0:
-        outs = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
-    else:
-        outs = lin.push_batched(batch)
+    with State(func).undone_on_error():
+        lin = Linearized(func, tuple(primals), diff, has_aux, name)
+        batch = [t for t, d in zip(t_leaves, diff) if d]
+        if k == 0:
+            outs = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
+        else:
+            outs = lin.push_batched(batch)
     tangent_out = pytree.tree_unflatten(outs, lin.out_spec)
     if has_aux:
         return lin.primal_out, tangent_out, lin.aux
@@ -269,44 +270,14 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
             raise ArgumentValueError(f"{name}: chunk_size must be at least 1, got {chunk_size}")
 
     @functools.wraps(func)
+    @normal_mode
     def jac_fn(*args):
         nums = check_argnums(argnums, len(args), name)
         names = param_names(func, len(args))
         check_differentiable(args, nums, name, names)
         check_real(_selected(args, nums, names), name, "input")
-        lin = Linearized(func, args, diff_mask(args, nums), has_aux, name)
-        check_real(
-            [(f"output{pytree.keystr(p)}", o) for (p, _), o in
-             zip(pytree.tree_flatten_with_path(lin.primal_out)[0], lin.primal_leaves)],
-            name, "output",
-        )
-        inputs = lin.inputs
-        sizes = [x.numel() for x in inputs]
-        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-        total = sum(sizes)
-        step = total if chunk_size is None else min(chunk_size, total)
-        if total == 0:
-            full = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
-        elif step == total:
-            full = lin.push_batched([_basis_chunk(0, total, o, x) for o, x in zip(offsets, inputs)])
-        else:
-            full = None
-            for start in range(0, total, step):
-                stop = min(start + step, total)
-                part = lin.push_batched([_basis_chunk(start, stop, o, x) for o, x in zip(offsets, inputs)])
-                if full is None:
-                    full = [p.new_empty((total, *p.shape[1:])) for p in part]
-                for f, p in zip(full, part):
-                    f[start:stop] = p
-        jac = []
-        for f in full:  # one output leaf: (total, *out_shape)
-            per_leaf = [
-                f[o:o + n].movedim(0, -1).reshape((*f.shape[1:], *x.shape))
-                for o, n, x in zip(offsets, sizes, inputs)
-            ]
-            jac.append(_arrange(per_leaf, args, nums, argnums))
-        result = pytree.tree_unflatten(jac, lin.out_spec)
-        return (result, lin.aux) if has_aux else result
+        with State(func).undone_on_error():
+            return _jacobian(func, args, nums, argnums, has_aux, chunk_size, name)
 
     return jac_fn
 
@@ -317,6 +288,42 @@ def _selected(args, nums, names):
         (f"argument {i} ({names[i]}{pytree.keystr(path)})", leaf)
         for i in nums for path, leaf in pytree.tree_flatten_with_path(args[i])[0]
     ]
+
+
+def _jacobian(func, args, nums, argnums, has_aux, chunk_size, name):
+    lin = Linearized(func, args, diff_mask(args, nums), has_aux, name)
+    check_real(
+        [(f"output{pytree.keystr(p)}", o) for (p, _), o in
+         zip(pytree.tree_flatten_with_path(lin.primal_out)[0], lin.primal_leaves)],
+        name, "output",
+    )
+    inputs = lin.inputs
+    sizes = [x.numel() for x in inputs]
+    offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+    total = sum(sizes)
+    step = total if chunk_size is None else min(chunk_size, total)
+    if total == 0:
+        full = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
+    elif step == total:
+        full = lin.push_batched([_basis_chunk(0, total, o, x) for o, x in zip(offsets, inputs)])
+    else:
+        full = None
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            part = lin.push_batched([_basis_chunk(start, stop, o, x) for o, x in zip(offsets, inputs)])
+            if full is None:
+                full = [p.new_empty((total, *p.shape[1:])) for p in part]
+            for f, p in zip(full, part):
+                f[start:stop] = p
+    jac = []
+    for f in full:  # one output leaf: (total, *out_shape)
+        per_leaf = [
+            f[o:o + n].movedim(0, -1).reshape((*f.shape[1:], *x.shape))
+            for o, n, x in zip(offsets, sizes, inputs)
+        ]
+        jac.append(_arrange(per_leaf, args, nums, argnums))
+    result = pytree.tree_unflatten(jac, lin.out_spec)
+    return (result, lin.aux) if has_aux else result
 
 
 def _arrange(per_leaf, args, nums, argnums):

@@ -17,17 +17,23 @@ are computed once, and the tangent of the gradient is ``H v``.  With a closure
 import functools
 import gc
 import inspect
+import signal
+import threading
 import traceback
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
 
 from . import interpreter
-from .arguments import check_argnums, check_callable, check_scalar_output, is_float, split_aux
+from .arguments import (
+    check_argnums, check_callable, check_scalar_output, is_float, normal_mode, split_aux, usable,
+)
 from .errors import ArgumentTypeError, ArgumentValueError
 from .functorch_layers import inside_functorch, level_scope, lift_input
 from .functorch_layers import strip as functorch_strip
-from .interpreter import Dual, strip, tangent_of
+from .interpreter import Dual, strip, unwrap_list
+from .state import State
 
 _aten_detach = torch.ops.aten.detach.default
 
@@ -56,7 +62,7 @@ def _input_leaf(x):
     """
     if x.requires_grad:
         return x.view_as(x)
-    return detach_keeping_tangents(x).requires_grad_()
+    return detach_keeping_tangents(usable(x)).requires_grad_()
 
 
 def _reaches_other_leaves(out, inputs):
@@ -121,9 +127,13 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
             any(x.requires_grad for x in originals) or _reaches_other_leaves(out, inputs)
         )
         if out.requires_grad:
-            grads = torch.autograd.grad(
-                out, inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
-            )
+            try:
+                grads = torch.autograd.grad(
+                    out, inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
+                )
+            except BaseException as e:
+                _free_graph(e)
+                raise
         else:
             grads = [torch.zeros_like(x) for x in inputs]
     if not create_graph:
@@ -236,8 +246,10 @@ def grad(func, argnums=0, *, has_aux=False):
     check_callable(func, name)
 
     @functools.wraps(func)
+    @normal_mode
     def grad_f(*args, **kwargs):
-        _, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
+        with State(func).undone_on_error():
+            _, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
         return (g, aux) if has_aux else g
 
     return grad_f
@@ -257,8 +269,10 @@ def value_and_grad(func, argnums=0, *, has_aux=False):
     check_callable(func, name)
 
     @functools.wraps(func)
+    @normal_mode
     def value_and_grad_f(*args, **kwargs):
-        out, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
+        with State(func).undone_on_error():
+            out, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
         return ((out, aux), g) if has_aux else (out, g)
 
     return value_and_grad_f
@@ -373,14 +387,7 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
             else:
                 grads = (None,) * len(inputs)
     value = out._primal if isinstance(out, Dual) and out._level == level else out
-    gs, hvs = [], []
-    for x, g in zip(inputs, grads):
-        if isinstance(g, Dual) and g._level == level:
-            gs.append(g._primal)
-            hvs.append(tangent_of(g))
-        else:
-            gs.append(g)
-            hvs.append(None)
+    gs, hvs = unwrap_list(grads, level)
     if functorch:  # the graphs are the enclosing torch.func transforms'
         return value, gs, hvs
     # Results carry no graph (a loss that captures tensors requiring grad would
@@ -428,6 +435,7 @@ def _storage_ptr(t):
     return t.untyped_storage().data_ptr()
 
 
+@normal_mode
 def _forward_over_reverse(loss, params, v, name):
     check_callable(loss, name, "loss")
     keys, p_leaves, v_leaves, rebuild = _flatten_params(params, v, name)
@@ -438,17 +446,22 @@ def _forward_over_reverse(loss, params, v, name):
     closure = _is_closure(loss, pure_args)
     # A direction that is itself a parameter object (v = params, for H @ w) would
     # become its own dual when the closure form swaps that object: use an alias.
-    v_leaves = [t.detach() if any(t is p for p in p_leaves) else t for t in v_leaves]
-    with level_scope() as level:
+    v_leaves = [usable(t.detach()) if any(t is p for p in p_leaves) else usable(t) for t in v_leaves]
+    with level_scope() as level, State(loss).undone_on_error():
         duals = [
-            Dual(_hvp_primal(p, level), t, level, requires_grad=True)
+            Dual(_hvp_primal(usable(p), level), t, level, requires_grad=True)
             for p, t in zip(p_leaves, v_leaves)
         ]
         if closure:
             value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name)
         else:
             call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
-            value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
+            try:
+                value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
+            except BaseException as e:
+                del call_args
+                _free_graph(e)
+                raise
         del duals
     foreign = {_storage_ptr(x) for x in p_leaves + v_leaves}
     grads = [_own(g, p, foreign) for g, p in zip(gs, p_leaves)]
@@ -465,82 +478,169 @@ def _hvp_primal(p, level):
 
 
 def _in_closure(loss, keys, params, duals, level, name):
-    """Run the closure with each live parameter object temporarily turned into its dual."""
+    """Run the closure with each live parameter object temporarily turned into its dual.
+
+    Whatever happens (an exception or a ``KeyboardInterrupt`` at any point),
+    every parameter is swapped back: the swaps and their bookkeeping run with
+    SIGINT deferred (``_Deferred``), and on an exception the partial graph is
+    freed before the swap back.
+    """
     seen = set()
     for k, p in zip(keys, params):
         if id(p) in seen:
             raise ArgumentValueError(f"{name}: params{k} appears twice in params")
         seen.add(id(p))
-        if p._use_count() > 1:
+        holder = _holder(p)
+        if holder is not None:
             raise RuntimeError(
-                f"{name}: cannot use params{k} in the closure form: another reference to it is "
-                f"alive (most likely an autograd graph that saved it, e.g. a loss you have not "
-                f"called .backward() on yet).  Call hvp before building that graph, or use the "
-                f"pure form loss(params)."
+                f"{name}: cannot use params{k} in the closure form: {holder}.  Call hvp "
+                f"before building that graph (or free it), or use the pure form loss(params)."
             )
-    swapped = []
+    swapped = []  # (param, dual, hook handle or None), in swap order
+    raised = False
     try:
-        for p, d in zip(params, duals):
-            _swap(p, d)
-            swapped.append((p, d))
+        with _Deferred():
+            for p, d in zip(params, duals):
+                swapped.append((p, d, _swap(p, d)))
         return _loss_and_grads(loss, (), params, level, name)
     except BaseException as e:
         # The traceback's frames hold the partial graph, which holds the
         # parameters; free it so that they can be swapped back.
-        traceback.clear_frames(e.__traceback__)
-        gc.collect()
+        raised = True
+        _free_graph(e)
         raise
     finally:
-        failed = []
-        for p, d in reversed(swapped):
-            try:
-                _swap_back(p, d, name)
-            except RuntimeError as e:
-                failed.append(e)  # restore the others before reporting
-        if failed:
-            raise failed[0]
+        with _Deferred():
+            _swap_all_back(swapped, name, force=raised)
+
+
+def _free_graph(e):
+    """After ``e`` was raised inside a call: free the partial graph (which holds the parameters).
+
+    The traceback's frames hold it.  When the error came out of a backward
+    pass, autograd's engine also keeps its last graph task (and with it the
+    graph) until the next backward pass on the thread: run a tiny one.
+    """
+    traceback.clear_frames(e.__traceback__)
+    with _disable_current_modes(), torch.enable_grad():
+        leaf = torch.zeros((), requires_grad=True)
+        torch.autograd.grad(leaf * 1.0, leaf)
+    gc.collect()
+
+
+def _swap_all_back(swapped, name, force):
+    failed = []
+    for p, d, hook in reversed(swapped):
+        try:
+            _swap_back(p, d, name, force)
+        except RuntimeError as e:
+            failed.append(e)  # restore the others before reporting
+            continue
+        if hook is not None:
+            hook.remove()
+    if failed:
+        raise failed[0]
+
+
+class _Deferred:
+    """SIGINT (``KeyboardInterrupt``) is held back inside the block and delivered after it.
+
+    A swap is three steps (class, ``__dict__``, the C++ tensor); an interrupt
+    between two of them would leave a parameter half a dual.  Only the main
+    thread receives signals, so elsewhere this does nothing.
+    """
+
+    depth = 0  # blocks open now (tests that inject interrupts read it)
+
+    def __enter__(self):
+        self.pending = []
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, lambda signum, frame: self.pending.append(frame))
+        _Deferred.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        _Deferred.depth -= 1
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+            if self.pending and callable(self.old):
+                self.old(signal.SIGINT, self.pending[0])
+        return False
+
+
+def _holder(t):
+    """Why ``t`` cannot be swapped now (``None`` if it can).
+
+    The Python object holds one reference to its C++ tensor.  A leaf's
+    gradient accumulator holds one more while a graph that used it is alive
+    (``torch.optim.LBFGS`` keeps the last loss, and with it its graph, after
+    ``backward``); that node cannot run during the swap (``_swap`` blocks it),
+    so it is harmless.  Any other reference (a graph that saved the tensor and
+    has not run its backward, DDP's reducer) is not.
+    """
+    n = t._use_count()
+    if n == 1 or (n == 2 and t.is_leaf and t.requires_grad and _accumulator_holds(t)):
+        return None
+    return (
+        f"another reference to it is alive ({n - 1} from C++: an autograd graph that saved it, "
+        f"such as a loss whose backward has not run or a graph kept with retain_graph=True, or a "
+        f"wrapper such as DistributedDataParallel that holds its parameters)"
+    )
+
+
+def _accumulator_holds(t):
+    """Whether the extra reference to the leaf ``t`` is its live gradient accumulator."""
+    node = torch.autograd.graph.get_gradient_edge(t).node
+    return t._use_count() == 2 and node is not None
 
 
 def _poisoned(grad_outputs):
     raise RuntimeError(
         "fwdgrad.hvp: this graph used a parameter while hvp had turned it into a dual "
-        "(closure form); it cannot be differentiated after hvp returned"
+        "(closure form); it cannot be differentiated during that call"
     )
 
 
-def _swap(t1, t2):
+def _swap(t1, t2, block=True, force=False):
     """Exchange the contents of two tensor objects, keeping their identities.
 
     Like ``torch.utils.swap_tensors``, but weak references are allowed: a weak
     reference to a parameter (``nn.LSTM`` keeps them) goes on pointing at the
     same object, which is what the temporary swap of the closure form needs.
+    A leaf held by the gradient accumulator of a live graph (``_holder``) gets
+    a hook (with ``block``) that stops that graph's backward while the swap lasts; the hook's
+    handle is returned (``None`` if none was needed), to be removed after the
+    swap back.
     """
-    for t in (t1, t2):
-        if t._use_count() > 1:
-            # A leaf may also be held by its AccumulateGrad node (a graph that
-            # outlives the call): that node must not run on the swapped tensor.
-            if t._use_count() == 2 and t.is_leaf:
-                node = torch.autograd.graph.get_gradient_edge(t).node
-                if t._use_count() == 2:
-                    node.register_prehook(lambda grad_outputs: _poisoned(grad_outputs))
-                    continue
-            raise RuntimeError(
-                f"a tensor to swap has {t._use_count()} references from C++ (a live graph?)"
-            )
+    hook = None
+    for t in () if force else (t1, t2):
+        why = _holder(t)
+        if why is not None:
+            raise RuntimeError(f"a tensor to swap is held elsewhere: {why}")
+        if block and t._use_count() == 2:
+            node = torch.autograd.graph.get_gradient_edge(t).node
+            hook = node.register_prehook(_poisoned)
     for attr in ("__class__", "__dict__"):
         tmp = getattr(t1, attr)
         setattr(t1, attr, getattr(t2, attr))
         setattr(t2, attr, tmp)
     torch._C._swap_tensor_impl(t1, t2)
+    return hook
 
 
-def _swap_back(p, d, name):
+def _swap_back(p, d, name, force):
+    """Swap ``p`` back.  ``force`` (the call raised): even if C++ still holds
+    the dual's tensor.  What holds it then is a graph that a backward pass
+    interrupted part-way left behind, unreachable from Python, so it can
+    never run on the swapped tensors; the parameter must come back regardless.
+    """
     try:
-        _swap(p, d)
+        _swap(p, d, block=False)
     except RuntimeError:
         gc.collect()
         try:
-            _swap(p, d)
+            _swap(p, d, block=False, force=force)
         except RuntimeError as e:
             raise RuntimeError(
                 f"{name}: could not restore a parameter after the closure ran, because a "

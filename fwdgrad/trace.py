@@ -32,6 +32,7 @@ tangent ops are recorded without being run; see ``Recorder._skip``.
 
 import functools
 import operator
+import types
 
 import torch
 import torch.fx as fx
@@ -45,7 +46,7 @@ from .arguments import drop_level, param_names, split_aux, split_outputs
 from .graph import Graph, Node, Program, has_effects, remap
 from .functorch_layers import level_scope, lift_input
 from .interpreter import Dual
-from .ops import functional_variant, is_random, mutated_args, op_name, returns_alias
+from .ops import fill_defaults, functional_variant, is_random, mutated_args, op_name, returns_alias
 
 _set_grad_enabled = torch._C._set_grad_enabled
 
@@ -214,7 +215,8 @@ class Recorder(TorchDispatchMode):
         found = []
         mutated = mutated_args(func)
         functional = self._functional_instead(func, args, kwargs) if mutated else None
-        rfunc, rargs = _normalized(functional or func, args)
+        # The out-of-place op may lack a default the in-place one has (bernoulli_'s p).
+        rfunc, rargs = _normalized(functional or func, fill_defaults(func, args) if functional else args)
         nargs = tuple(self._arg(a, found) for a in rargs)
         nkwargs = {k: self._arg(v, found) for k, v in kwargs.items()}
         depends = any(n.tangent for n, _ in found)
@@ -258,6 +260,8 @@ class Recorder(TorchDispatchMode):
         w = args[0]
         if w._base is not None or w.is_meta:
             return None
+        if w not in self.node_of:
+            return None  # not seen before: a captured tensor (a module buffer), written for real
         storage = StorageWeakRef(w.untyped_storage())
         if storage in self.input_storages or storage in self.aliased:
             return None
@@ -456,6 +460,34 @@ def _contents(obj):
     return []
 
 
+_SCALARS = (bool, int, complex, str, bytes, type(None))
+_MISSING = object()
+
+
+def value_key(obj):
+    """What a recording may have baked in from a captured non-tensor value: the
+    value itself for numbers, strings and tuples of them (a float by its exact
+    bits, so NaN matches itself); otherwise the object's identity."""
+    if isinstance(obj, float):
+        return (float, obj.hex())
+    if isinstance(obj, _SCALARS):
+        return (type(obj), obj)
+    if isinstance(obj, tuple):
+        return (tuple, tuple(value_key(x) for x in obj))
+    return ("id", id(obj))
+
+
+def _module_values(module):
+    """Plain attributes of ``module`` and its submodules (``p`` of Dropout, ``eps``, a
+    user's ``self.scale``): a forward may read them."""
+    out = []
+    for m in module.modules():
+        for k, v in vars(m).items():
+            if not k.startswith("_") and not isinstance(v, (torch.Tensor, torch.nn.Module)):
+                out.append(value_key(v))
+    return out
+
+
 class Captures:
     """Where ``func`` may find tensors that are not its arguments (shallow).
 
@@ -468,6 +500,7 @@ class Captures:
         self.direct = []  # objects reached without a lookup
         self.cells = []
         self.globals = []  # (dict, name)
+        self.other_globals = []  # (dict, name) of other values it names (not modules)
         self._collect(func, depth=0)
 
     def _collect(self, obj, depth):
@@ -493,6 +526,8 @@ class Captures:
         for name in code.co_names:
             if _contents(g.get(name)):
                 self.globals.append((g, name))
+            elif name in g and not isinstance(g[name], types.ModuleType):
+                self.other_globals.append((g, name))
         for d in (*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()):
             if _contents(d):
                 self.direct.append(d)
@@ -522,6 +557,21 @@ class Captures:
                     ids.append(id(t))
                     keep.append(t)
                 flags.extend(m.training for m in obj.modules())
+                flags.extend(_module_values(obj))
+        # Non-tensor values in the closure and the globals it names: a float a
+        # recording multiplied by is baked into the graph.
+        for cell in self.cells:
+            try:
+                v = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if not _contents(v):
+                flags.append(value_key(v))
+                keep.append(v)
+        for g, name in self.other_globals:
+            v = g.get(name, _MISSING)
+            flags.append(value_key(v))
+            keep.append(v)
         return (tuple(ids), tuple(flags)), keep
 
     def names(self):

@@ -12,11 +12,15 @@ The signature (the guard) holds everything the recording may depend on:
 - the pytree structure of the arguments, and which leaves carry tangents;
 - every tensor's shape, strides, dtype, device and ``requires_grad``;
 - every non-tensor argument's value (by equality; identity if unhashable);
-- grad mode, inference mode and autocast;
+- grad mode, inference mode and autocast (with its dtype);
 - the tensors ``f`` captures: tensors and ``nn.Module``\\ s (or lists,
   tuples and dicts of them) in its closure, its defaults or the globals it
   names, and, for a module (or a bound method of one), every parameter and
-  buffer by identity plus every submodule's ``training`` flag.
+  buffer by identity plus every submodule's ``training`` flag and plain
+  attributes (``Dropout.p``);
+- the other values in its closure and the globals it names (a float the
+  recording multiplied by is baked in): numbers, strings and tuples by
+  value, other objects by identity (``trace.value_key``).
 
 Captured tensors are graph constants held by reference, never copied, so an
 in-place update (``optimizer.step()``, ``load_state_dict``) is seen by the
@@ -43,15 +47,19 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import trace
-from .arguments import check_tangent, checked_leaves
+from .arguments import check_tangent, checked_leaves, normal_mode
 from .errors import ArgumentTypeError, warn
+from .state import State
 
 _EAGER = object()  # a cache value: run these inputs eagerly
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _autocast_state():
-    return (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+    """Autocast's switches and target dtypes (a bfloat16 recording must not replay under float16)."""
+    return tuple(
+        (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+    )
 
 
 class _Entry:
@@ -120,6 +128,10 @@ class TracedJvp:
         return self.graph_module.code
 
     def __call__(self, args, kwargs, dual, tangents):
+        with State(self.func).undone_on_error():
+            return self._run(args, kwargs, dual, tangents)
+
+    def _run(self, args, kwargs, dual, tangents):
         if not kwargs and all(type(a) in _PLAIN for a in args):
             leaves, spec = args, len(args)  # the common case, without pytree's cost
         else:
@@ -282,6 +294,7 @@ class TracedForwardGrad:
         """The most recently used program as a ``torch.fx.GraphModule``."""
         return self.traced.graph_module
 
+    @normal_mode
     def __call__(self, *pairs, **kwargs):
         name = "forward_grad"
         if len(pairs) % 2:

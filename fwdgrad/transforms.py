@@ -11,14 +11,18 @@ import functools
 import torch
 from torch.utils import _pytree as pytree
 
-from .arguments import check_callable, check_tangent, drop_level, lift, split_aux, split_outputs
+from .arguments import (
+    check_callable, check_tangent, drop_level, lift, normal_mode, split_aux, split_outputs,
+)
 from .errors import ArgumentTypeError, ArgumentValueError
 from .functorch_layers import level_scope, lift_input
 from .interpreter import Dual
 from .jacobian import batched_jvp
+from .state import State
 from .traced import TracedForwardGrad, jvp_traced
 
 
+@normal_mode
 def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, trace=False):
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
 
@@ -68,7 +72,8 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, 
         return jvp_traced(func, primals, tangents, has_aux)
     with level_scope() as level:
         duals = lift(tuple(primals), tuple(tangents), level, name)
-        out = func(*duals)
+        with State(func).undone_on_error():
+            out = func(*duals)
         out, aux = split_aux(out, has_aux, name)
         primal_out, tangent_out = split_outputs(out, level, name, strict)
         if has_aux:
@@ -98,6 +103,7 @@ def forward_grad(func, *, has_aux=False, trace=False):
         return TracedForwardGrad(func, has_aux)
 
     @functools.wraps(func)
+    @normal_mode
     def df(*pairs, **kwargs):
         if len(pairs) % 2:
             raise ArgumentTypeError(
@@ -116,7 +122,8 @@ def forward_grad(func, *, has_aux=False, trace=False):
                     args.append(Dual(lift_input(p, level), t, level, requires_grad=p.requires_grad))
                 else:
                     args.append(lift(p, t, level, name, prefix=where))
-            out = func(*args, **kwargs)
+            with State(func).undone_on_error():
+                out = func(*args, **kwargs)
             out, aux = split_aux(out, has_aux, name)
             r, dr = split_outputs(out, level, name)
             if has_aux:

@@ -185,7 +185,7 @@ _activation(aten.mish_backward.default, _mish_second)
 
 
 def _hardswish_second(go, x):
-    return go * ((x > -3) & (x < 3)).to(go.dtype) / 3
+    return go.where((x > -3) & (x < 3), 0) / 3
 
 
 _activation(aten.hardswish_backward.default, _hardswish_second)
@@ -506,8 +506,11 @@ def channel_sums(g, x, mu, rho):
         shape = _channel_shape(x)
         dims = [0] + list(range(2, x.dim()))
         return (g * (x - mu.reshape(shape)) * rho.reshape(shape)).sum(dims), g.sum(dims)
+    # An explicit unit weight: with none, vmap's batching rule of the kernel
+    # (a recorded program replayed for many tangents) returns no weight gradient.
+    ones = x.new_ones(x.shape[1] if x.dim() > 1 else 1)
     _, gw, gb = aten.native_batch_norm_backward.default(
-        g, x, None, None, None, mu, rho, True, 0.0, [False, True, True]
+        g, x, ones, None, None, mu, rho, True, 0.0, [False, True, True]
     )
     return gw, gb
 

@@ -107,7 +107,7 @@ def _addmm_activation_jvp(t, ans, s, a, b, *, beta=1, alpha=1, use_gelu=False):
             return _gelu_jvp(pre, ans, z, approximate)
         return aten.gelu_backward.default(pre, z, approximate=approximate)  # one fused kernel
     if ans.is_complex():
-        return pre * (ans > 0)
+        return pre.where(ans > 0, 0)
     return aten.threshold_backward.default(pre, ans, 0)
 
 

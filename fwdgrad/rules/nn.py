@@ -80,8 +80,12 @@ def _layer_norm_jvp(t, ans, x, normalized_shape, w, b, eps):
     vmean, vrstd = _visible_stats(x, mean, rstd, dims, eps)
     dxhat = dmean = drstd = None
     if tx is not None:
+        # A low-precision input with float32 weights (autocast) runs a mixed
+        # kernel that computes in float32 (mean and rstd come out float32):
+        # so does the tangent.
+        xs, txs = (x, tx) if x.dtype == mean.dtype else (x.to(mean.dtype), tx.to(mean.dtype))
         dxhat = aten.native_layer_norm_backward.default(
-            tx, x, normalized_shape, mean, rstd, None, None, [True, False, False]
+            txs, xs, normalized_shape, mean, rstd, None, None, [True, False, False]
         )[0]
         dmean = tx.mean(dims, keepdim=True)
         # rstd = (var + eps)^(-1/2), d var = 2 mean((x - mean) tx)

@@ -234,10 +234,10 @@ def _copy_jvp(t, ans, self, src, non_blocking=False):
 
 
 # ---- activations -------------------------------------------------------------
-_unary(aten.relu.default, lambda g, ans, x: g * (ans > 0),
+_unary(aten.relu.default, lambda g, ans, x: g.where(ans > 0, 0),
        kernel=lambda g, ans, x: aten.threshold_backward.default(g, ans, 0), sliced=True)
 def_elementwise(
-    aten.threshold.default, lambda g, ans, x, threshold, value: g * (x > threshold),
+    aten.threshold.default, lambda g, ans, x, threshold, value: g.where(x > threshold, 0),
     kernel=lambda g, ans, x, threshold, value: aten.threshold_backward.default(g, x, threshold), sliced=True,
 )
 def_elementwise(
@@ -247,10 +247,10 @@ def_elementwise(
 )
 def_elementwise(
     aten.hardtanh.default,
-    lambda g, ans, x, lo=-1.0, hi=1.0: g * ((x > lo) & (x < hi)),
+    lambda g, ans, x, lo=-1.0, hi=1.0: g.where((x > lo) & (x < hi), 0),
     kernel=lambda g, ans, x, lo=-1.0, hi=1.0: aten.hardtanh_backward.default(g, x, lo, hi), sliced=True,
 )
-_unary(aten.hardsigmoid.default, lambda g, ans, x: g * ((x > -3) & (x < 3)) / 6,
+_unary(aten.hardsigmoid.default, lambda g, ans, x: g.where((x > -3) & (x < 3), 0) / 6,
        kernel=lambda g, ans, x: aten.hardsigmoid_backward.default(g, x), when=unrecorded, sliced=True)
 _unary(
     aten.hardswish.default,
@@ -264,9 +264,9 @@ _unary(aten.mish.default, lambda g, ans, x: g * (lambda tsp, s: tsp + x * s * (1
     kernel=lambda g, ans, x: aten.mish_backward.default(g, x), when=fresh_ok, sliced=True)
 
 
-def_elementwise(aten.hardshrink.default, lambda g, ans, x, lambd=0.5: g * (x.abs() > lambd),
+def_elementwise(aten.hardshrink.default, lambda g, ans, x, lambd=0.5: g.where(x.abs() > lambd, 0),
                 kernel=lambda g, ans, x, lambd=0.5: aten.hardshrink_backward.default(g, x, lambd))
-def_elementwise(aten.softshrink.default, lambda g, ans, x, lambd=0.5: g * (x.abs() > lambd),
+def_elementwise(aten.softshrink.default, lambda g, ans, x, lambd=0.5: g.where(x.abs() > lambd, 0),
                 kernel=lambda g, ans, x, lambd=0.5: aten.softshrink_backward.default(g, x, lambd))
 
 
@@ -351,7 +351,7 @@ def _dropout_jvp(t, ans, x, p, train):
         return t[0], None
     if p >= 1:
         return None, None
-    return t[0] * mask * (1.0 / (1.0 - p)), None
+    return (t[0] * (1.0 / (1.0 - p))).where(mask, 0), None
 
 
 # More random ops (see also "sampling" above): tangents from the primal's own draw.
@@ -581,25 +581,29 @@ def_elementwise(
 
 
 # ---- clamps ------------------------------------------------------------------
+# Rules that select (clamps, relu-like ops, dropout masks, extremes) pick the
+# tangent with ``where`` rather than multiplying by a 0/1 mask: an infinite or
+# NaN tangent where the op does not pass it on (sqrt at 0, clamped away) must
+# give 0, not 0 * inf = nan.
 
 
 @defrule(aten.clamp.default)
 def _clamp_jvp(t, ans, x, min=None, max=None):
     if min is None:
-        return t[0] * (x <= max)
+        return t[0].where(x <= max, 0)
     if max is None:
-        return t[0] * (x >= min)
-    return t[0] * ((x >= min) & (x <= max))
+        return t[0].where(x >= min, 0)
+    return t[0].where((x >= min) & (x <= max), 0)
 
 
 @defrule(aten.clamp_min.default)
 def _clamp_min_jvp(t, ans, x, min):
-    return t[0] * (x >= min)
+    return t[0].where(x >= min, 0)
 
 
 @defrule(aten.clamp_max.default)
 def _clamp_max_jvp(t, ans, x, max):
-    return t[0] * (x <= max)
+    return t[0].where(x <= max, 0)
 
 
 @defrule(aten.clamp.Tensor)

@@ -57,7 +57,7 @@ def _extreme_jvp(g, x, ans, dims, keepdim):
         return g
     a = _keep(ans, x, dims, keepdim)
     mask = (x == a) | (x.isnan() & a.isnan())
-    return _sum(g * mask, dims, keepdim) / _sum(mask, dims, keepdim)
+    return _sum(g.where(mask, 0), dims, keepdim) / _sum(mask, dims, keepdim)
 
 
 @defrule(aten.amax.default, aten.amin.default)
@@ -259,7 +259,7 @@ def _vector_norm_jvp(t, ans, x, ord=2, dim=None, keepdim=False, *, dtype=None):
         return _sum(dabs, dims, keepdim)
     if ord in (float("inf"), float("-inf")):
         mask = absx == a
-        return _sum(dabs * mask, dims, keepdim) / _sum(mask, dims, keepdim)
+        return _sum(dabs.where(mask, 0), dims, keepdim) / _sum(mask, dims, keepdim)
     # general p: sum |x|^(p-1) d|x| / ans^(p-1)
     w = torch.where(absx == 0, 0.0, absx.pow(ord - 1))
     return torch.where(ans == 0, 0.0, _sum(w * dabs, dims, keepdim) / ans.pow(ord - 1))

@@ -7,35 +7,17 @@ equal the Hessian-vector product from PyTorch's double backward
 itself ran rather than the fallback.
 """
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fwdgrad
-from fwdgrad import registry
 from fwdgrad import slicing
+
+from oracles import gradient_differences, spy_rule
 
 aten = torch.ops.aten
 D = torch.float64
-
-
-@contextlib.contextmanager
-def spy_rule(op):
-    """Count the calls of ``op``'s registered rule."""
-    original = registry.RULES[op]
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(op)
-        return original(*args, **kwargs)
-
-    registry.register_jvp(op, spy)
-    try:
-        yield calls
-    finally:
-        registry.register_jvp(op, original)
 
 
 def _randn(*shape):
@@ -115,14 +97,6 @@ CASES = {
 FINITE_DIFFERENCES = {"hardsigmoid", "embedding_bag", "embedding_bag_mean"}
 
 
-def _gradient_differences(f, args, tangents, eps=1e-6):
-    def gradient(sign):
-        shifted = [(a + sign * eps * t).requires_grad_() for a, t in zip(args, tangents)]
-        return torch.autograd.grad(f(*shifted), shifted)
-
-    return tuple((p - m) / (2 * eps) for p, m in zip(gradient(1), gradient(-1)))
-
-
 @pytest.fixture(params=["whole", "sliced"])
 def slice_mode(request, monkeypatch):
     """Large tensors are processed in slices; tiny slices exercise that path on small cases."""
@@ -140,7 +114,7 @@ def test_backward_rule_matches_double_backward(name, slice_mode):
         x = x * 0.3
     vx, vw = _randn(*xs), _randn(*ws)
     if name in FINITE_DIFFERENCES:
-        expected = _gradient_differences(f, (x, w), (vx, vw))
+        expected = gradient_differences(f, (x, w), (vx, vw))
     else:
         _, expected = torch.autograd.functional.hvp(f, (x, w), (vx, vw))
     with spy_rule(op) as calls:

@@ -1,0 +1,119 @@
+"""The state a function may change besides its outputs: random draws and module buffers.
+
+A plain call of ``f`` advances the random-number generators and may write
+module buffers in place (BatchNorm's running statistics).  Every transform
+must leave both exactly as one plain call of ``f`` per call of the
+transform, and as no call at all when it raises.  Two situations break that:
+
+- a transform that evaluates ``f`` several times for one call (``jacfwd`` or
+  batched ``jvp`` pushing directions through the eager interpreter, one
+  evaluation each; ``linearize``'s ``jvp_fn`` on that path): each extra
+  evaluation must see the state from before the first one (so it draws the
+  same random numbers, torch.func's ``randomness='same'``, and reads the same
+  buffers), and must leave the state as it found it;
+- an exception (including ``KeyboardInterrupt``) part-way through ``f``.
+
+``State(func)`` takes a snapshot of the generators and of the buffers of the
+modules ``func`` captures (``trace.Captures``: its closure, defaults, the
+globals it names, the module of a bound method), and can put it back.
+Buffers reached in other ways (through an attribute of a plain object) are
+not seen.  Snapshots are taken and restored with dispatch modes off, so a
+recording transform around this one does not record them.
+"""
+
+import contextlib
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+
+from .trace import Captures
+
+
+def rng_state():
+    """The state of the CPU generator (and of the CUDA ones, once CUDA is initialised)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def set_rng_state(state):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _buffers(func):
+    """The buffers of the modules that ``func`` captures, each once."""
+    seen, out = set(), []
+    for obj in Captures(func).objects():
+        if isinstance(obj, torch.nn.Module):
+            for b in obj.buffers():
+                if id(b) not in seen and not b.is_inference():
+                    seen.add(id(b))
+                    out.append(b)
+    return out
+
+
+def _quiet():
+    """No autograd and no dispatch mode (an enclosing recorder) sees the copies."""
+    if torch._C._len_torch_dispatch_stack():
+        stack = contextlib.ExitStack()
+        stack.enter_context(_disable_current_modes())
+        stack.enter_context(torch.no_grad())
+        return stack
+    return torch.no_grad()
+
+
+class State:
+    """A snapshot of the random state and of ``func``'s captured buffers, taken now."""
+
+    def __init__(self, func):
+        self.buffers = _buffers(func)
+        self.saved = self._take()
+
+    def _take(self):
+        if not self.buffers:
+            return rng_state(), []
+        with _quiet():
+            return rng_state(), [b.clone() for b in self.buffers]
+
+    def _put(self, saved):
+        rng, values = saved
+        set_rng_state(rng)
+        if values:
+            with _quiet():
+                for b, v in zip(self.buffers, values):
+                    b.copy_(v)
+
+    def restore(self):
+        """Put the snapshot back."""
+        self._put(self.saved)
+
+    @contextlib.contextmanager
+    def again(self):
+        """Run a further evaluation of ``func`` from the snapshot, then put back the
+        state from before it: the evaluation draws what the first one drew, and
+        leaves nothing behind."""
+        now = self._take()
+        self._put(self.saved)
+        try:
+            yield
+        finally:
+            self._put(now)
+
+    guarding = 0  # undone_on_error blocks open now (tests that inject interrupts read it)
+
+    @contextlib.contextmanager
+    def undone_on_error(self):
+        """Restore the snapshot if the block raises (anything, KeyboardInterrupt too)."""
+        State.guarding += 1
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            raise
+        finally:
+            State.guarding -= 1
+
+
+__all__ = ["State", "rng_state", "set_rng_state"]
