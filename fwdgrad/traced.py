@@ -53,7 +53,7 @@ from torch.utils import _pytree as pytree
 
 from . import trace
 from .arguments import check_tangent, checked_leaves, normal_mode
-from .errors import warn
+from .errors import ArgumentTypeError, warn
 from .state import State
 
 _EAGER = object()  # a cache value: run these inputs eagerly
@@ -320,7 +320,7 @@ class TracedForwardGrad:
     def __call__(self, *pairs, **kwargs):
         name = "forward_grad"
         if len(pairs) % 2:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
         args, dual, tangents = [], [], {}

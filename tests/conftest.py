@@ -9,9 +9,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 # Opt-in tests: each runs when its marker is named in -m, when
-# FWDGRAD_TEST_<NAME>=1, or (sweeps) with --sweep.
+# FWDGRAD_TEST_<NAME>=1, or with --<name> where that option exists.
 OPT_IN = {
     "sweep": "a long fault-injection sweep",
+    "deep": "a three-deep torch.func composition beyond the default sample",
     "compile": "runs inductor (a C++ compile)",
     "zoo": "the whole model zoo of tests/test_zoo.py",
 }
@@ -20,6 +21,7 @@ OPT_IN = {
 
 def pytest_addoption(parser):
     parser.addoption("--sweep", action="store_true", help="also run the long fault-injection sweeps")
+    parser.addoption("--deep", action="store_true", help="also run every three-deep torch.func composition")
 
 
 def pytest_configure(config):
@@ -30,7 +32,7 @@ def pytest_configure(config):
 
 def _opted_in(config, name):
     return (os.environ.get(f"FWDGRAD_TEST_{name.upper()}") == "1" or name in (config.option.markexpr or "")
-            or (name == "sweep" and config.getoption("--sweep")))
+            or config.getoption(f"--{name}", default=False))
 
 
 def pytest_collection_modifyitems(config, items):

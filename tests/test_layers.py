@@ -17,6 +17,7 @@ LAYERS = [
     {"ops", "errors", "slicing"},
     {"registry"},
     {"interpreter"},
+    {"functorch_layers"},
     {"fallback"},
     {"rules"},
     {"arguments"},
