@@ -21,7 +21,8 @@ import torch
 import torch._decomp
 
 from . import registry
-from .interpreter import Dual, new_level, tangent_of
+from .functorch_layers import level_scope
+from .interpreter import Dual, tangent_of
 
 _decompositions = torch._decomp.decomposition_table
 
@@ -44,8 +45,11 @@ def rule_for(func):
 
 
 def _through_decomposition(decomp, t, args, kwargs):
-    level = new_level()
+    with level_scope() as level:
+        return _decomposed(decomp, t, args, kwargs, level)
 
+
+def _decomposed(decomp, t, args, kwargs, level):
     def lift(a, ta):
         if isinstance(a, torch.Tensor):
             return Dual(a, ta, level)

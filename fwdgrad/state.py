@@ -115,8 +115,12 @@ class State:
     """A snapshot of the random state and of ``func``'s captured buffers, taken now."""
 
     def __init__(self, func):
-        self.buffers = _buffers(func)
-        self.saved = self._take()
+        # Under torch.compile the generators cannot be read (Dynamo skips
+        # get_rng_state) and a compiled graph cannot be undone half-way: the
+        # snapshot is empty and restoring on error is left to the caller.
+        self.compiling = torch.compiler.is_compiling()
+        self.buffers = [] if self.compiling else _buffers(func)
+        self.saved = None if self.compiling else self._take()
 
     def _take(self):
         if not self.buffers:
@@ -153,8 +157,9 @@ class State:
 
     def undone_on_error(self):
         """A context manager: restore the snapshot if the block raises (anything,
-        KeyboardInterrupt too); the restore itself runs with SIGINT deferred."""
-        return _UndoneOnError(self)
+        KeyboardInterrupt too); the restore itself runs with SIGINT deferred.
+        Under torch.compile, nothing (see ``__init__``)."""
+        return contextlib.nullcontext() if self.compiling else _UndoneOnError(self)
 
 
 __all__ = ["Deferred", "State", "rng_state", "set_rng_state"]

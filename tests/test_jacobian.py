@@ -117,7 +117,11 @@ def test_jacfwd_has_aux():
     J0, aux0 = torch.func.jacfwd(f, has_aux=True)(x)
     assert_close(J, J0)
     assert_close(aux, aux0)
-    assert fwdgrad.jacfwd(f, has_aux=True)(x, 3)[1]["n"] == 3  # non-tensor aux passes through
+    # a non-tensor aux is refused, as torch.func refuses it (RuntimeError and TypeError both)
+    with pytest.raises(RuntimeError, match=r"aux must be a tensor or a pytree of tensors, but aux\['n'\] is a int"):
+        fwdgrad.jacfwd(f, has_aux=True)(x, 3)
+    with pytest.raises(TypeError):
+        fwdgrad.jacfwd(f, has_aux=True)(x, 3)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 64])
@@ -376,7 +380,7 @@ def test_errors():
         fwdgrad.jacfwd(f, chunk_size=0)
     with pytest.raises(TypeError, match="chunk_size must be None or an int"):
         fwdgrad.jacfwd(f, chunk_size=2.0)
-    with pytest.raises(TypeError, match="argnums must be an int or a tuple"):
+    with pytest.raises(TypeError, match=r"argnums must be int or Tuple\[int, ...\]"):
         fwdgrad.jacfwd(f, argnums=[0])
     with pytest.raises(TypeError, match="has dtype torch.int64"):
         fwdgrad.linearize(torch.sin, torch.arange(3))
@@ -391,3 +395,75 @@ def test_errors():
         jvp_fn(torch.ones(4, dtype=D))
     with pytest.raises(ValueError, match="expected 1 tangent"):
         jvp_fn(x, x)
+
+
+def test_jacfwd_replays_a_kept_recording_at_new_points():
+    """A second call with the same signature runs the recorded primal program at
+    its own inputs instead of recording again; values stay right."""
+    from fwdgrad import jacobian, trace
+
+    w = torch.randn(6, 3, dtype=torch.float64)
+
+    def f(x):
+        return torch.tanh(w @ x).sin()
+
+    records = []
+    real_record = trace.record
+
+    def counting(*a, **k):
+        records.append(1)
+        return real_record(*a, **k)
+
+    trace.record = counting
+    try:
+        for _ in range(3):
+            x = torch.randn(3, dtype=torch.float64)
+            assert torch.allclose(fwdgrad.jacfwd(f)(x), torch.func.jacfwd(f)(x))
+        assert len(records) == 1
+        v = torch.randn(5, 3, dtype=torch.float64)
+        out, t = fwdgrad.jvp(f, (x,), (v,), batched=True)
+        out2, t2 = fwdgrad.jvp(f, (x + 1,), (v,), batched=True)
+        assert torch.allclose(t2, torch.func.vmap(lambda u: torch.func.jvp(f, (x + 1,), (u,))[1])(v))
+        assert torch.allclose(out2, f(x + 1))
+        assert len(records) == 1  # jacfwd and batched jvp share the kept recording per signature
+        w.data = torch.randn(6, 3, dtype=torch.float64)  # the same object, new values: seen by reference
+        assert torch.allclose(fwdgrad.jacfwd(f)(x), torch.func.jacfwd(f)(x))
+    finally:
+        trace.record = real_record
+    assert jacobian._programs_for(f, False).entries
+
+
+def test_jacfwd_does_not_replay_value_dependent_or_mutating_functions():
+    def branchy(x):
+        return x.sin() if x.sum() > 0 else x.cos()
+
+    for x in (torch.ones(3, dtype=torch.float64), -torch.ones(3, dtype=torch.float64)):
+        assert torch.allclose(fwdgrad.jacfwd(branchy)(x), torch.func.jacfwd(branchy)(x))
+
+    bn = torch.nn.BatchNorm1d(3).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    fwdgrad.jacfwd(bn)(x)
+    fwdgrad.jacfwd(bn)(x)
+    assert int(bn.num_batches_tracked) == 2  # the running statistics move once per call
+@pytest.mark.parametrize("argnums", [0, 1, (0, 1), (1, 0)])
+def test_hessian_of_vector_and_pytree_outputs(argnums):
+    # torch.func.hessian takes any output: output.shape + input.shape + input.shape
+    f = lambda x, y: {"a": x.outer(y).sin(), "b": (x ** 2).sum() * y.exp(), "c": (x * y.sum()).tanh()[1]}  # noqa: E731
+    x, y = torch.randn(3, dtype=D), torch.randn(2, dtype=D)
+    ours, ref = fwdgrad.hessian(f, argnums)(x, y), torch.func.hessian(f, argnums)(x, y)
+    assert pytree.tree_structure(ours) == pytree.tree_structure(ref)
+    for a, b in zip(pytree.tree_leaves(ours), pytree.tree_leaves(ref)):
+        assert_close(a, b)
+
+
+def test_hessian_of_a_constant_output_is_zero_and_of_a_model_output():
+    x = torch.randn(3, dtype=D)
+    assert_close(fwdgrad.hessian(lambda x: torch.ones(2, dtype=D))(x), torch.zeros(2, 3, 3, dtype=D))
+    m = _mlp()
+    xs = torch.randn(2, 5, dtype=D)
+    assert_close(fwdgrad.hessian(m)(xs), torch.func.hessian(m)(xs))
+
+
+def test_hessian_refuses_complex_inputs_like_torch_func():
+    with pytest.raises(RuntimeError, match="hessian: Expected all inputs to be real, but argument 0 .* is complex"):
+        fwdgrad.hessian(lambda z: z.abs().sum())(torch.randn(2, dtype=torch.complex128))
