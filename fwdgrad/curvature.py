@@ -27,10 +27,10 @@ from torch.utils import _pytree as pytree
 from .arguments import check_callable, check_outside_functorch, check_scalar_output
 from .jacobian import batched_jvp
 from .reverse import (
-    _Deferred, _flatten_params, _free_graph, _holder, _is_closure, _swap, _swap_all_back, detach_keeping_tangents, grad,
+    _flatten_params, _free_graph, _holder, _is_closure, _swap, _swap_all_back, detach_keeping_tangents, grad,
 )
 from .reverse import hvp as _hvp
-from .state import State
+from .state import Deferred, State
 from .transforms import jvp
 
 
@@ -117,7 +117,7 @@ class _Swapped:
         swapped = []  # (param, replacement, hook handle or None)
         raised = False
         try:
-            with _Deferred():
+            with Deferred():
                 for p, r in zip(self.params, replacements):
                     swapped.append((p, r, _swap(p, r)))
             return self.body(self.params)
@@ -126,7 +126,7 @@ class _Swapped:
             _free_graph(e)
             raise
         finally:
-            with _Deferred():
+            with Deferred():
                 _swap_all_back(swapped, self.name, force=raised)
 
 
