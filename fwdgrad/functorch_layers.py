@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from . import interpreter
-from .interpreter import Dual, enter_level, exit_level
+from .interpreter import Dual, current_depth, enter_level, exit_level, leave_to
 
 _ft = torch._C._functorch
 _FUNCTORCH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode).add(
@@ -159,8 +159,8 @@ def level_scope():
         with _functorch_scope() as level:
             yield level
         return
-    torch._C._set_fwd_grad_enabled(True)
     try:
+        torch._C._set_fwd_grad_enabled(True)
         with _functorch_scope() as level:
             yield level
     finally:
@@ -169,15 +169,16 @@ def level_scope():
 
 @contextlib.contextmanager
 def _functorch_scope():
-    level = enter_level()
+    depth = current_depth()
     try:
+        level = enter_level()
         if not inside_functorch():
             yield level
             return
         with _recording_layers(level):
             yield level
     finally:
-        exit_level(level)
+        leave_to(depth)  # exit_level, robust to an interrupt right after the push
 
 
 @contextlib.contextmanager

@@ -84,6 +84,17 @@ def exit_level(level):
     s.pop()
 
 
+def current_depth():
+    """How many levels are running in this thread."""
+    return len(_stack())
+
+
+def leave_to(depth):
+    """Pop every level above ``depth``: the ones a scope pushed, even when an
+    interrupt came between a push and the bookkeeping that pairs it."""
+    del _stack()[depth:]
+
+
 def depth_of(level):
     return level & _DEPTH_MASK
 
