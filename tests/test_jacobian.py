@@ -441,3 +441,20 @@ def test_jacfwd_does_not_replay_value_dependent_or_mutating_functions():
     fwdgrad.jacfwd(bn)(x)
     fwdgrad.jacfwd(bn)(x)
     assert int(bn.num_batches_tracked) == 2  # the running statistics move once per call
+
+
+def test_jacfwd_of_a_function_capturing_an_outer_dual_is_never_replayed():
+    """The closure holds a dual of the enclosing jvp: a kept program would see only
+    its primal (and keep the dual alive), so each call records."""
+    y0 = torch.randn(3, dtype=torch.float64)
+
+    def outer(x):
+        return fwdgrad.jacfwd(lambda y: torch.sin(x * y))(y0).sum()
+
+    def expected(x):
+        return torch.func.jacfwd(lambda y: torch.sin(x * y))(y0).sum()
+
+    for _ in range(2):
+        x, v = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+        _, t = fwdgrad.jvp(outer, (x,), (v,))
+        assert torch.allclose(t, torch.func.jvp(expected, (x,), (v,))[1])
