@@ -21,7 +21,7 @@ import torch
 import torch._decomp
 
 from . import registry
-from .interpreter import Dual, new_level, tangent_of
+from .interpreter import Dual, enter_level, exit_level, tangent_of
 
 _decompositions = torch._decomp.decomposition_table
 
@@ -44,8 +44,14 @@ def rule_for(func):
 
 
 def _through_decomposition(decomp, t, args, kwargs):
-    level = new_level()
+    level = enter_level()
+    try:
+        return _decomposed(decomp, t, args, kwargs, level)
+    finally:
+        exit_level(level)
 
+
+def _decomposed(decomp, t, args, kwargs, level):
     def lift(a, ta):
         if isinstance(a, torch.Tensor):
             return Dual(a, ta, level)

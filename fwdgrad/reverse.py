@@ -26,10 +26,10 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .arguments import (
-    check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, normal_mode, split_aux,
-    usable,
+    check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, normal_mode,
+    primal_and_tangent, split_aux, usable,
 )
-from .interpreter import Dual, new_level, strip, unwrap_list
+from .interpreter import Dual, enter_level, exit_level, strip
 from .state import State
 
 _aten_detach = torch.ops.aten.detach.default
@@ -291,7 +291,15 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
         else:
             grads = (None,) * len(inputs)
     value = out._primal if isinstance(out, Dual) and out._level == level else out
-    gs, hvs = unwrap_list(grads, level)
+    gs, hvs = [], []
+    for x, g in zip(inputs, grads):
+        if isinstance(g, Dual) and g._level == level:
+            p, t = primal_and_tangent(g)
+            gs.append(p)
+            hvs.append(t)
+        else:
+            gs.append(g)
+            hvs.append(None)
     # Results carry no graph (a loss that captures tensors requiring grad would
     # give the value one); lower-level tangents, if any, stay.
     return (
@@ -311,7 +319,7 @@ def _own(t, like, foreign):
     """``t`` as a result the caller may modify: zeros if absent, copied if it aliases an input."""
     if t is None:
         return torch.zeros_like(like)
-    if t.stride() != like.stride() or _storage_ptr(t) in foreign:
+    if foreign is None or t.stride() != like.stride() or _storage_ptr(t) in foreign:
         return t.clone(memory_format=torch.contiguous_format)
     return t
 
@@ -322,6 +330,16 @@ def _storage_ptr(t):
 
 @normal_mode
 def _forward_over_reverse(loss, params, v, name):
+    """One forward-over-reverse pass: ``(value, grads, Hvs)``.
+
+    Under ``torch.compile`` it is traced into the graph when Dynamo traces
+    ``torch.autograd.grad`` (``torch._dynamo.config.trace_autograd_ops``);
+    otherwise it runs eagerly behind one graph break: a graph that ended
+    before ``autograd.grad`` would differentiate compiled code whose backward
+    cannot take dual cotangents.
+    """
+    if torch.compiler.is_compiling() and not torch._dynamo.config.trace_autograd_ops:
+        return _forward_over_reverse_eager(loss, params, v, name)
     check_callable(loss, name, "loss")
     check_outside_functorch(name)
     keys, p_leaves, v_leaves, rebuild = _flatten_params(params, v, name)
@@ -333,27 +351,34 @@ def _forward_over_reverse(loss, params, v, name):
     # A direction that is itself a parameter object (v = params, for H @ w) would
     # become its own dual when the closure form swaps that object: use an alias.
     v_leaves = [usable(t.detach()) if any(t is p for p in p_leaves) else usable(t) for t in v_leaves]
-    level = new_level()
-    duals = [
-        Dual(detach_keeping_tangents(usable(p)), t, level, requires_grad=True)
-        for p, t in zip(p_leaves, v_leaves)
-    ]
-    with State(loss).undone_on_error():
-        if closure:
-            value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name)
-        else:
-            call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
-            try:
-                value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
-            except BaseException as e:
-                del call_args
-                _free_graph(e)
-                raise
-    del duals
-    foreign = {_storage_ptr(x) for x in p_leaves + v_leaves}
+    level = enter_level()
+    try:
+        duals = [
+            Dual(detach_keeping_tangents(usable(p)), t, level, requires_grad=True)
+            for p, t in zip(p_leaves, v_leaves)
+        ]
+        with State(loss).undone_on_error():
+            if closure:
+                value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name)
+            else:
+                call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
+                try:
+                    value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
+                except BaseException as e:
+                    del call_args
+                    _free_graph(e)
+                    raise
+        del duals
+    finally:
+        exit_level(level)
+    # Under torch.compile storages have no address to compare: copy every result.
+    foreign = None if torch.compiler.is_compiling() else {_storage_ptr(x) for x in p_leaves + v_leaves}
     grads = [_own(g, p, foreign) for g, p in zip(gs, p_leaves)]
     hvps = [_own(h, p, foreign) for h, p in zip(hvs, p_leaves)]
     return value, rebuild(grads), rebuild(hvps)
+
+
+_forward_over_reverse_eager = torch.compiler.disable(_forward_over_reverse)
 
 
 def _in_closure(loss, keys, params, duals, level, name):

@@ -1,7 +1,7 @@
 """The public forward-mode transforms ``jvp`` and ``forward_grad``.
 
-Each call gets a fresh level.  Levels need no stack: a ``Dual`` carries its
-own level and later levels are higher, so nothing global is left behind when
+Each call enters a fresh level (one deeper than every running transform in
+this thread) and leaves it in ``finally``, so nothing is left behind when
 ``func`` raises, and threads never share state.  ``jvp(batched=True)`` goes
 to ``fwdgrad.jacobian``, ``trace=True`` to ``fwdgrad.traced``.
 """
@@ -13,14 +13,14 @@ import torch
 from .arguments import (
     check_callable, check_outside_functorch, check_tangent, drop_level, lift, normal_mode, split_aux, split_outputs,
 )
-from .interpreter import Dual, new_level
+from .interpreter import Dual, enter_level, exit_level
 from .jacobian import batched_jvp
 from .state import State
 from .traced import TracedForwardGrad, jvp_traced
 
 
 @normal_mode
-def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
+def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False, compile=False):
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
 
     Returns ``(output, jvp_out)``, or ``(output, jvp_out, aux)`` with ``has_aux``.
@@ -37,6 +37,10 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
     size ``k``; the ``k`` jvps share one primal computation.
     ``trace=True``: record the program once per input signature and replay it
     on later calls whose inputs match (shapes, dtypes, captured tensors...).
+    ``compile=True`` (with ``trace=True``; or a dict of ``torch.compile``
+    keyword arguments) runs each recorded program through ``torch.compile``.
+    ``fwdgrad.jvp`` can also be called inside a function given to
+    ``torch.compile`` (``fullgraph=True`` works).
     """
     name = "jvp"
     check_callable(func, name)
@@ -51,22 +55,27 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False):
         )
     if batched and trace:
         raise ValueError(f"{name}: batched=True and trace=True cannot be combined")
+    if compile is not False and not trace:
+        raise ValueError(f"{name}: compile= applies to the traced mode; pass trace=True as well")
     if batched:
         return batched_jvp(func, primals, tangents, has_aux, name)
     if trace:
-        return jvp_traced(func, primals, tangents, has_aux)
-    level = new_level()
-    duals = lift(tuple(primals), tuple(tangents), level, name)
-    with State(func).undone_on_error():
-        out = func(*duals)
-    out, aux = split_aux(out, has_aux, name)
-    primal_out, tangent_out = split_outputs(out, level, name)
-    if has_aux:
-        return primal_out, tangent_out, drop_level(aux, level)
-    return primal_out, tangent_out
+        return jvp_traced(func, primals, tangents, has_aux, compile)
+    level = enter_level()
+    try:
+        duals = lift(tuple(primals), tuple(tangents), level, name)
+        with State(func).undone_on_error():
+            out = func(*duals)
+        out, aux = split_aux(out, has_aux, name)
+        primal_out, tangent_out = split_outputs(out, level, name)
+        if has_aux:
+            return primal_out, tangent_out, drop_level(aux, level)
+        return primal_out, tangent_out
+    finally:
+        exit_level(level)
 
 
-def forward_grad(func, *, has_aux=False, trace=False):
+def forward_grad(func, *, has_aux=False, trace=False, compile=False):
     """HIPS/Tangent-style forward derivative: ``df(x, dx, y, dy, ...) -> (r, dr)``.
 
     Arguments come in (value, tangent) pairs; a ``None`` tangent is zero and a
@@ -80,12 +89,17 @@ def forward_grad(func, *, has_aux=False, trace=False):
     (6.0, 3.0)
 
     ``trace=True`` records the program once per input signature and replays it
-    on later calls whose inputs match; ``df.code`` shows it.
+    on later calls whose inputs match; ``df.code`` shows it, and
+    ``df.graph_module`` is it as a ``torch.fx.GraphModule``.  ``compile=True``
+    (with ``trace=True``; or a dict of ``torch.compile`` keyword arguments)
+    runs each recorded program through ``torch.compile``.
     """
     name = "forward_grad"
     check_callable(func, name)
+    if compile is not False and not trace:
+        raise ValueError(f"{name}: compile= applies to the traced mode; pass trace=True as well")
     if trace:
-        return TracedForwardGrad(func, has_aux)
+        return TracedForwardGrad(func, has_aux, compile)
 
     @functools.wraps(func)
     @normal_mode
@@ -95,26 +109,29 @@ def forward_grad(func, *, has_aux=False, trace=False):
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
         check_outside_functorch(name)
-        level = new_level()
-        args = []
-        for i in range(0, len(pairs), 2):
-            p, t = pairs[i], pairs[i + 1]
-            where = f"argument {i // 2}"
-            if t is None and not isinstance(p, torch.Tensor):
-                args.append(p)  # a constant
-                continue
-            if isinstance(p, torch.Tensor):
-                check_tangent(name, where, p, t)
-                args.append(Dual(p, t, level, requires_grad=p.requires_grad))
-            else:
-                args.append(lift(p, t, level, name, prefix=where))
-        with State(func).undone_on_error():
-            out = func(*args, **kwargs)
-        out, aux = split_aux(out, has_aux, name)
-        r, dr = split_outputs(out, level, name)
-        if has_aux:
-            return r, dr, drop_level(aux, level)
-        return r, dr
+        level = enter_level()
+        try:
+            args = []
+            for i in range(0, len(pairs), 2):
+                p, t = pairs[i], pairs[i + 1]
+                where = f"argument {i // 2}"
+                if t is None and not isinstance(p, torch.Tensor):
+                    args.append(p)  # a constant
+                    continue
+                if isinstance(p, torch.Tensor):
+                    check_tangent(name, where, p, t)
+                    args.append(Dual(p, t, level, requires_grad=p.requires_grad))
+                else:
+                    args.append(lift(p, t, level, name, prefix=where))
+            with State(func).undone_on_error():
+                out = func(*args, **kwargs)
+            out, aux = split_aux(out, has_aux, name)
+            r, dr = split_outputs(out, level, name)
+            if has_aux:
+                return r, dr, drop_level(aux, level)
+            return r, dr
+        finally:
+            exit_level(level)
 
     return df
 

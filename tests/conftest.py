@@ -8,24 +8,36 @@ os.environ.setdefault("FWDGRAD_CHECK", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+# Opt-in tests: each runs when its marker is named in -m, when
+# FWDGRAD_TEST_<NAME>=1, or (sweeps) with --sweep.
+OPT_IN = {
+    "sweep": "a long fault-injection sweep",
+    "compile": "runs inductor (a C++ compile)",
+    "zoo": "the whole model zoo of tests/test_zoo.py",
+}
+# A test marked "<name>_quick" as well is part of the default suite (the zoo's quick subset).
+
+
 def pytest_addoption(parser):
     parser.addoption("--sweep", action="store_true", help="also run the long fault-injection sweeps")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "sweep: a long fault-injection sweep, run with --sweep")
-    config.addinivalue_line("markers", "zoo: the whole model zoo of tests/test_zoo.py (run with -m zoo)")
-    config.addinivalue_line("markers", "zoo_quick: the zoo's quick subset, part of the default suite")
+    for name, what in OPT_IN.items():
+        config.addinivalue_line("markers", f"{name}: {what}; run with -m {name} or FWDGRAD_TEST_{name.upper()}=1")
+        config.addinivalue_line("markers", f"{name}_quick: a {name} test that the default suite runs too")
+
+
+def _opted_in(config, name):
+    return (os.environ.get(f"FWDGRAD_TEST_{name.upper()}") == "1" or name in (config.option.markexpr or "")
+            or (name == "sweep" and config.getoption("--sweep")))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Long sweeps run with ``--sweep``; the zoo only when ``-m`` names it (its quick subset always)."""
-    sweeps = config.getoption("--sweep")
-    zoo = "zoo" in (config.getoption("-m") or "")
-    skip_sweep = pytest.mark.skip(reason="a long sweep: run with --sweep")
-    skip_zoo = pytest.mark.skip(reason="the full model zoo runs with -m zoo")
-    for item in items:
-        if not sweeps and "sweep" in item.keywords:
-            item.add_marker(skip_sweep)
-        if not zoo and item.get_closest_marker("zoo") and not item.get_closest_marker("zoo_quick"):
-            item.add_marker(skip_zoo)
+    for name in OPT_IN:
+        if _opted_in(config, name):
+            continue
+        skip = pytest.mark.skip(reason=f"opt-in: run with -m {name} or FWDGRAD_TEST_{name.upper()}=1")
+        for item in items:
+            if item.get_closest_marker(name) and not item.get_closest_marker(f"{name}_quick"):
+                item.add_marker(skip)
