@@ -120,8 +120,10 @@ class Linearized:
         if inside_functorch() or any(type(leaves[i]) not in _PLAIN for i in tensors):
             # Tensor subclasses (e.g. duals of an enclosing fwdgrad transform) and
             # functorch's wrappers (inside a torch.func transform) are invisible
-            # to the recorder: push tangents eagerly.
-            self._set_outputs(self._eager([None] * len(self.inputs)))
+            # to the recorder: push tangents eagerly.  This first evaluation is
+            # the plain call's: it draws and writes buffers for real.
+            call = self.call
+            self._set_outputs(call(*[call.leaves[i] for i in call.tensor_idx], *[None] * len(self.inputs)))
             return
         primals = [leaves[i] for i in tensors]
         key = keep = None
