@@ -20,6 +20,7 @@ tensor-subclass inputs (the duals of an enclosing fwdgrad transform, as in
 
 import collections
 import functools
+import threading
 
 import torch
 from torch.utils import _pytree as pytree
@@ -36,6 +37,10 @@ from .reverse import jacobian_by_reverse
 from .state import State, rng_state, set_rng_state
 
 _set_grad_enabled = torch._C._set_grad_enabled
+
+
+_lock = threading.Lock()  # kept recordings are shared by threads
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class Programs:
@@ -59,15 +64,17 @@ class Programs:
         return trace.signature(spec, leaves, captured, tuple(diff)), keep
 
     def get(self, key):
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries.move_to_end(key)
-        return entry
+        with _lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.entries.move_to_end(key)
+            return entry
 
     def put(self, key, entry):
-        self.entries[key] = entry
-        if len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        with _lock:
+            self.entries[key] = entry
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
 
 
 class _Replay:
@@ -110,10 +117,11 @@ class Linearized:
         self.inputs = [leaves[i] for i in self.call.tangent_idx]
         self.program = None
         self.reason = None
-        if inside_functorch() or any(type(leaves[i]) not in (torch.Tensor, torch.nn.Parameter) for i in tensors):
+        if inside_functorch() or any(type(leaves[i]) not in _PLAIN for i in tensors):
             # Tensor subclasses (e.g. duals of an enclosing fwdgrad transform) and
             # functorch's wrappers (inside a torch.func transform) are invisible
-            # to the recorder: push tangents eagerly.
+            # to the recorder: push tangents eagerly.  This first evaluation is
+            # the plain call's: it draws and writes buffers for real.
             call = self.call
             self._set_outputs(call(*[call.leaves[i] for i in call.tensor_idx], *[None] * len(self.inputs)))
             return
@@ -153,6 +161,11 @@ class Linearized:
         zeros = [torch.zeros_like(x) for x in self.inputs]
         # The recording's tangent values are not needed: skip the heavy tangent ops.
         rec = call.record(primals, zeros, keep_residuals=True, constant_names=names, skip_tangent_work=True)
+        if rec.foreign_outputs():
+            # f reached a dual of an enclosing transform (captured, not passed):
+            # the program holds only its primal, so push tangents eagerly.
+            self._set_outputs(rec.outputs)
+            return None, None
         functionalized = rec.unbatchable_mutation is not None or rec.stale_residuals()
         if functionalized:
             try:
@@ -219,10 +232,13 @@ class Linearized:
 
 def _replayable(rec):
     """Whether ``rec``'s primal program gives the right residuals at other inputs:
-    no value read into Python (control flow may depend on it) and no in-place
-    op (a replay would apply it on a different footing; functionalized
-    recordings never get here)."""
+    no value read into Python (control flow may depend on it), no output that
+    is a tensor subclass (a dual of an enclosing transform: the program holds
+    plain tensors only), and no in-place op (a replay would apply it on a
+    different footing; functionalized recordings never get here)."""
     if rec.value_reads():
+        return False
+    if rec.foreign_outputs():
         return False
     return not any(n.op == "call" and n.target is not _set_grad_enabled and has_effects(n.target)
                    for n in rec.graph.nodes)
@@ -281,20 +297,29 @@ _programs = collections.OrderedDict()  # (func, has_aux) -> Programs, least rece
 
 
 def _programs_for(func, has_aux):
-    """The kept recordings of ``jacfwd`` and batched ``jvp`` for ``func`` (the last 64 functions)."""
+    """The kept recordings of ``jacfwd`` and batched ``jvp`` for ``func`` (the last 64 functions).
+
+    ``None`` (record on every call) for an unhashable callable, and for one
+    that captures a tensor subclass, such as a dual of an enclosing transform:
+    a replay would see only its primal, and keeping the function would keep
+    that dual alive.
+    """
     try:
         key = (func, has_aux)
         hash(key)
     except TypeError:
-        return None  # an unhashable callable: record on every call
-    programs = _programs.get(key)
-    if programs is None:
-        programs = _programs[key] = Programs(func)
-        if len(_programs) > _MAX_FUNCTIONS:
-            _programs.popitem(last=False)
-    else:
-        _programs.move_to_end(key)
-    return programs
+        return None
+    if any(isinstance(o, torch.Tensor) and type(o) not in _PLAIN for o in trace.Captures(func).objects()):
+        return None
+    with _lock:
+        programs = _programs.get(key)
+        if programs is None:
+            programs = _programs[key] = Programs(func)
+            if len(_programs) > _MAX_FUNCTIONS:
+                _programs.popitem(last=False)
+        else:
+            _programs.move_to_end(key)
+        return programs
 
 
 

@@ -51,6 +51,7 @@ from .ops import fill_defaults, functional_variant, is_random, mutated_args, op_
 _set_grad_enabled = torch._C._set_grad_enabled
 
 _plain_dispatch = torch.Tensor.__torch_dispatch__
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _READ_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 
 _aten = torch.ops.aten
@@ -332,6 +333,12 @@ class Recorder(TorchDispatchMode):
         self.output_nodes = nodes
         self.outputs = list(outputs)
         return self
+
+    def foreign_outputs(self):
+        """Whether an output is a tensor subclass: a dual of an enclosing transform that
+        the function reached without taking it as an argument (a closure), which a
+        recorded program, holding plain tensors only, cannot reproduce."""
+        return any(isinstance(o, torch.Tensor) and type(o) not in _PLAIN for o in self.outputs)
 
     def value_reads(self, tangent_only=False):
         return [f for f, dep in self.reads if dep or not tangent_only]

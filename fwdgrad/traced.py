@@ -175,7 +175,15 @@ class TracedJvp:
             primals, [tangents[i] for i in call.tangent_idx], constant_names=self.captures.names()
         )
         reads = rec.value_reads()
-        if reads:
+        if rec.foreign_outputs():
+            self.cache[key] = _EAGER
+            self._warn(
+                "subclass",
+                "the function reaches a tensor subclass it does not take as an argument (for "
+                "example a dual of an enclosing fwdgrad transform, captured in a closure), which "
+                "a recorded program cannot hold; running eagerly.",
+            )
+        elif reads:
             self.cache[key] = _EAGER
             self._warn(
                 "reads",

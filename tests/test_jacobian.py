@@ -467,3 +467,20 @@ def test_hessian_of_a_constant_output_is_zero_and_of_a_model_output():
 def test_hessian_refuses_complex_inputs_like_torch_func():
     with pytest.raises(RuntimeError, match="hessian: Expected all inputs to be real, but argument 0 .* is complex"):
         fwdgrad.hessian(lambda z: z.abs().sum())(torch.randn(2, dtype=torch.complex128))
+
+
+def test_jacfwd_of_a_function_capturing_an_outer_dual_is_never_replayed():
+    """The closure holds a dual of the enclosing jvp: a kept program would see only
+    its primal (and keep the dual alive), so each call records."""
+    y0 = torch.randn(3, dtype=torch.float64)
+
+    def outer(x):
+        return fwdgrad.jacfwd(lambda y: torch.sin(x * y))(y0).sum()
+
+    def expected(x):
+        return torch.func.jacfwd(lambda y: torch.sin(x * y))(y0).sum()
+
+    for _ in range(2):
+        x, v = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+        _, t = fwdgrad.jvp(outer, (x,), (v,))
+        assert torch.allclose(t, torch.func.jvp(expected, (x,), (v,))[1])

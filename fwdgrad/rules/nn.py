@@ -706,8 +706,8 @@ def _ctc_jvp(t, ans, log_probs, targets, input_lengths, target_lengths, blank=0,
     backward pass (the alpha-beta recursion).  ATen's backward returns the gradient
     for log-softmax inputs, exp(log_probs) + dL/dlog_probs on the frames in use;
     the exp term is taken back out so that any input direction is right.  The
-    forward variables log_alpha get their tangent from the alpha recursion (the
-    backward op reads them, so forward over reverse needs it)."""
+    forward variables log_alpha get their tangent from the alpha recursion when
+    autograd records (the backward op reads them: forward over reverse needs it)."""
     nll, log_alpha = ans
     backward = aten._ctc_loss_backward.Tensor if isinstance(input_lengths, torch.Tensor) \
         else aten._ctc_loss_backward.default
@@ -720,7 +720,7 @@ def _ctc_jvp(t, ans, log_probs, targets, input_lengths, target_lengths, blank=0,
     grad = grad - log_probs.exp() * in_use
     d = (grad * t[0]).sum((0, -1)) if log_probs.dim() == 3 else (grad * t[0]).sum()
     dalpha = None
-    if log_probs.dim() == 3:
+    if log_probs.dim() == 3 and torch.is_grad_enabled():  # (only a backward pass reads it)
         lattice = CTCLattice(log_probs, targets, input_lengths, target_lengths, blank)
         dalpha = ctc_alpha_tangent(lattice, log_alpha, lattice.gather(log_probs), lattice.gather(t[0]))
     # an impossible alignment has an infinite loss that no small change makes finite
