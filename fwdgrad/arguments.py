@@ -33,7 +33,8 @@ def normal_mode(transform):
 
     @functools.wraps(transform)
     def run(*args, **kwargs):
-        if not torch.is_inference_mode_enabled():
+        # (torch.compile traces no inference mode, and cannot ask about it)
+        if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
             return transform(*args, **kwargs)
         with torch.inference_mode(False):
             return transform(*args, **kwargs)
@@ -44,7 +45,7 @@ def normal_mode(transform):
 def usable(x):
     """``x``, or a normal copy of it if it is an inference tensor (one that autograd
     cannot save and that has no version counter)."""
-    if isinstance(x, torch.Tensor) and x.is_inference():
+    if isinstance(x, torch.Tensor) and not torch.compiler.is_compiling() and x.is_inference():
         with torch.inference_mode(False):
             return x.clone()
     return x
@@ -157,15 +158,23 @@ def lift(primals, tangents, level, name, prefix="primals"):
     return pytree.tree_unflatten(duals, spec)
 
 
+@torch.compiler.allow_in_graph
+def primal_and_tangent(d):
+    """``d``'s primal and tangent at its own level; a zero tangent is materialised.
+
+    ``torch.compile`` writes this call into its graph instead of reading the
+    dual's attributes: a view's record of its base is nothing Dynamo can hold.
+    """
+    p = d._primal
+    t = tangent_of(d)
+    return p, torch.zeros_like(p) if t is None else t
+
+
 def lower_output(o, level):
     """``(primal, tangent)`` of an output at ``level``; a zero tangent is materialised."""
     o = strip(o)
     if isinstance(o, Dual) and o._level == level:
-        p = o._primal
-        t = tangent_of(o)
-        if t is None:
-            t = torch.zeros_like(p)
-        return p, t
+        return primal_and_tangent(o)
     return o, torch.zeros_like(o)
 
 

@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from . import interpreter
-from .interpreter import Dual, new_level
+from .interpreter import Dual, enter_level, exit_level
 
 _ft = torch._C._functorch
 _FUNCTORCH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode).add(
@@ -146,6 +146,15 @@ def level_scope():
     (``torch._C._set_fwd_grad_enabled``) on while it runs; ``func`` may turn
     it off for a region, and no tangent flows there.
     """
+    if torch.compiler.is_compiling():
+        # Dynamo traces neither functorch's layer stack nor the forward-AD
+        # switch; a compiled transform runs outside torch.func.
+        level = enter_level()
+        try:
+            yield level
+        finally:
+            exit_level(level)
+        return
     if torch._C._is_fwd_grad_enabled():
         with _functorch_scope() as level:
             yield level
@@ -160,10 +169,21 @@ def level_scope():
 
 @contextlib.contextmanager
 def _functorch_scope():
-    level = new_level()
-    if not inside_functorch():
-        yield level
-        return
+    level = enter_level()
+    try:
+        if not inside_functorch():
+            yield level
+            return
+        with _recording_layers(level):
+            yield level
+    finally:
+        exit_level(level)
+
+
+@contextlib.contextmanager
+def _recording_layers(level):
+    """Record the functorch layers active now for ``level``, and lift and strip
+    while it runs."""
     levels = frozenset(i.level() for i in _ft.get_interpreter_stack())
     layers = []
     try:
@@ -177,7 +197,7 @@ def _functorch_scope():
     active.append((level, levels))
     try:
         with _Lift():
-            yield level
+            yield
     finally:
         active.remove((level, levels))
         del interpreter.functorch_stacks[level]

@@ -18,15 +18,16 @@ transform sends the backward ops through this dispatch loop (forward over
 reverse).
 """
 
+import hashlib
 import itertools
 import os
+import threading
 
 import torch
 from torch._C import _functorch as _ft
 
 from . import ops, registry
 
-_level_counter = itertools.count(1)
 _make_wrapper = torch.Tensor._make_wrapper_subclass
 _restore_autograd = torch._C._RestorePythonTLSSnapshot
 _disable_torch_function = torch._C.DisableTorchFunctionSubclass
@@ -36,9 +37,75 @@ _fwd_grad_enabled = torch._C._is_fwd_grad_enabled
 CHECK_TANGENTS = os.environ.get("FWDGRAD_CHECK", "") not in ("", "0")
 
 
-def new_level():
-    """A fresh level.  Later levels are higher, so an inner transform always wins."""
-    return next(_level_counter)
+# A level is an int: the transform's depth in this thread's stack of running
+# transforms (1 = outermost) in its low bits, and in eager mode a serial number
+# above them.  Depths order levels (an inner transform is deeper, so it wins);
+# the serial tells two transforms of the same depth apart, so a dual that
+# escaped a finished transform is refused rather than taken for the new one's.
+# Under ``torch.compile`` the level is the depth alone: a value that changed
+# on every call would be a guard that fails on every call (recompiles), and
+# the depth is also what ``Dual.__tensor_flatten__`` puts in a dual's context.
+_DEPTH_BITS = 6
+_DEPTH_MASK = (1 << _DEPTH_BITS) - 1
+_serials = itertools.count(1)
+class _Levels(threading.local):
+    """This thread's running levels, innermost last (made on a thread's first use,
+    so that compiled code never sees it missing and then present)."""
+
+    def __init__(self):
+        self.stack = []
+
+
+_local = _Levels()
+
+
+def _stack():
+    return _local.stack
+
+
+def enter_level():
+    """Push and return a fresh level, deeper than every running one in this thread.
+
+    Pair it with ``exit_level`` in a ``finally``.
+    """
+    s = _stack()
+    depth = len(s) + 1
+    if depth > _DEPTH_MASK:
+        raise RuntimeError(f"fwdgrad: more than {_DEPTH_MASK} nested transforms")
+    level = depth if _compiling() else next(_serials) << _DEPTH_BITS | depth
+    s.append(level)
+    return level
+
+
+def exit_level(level):
+    s = _stack()
+    if not s or s[-1] != level:
+        raise RuntimeError("fwdgrad: transform levels left out of order")
+    s.pop()
+
+
+def depth_of(level):
+    return level & _DEPTH_MASK
+
+
+def level_at(depth):
+    """The running level of ``depth`` in this thread (the depth alone if none runs there)."""
+    s = _stack()
+    return s[depth - 1] if depth <= len(s) else depth
+
+
+def _deeper(a, b):
+    """Whether level ``a`` is deeper than level ``b`` (two different levels)."""
+    da, db = a & _DEPTH_MASK, b & _DEPTH_MASK
+    if da == db:
+        raise RuntimeError(
+            f"fwdgrad: a dual tensor of a transform that has finished (or runs in another "
+            f"thread) met one of a running transform at the same depth ({da}).  A tensor "
+            f"computed inside a transformed function was kept (in a global, an attribute, a "
+            f"closure) and used after that transform returned; return it from the function "
+            f"instead."
+        )
+    return da > db
 
 
 class View:
@@ -68,6 +135,8 @@ class Dual(torch.Tensor):
 
     @staticmethod
     def __new__(cls, primal, tangent, level, view=None, requires_grad=False):
+        # Dynamo writes this call into its graph (Dual is traceable) rather
+        # than tracing it, so the ints read here are never guarded on.
         if functorch_stacks and _ft.is_functorch_wrapped_tensor(primal):
             return _over_functorch(cls, primal, tangent, level, view)
         r = _make_wrapper(
@@ -86,6 +155,29 @@ class Dual(torch.Tensor):
         if view is not None:
             r._view = view
         return r
+
+    def __tensor_flatten__(self):
+        """What ``torch.compile`` sees: the primal and the tangent (if nonzero) as
+        inner tensors, the level's depth as the context (a view becomes a root)."""
+        if tangent_of(self) is None:
+            return ["_primal"], depth_of(self._level)
+        return ["_primal", "_tangent"], depth_of(self._level)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, depth, outer_size, outer_stride):
+        return Dual(inner["_primal"], inner.get("_tangent"), level_at(depth))
+
+    def _stable_hash_for_caching(self):
+        """AOTAutograd's cache key for a dual: its depth, which inner tensors it has, their metadata."""
+        attrs, depth = self.__tensor_flatten__()
+        parts = [str(depth), str(self.requires_grad)]
+        for name in attrs:
+            t = getattr(self, name)
+            parts.append(
+                t._stable_hash_for_caching() if isinstance(t, Dual)
+                else f"{name}{tuple(t.shape)}{t.stride()}{t.dtype}{t.device}{t.requires_grad}"
+            )
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
     def __repr__(self):
         with _disable_torch_function():
@@ -112,6 +204,7 @@ class Dual(torch.Tensor):
         return interpret(func, args, kwargs or {})
 
 
+_compiling = torch.compiler.is_compiling
 def _over_functorch(cls, primal, tangent, level, view):
     """A dual over a functorch wrapper (BatchedTensor, TensorWrapper): such
     wrappers have no storage, so the dual takes no strides from them.  Its
@@ -259,24 +352,27 @@ registry.watch(_forget_rule)
 # The dispatch loop.
 
 
-def _unwrap(args, kwargs, level=0):
+def _unwrap(args, kwargs, level=None):
     """``(level, primals, tangents, kwarg primals, kwarg tangents, any tangent nonzero)``.
 
-    ``level`` is the highest level among the duals in ``args`` and ``kwargs``;
-    duals of that level are unwrapped, lower ones pass through as constants.
-    One pass: the first dual sets the level, and a higher one found later
-    starts the pass again at that level (nesting is rare, so this is cheap).
+    ``level`` is the deepest level among the duals in ``args`` and ``kwargs``;
+    duals of that level are unwrapped, shallower ones pass through as
+    constants.  One pass: the first dual sets the level, and a deeper one found
+    later starts the pass again at that level (nesting is rare, so this is
+    cheap).  Levels are compared by depth only when they differ.
     """
     primals = []
     tangents = []
     any_t = False
     for a in args:
         if isinstance(a, Dual):
-            if a._level > level:
-                if level:
-                    return _unwrap(args, kwargs, a._level)
-                level = a._level
-            if a._level == level:
+            la = a._level
+            if la != level:
+                if level is None:
+                    level = la
+                elif _deeper(la, level):
+                    return _unwrap(args, kwargs, la)
+            if la == level:
                 primals.append(a._primal)
                 t = a._tangent if a._view is None else tangent_of(a)
                 tangents.append(t)
@@ -284,12 +380,13 @@ def _unwrap(args, kwargs, level=0):
                     any_t = True
                 continue
         elif isinstance(a, (list, tuple)) and a:
-            top = max((b._level for b in a if isinstance(b, Dual)), default=0)
-            if top > level:
-                if level:
+            top = _top(a)
+            if top is not None and top != level:
+                if level is None:
+                    level = top
+                elif _deeper(top, level):
                     return _unwrap(args, kwargs, top)
-                level = top
-            if top == level and top:
+            if top == level and top is not None:
                 ps, ts = unwrap_list(a, level)
                 sub = any(t is not None for t in ts)
                 primals.append(ps)
@@ -301,8 +398,9 @@ def _unwrap(args, kwargs, level=0):
     if not kwargs:
         return level, primals, tangents, kwargs, registry.NO_KW_TANGENTS, any_t
     for a in kwargs.values():
-        if isinstance(a, Dual) and a._level > level:
-            return _unwrap(args, kwargs, a._level)
+        if isinstance(a, Dual) and a._level != level:
+            if level is None or _deeper(a._level, level):
+                return _unwrap(args, kwargs, a._level)
     pkwargs = {}
     tkwargs = {}
     for k, a in kwargs.items():
@@ -314,6 +412,16 @@ def _unwrap(args, kwargs, level=0):
         else:
             pkwargs[k] = a
     return level, primals, tangents, pkwargs, tkwargs, any_t or bool(tkwargs)
+
+
+def _top(items):
+    """The deepest level among the duals in a list argument (``None`` if there are none)."""
+    top = None
+    for b in items:
+        if isinstance(b, Dual) and b._level != top:
+            if top is None or _deeper(b._level, top):
+                top = b._level
+    return top
 
 
 def unwrap_list(items, level):

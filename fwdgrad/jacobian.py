@@ -18,6 +18,7 @@ tensor-subclass inputs (the duals of an enclosing fwdgrad transform, as in
 ``jacfwd(jacfwd(f))``), which the recorder cannot see through.
 """
 
+import collections
 import functools
 
 import torch
@@ -30,8 +31,57 @@ from .arguments import (
 )
 from .errors import ArgumentTypeError, ArgumentValueError, warn
 from .functorch_layers import inside_functorch
+from .graph import has_effects
 from .reverse import jacobian_by_reverse
 from .state import State, rng_state, set_rng_state
+
+_set_grad_enabled = torch._C._set_grad_enabled
+
+
+class Programs:
+    """Recordings of one function's jvp kept for later calls: at most ``size``
+    signatures (``trace.signature``: shapes, dtypes, captured tensors, modes...).
+
+    A call whose signature was recorded before runs the recorded primal
+    program at its own inputs (residuals included) instead of recording
+    again; only recordings that are valid at other values are kept (no value
+    read into Python, no in-place op, nothing functionalized).
+    """
+
+    def __init__(self, func, size=8):
+        self.captures = trace.Captures(func)
+        self.size = size
+        self.entries = collections.OrderedDict()  # signature -> _Replay, least recently used first
+
+    def key(self, args, diff):
+        leaves, spec = pytree.tree_flatten(tuple(args))
+        captured, keep = self.captures.state()
+        return trace.signature(spec, leaves, captured, tuple(diff)), keep
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key, entry):
+        self.entries[key] = entry
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+class _Replay:
+    """One kept recording: the primal program (primal outputs, aux, residuals), the
+    tangent program, and the output structure."""
+
+    __slots__ = ("primal", "tangent", "n_residuals", "n_out", "out_spec", "aux_spec", "keep")
+
+    def __init__(self, primal, tangent, n_residuals, call, keep):
+        self.primal = primal
+        self.tangent = tangent
+        self.n_residuals = n_residuals
+        self.n_out, self.out_spec, self.aux_spec = call.n_out, call.out_spec, call.aux_spec
+        self.keep = keep  # the captured objects, so that the ids in the key stay theirs
 
 
 class Linearized:
@@ -41,10 +91,11 @@ class Linearized:
     flat tangent outputs; ``push_batched`` does the same for tangents with a
     leading batch dimension, under ``torch.vmap``.  When the recording could
     not be reused (see the module docstring) both fall back to the eager
-    interpreter, one direction at a time.
+    interpreter, one direction at a time.  With ``programs`` (a ``Programs``),
+    a signature recorded before is replayed instead of recorded again.
     """
 
-    def __init__(self, func, args, diff, has_aux, name):
+    def __init__(self, func, args, diff, has_aux, name, programs=None):
         self.func = func
         self.name = name
         # The state before the first evaluation: eager pushes evaluate func
@@ -66,36 +117,65 @@ class Linearized:
             call = self.call
             self._set_outputs(call(*[call.leaves[i] for i in call.tensor_idx], *[None] * len(self.inputs)))
             return
-        self._record([leaves[i] for i in tensors])
+        primals = [leaves[i] for i in tensors]
+        key = keep = None
+        if programs is not None:
+            key, keep = programs.key(args, diff)
+            entry = programs.get(key)
+            if entry is not None:
+                self._replay(entry, primals)
+                return
+        rec, residual_nodes = self._record(primals)
+        if programs is not None and rec is not None and _replayable(rec):
+            n = self.call.n_out
+            primal = trace.primal_program(rec, [*range(n), *range(2 * n, len(rec.outputs))], residual_nodes)
+            programs.put(key, _Replay(primal, self.program, len(residual_nodes), self.call, keep))
+
+    def _replay(self, entry, primals):
+        call = self.call
+        call.n_out, call.out_spec, call.aux_spec = entry.n_out, entry.out_spec, entry.aux_spec
+        values = list(entry.primal(*primals))
+        split = len(values) - entry.n_residuals
+        outs, self.residuals = values[:split], values[split:]
+        n = call.n_out
+        self._set_outputs([*outs[:n], *outs[:n], *outs[n:]])  # the middle stands in for the tangents
+        self.program = entry.tangent
 
     def _record(self, primals):
+        """Record, set the outputs and (where it can be replayed) the tangent program.
+
+        Returns ``(recording, residual nodes)`` when the first recording is the
+        one replayed, ``(None, None)`` otherwise.
+        """
         call = self.call
         rng = rng_state()
         names = trace.Captures(self.func).names()
         zeros = [torch.zeros_like(x) for x in self.inputs]
         # The recording's tangent values are not needed: skip the heavy tangent ops.
         rec = call.record(primals, zeros, keep_residuals=True, constant_names=names, skip_tangent_work=True)
-        if rec.unbatchable_mutation is not None or rec.stale_residuals():
+        functionalized = rec.unbatchable_mutation is not None or rec.stale_residuals()
+        if functionalized:
             try:
                 rec = trace.functionalized(
                     rec, [*primals, *zeros], call.is_tangent(), lambda: set_rng_state(rng)
                 )
             except Exception as e:  # an op functionalization cannot handle
                 self._fall_back(rec, f"functionalizing its in-place ops failed ({type(e).__name__}: {e})")
-                return
+                return None, None
             if rec.unbatchable_mutation is not None:
                 self._fall_back(rec, f"it writes a tangent in place ({rec.unbatchable_mutation})")
-                return
+                return None, None
         reads = rec.value_reads(tangent_only=True)
         if reads:
             self._fall_back(
                 rec, "its tangent computation reads tensor values into Python: "
                 + ", ".join(sorted({trace.describe_read(f) for f in reads}))
             )
-            return
+            return None, None
         self._set_outputs(rec.outputs)
         n = call.n_out
-        self.program, self.residuals = trace.tangent_program(rec, range(n, 2 * n))
+        self.program, self.residuals, residual_nodes = trace.tangent_program(rec, range(n, 2 * n))
+        return (None, None) if functionalized else (rec, residual_nodes)
 
     def _set_outputs(self, outputs):
         self.primal_out, _, self.aux = self.call.unflatten(outputs)
@@ -135,6 +215,17 @@ class Linearized:
         residuals, program = self.residuals, self.program
         out = torch.vmap(lambda *ts: program(*residuals, *ts))(*tangent_leaves)
         return list(out)
+
+
+def _replayable(rec):
+    """Whether ``rec``'s primal program gives the right residuals at other inputs:
+    no value read into Python (control flow may depend on it) and no in-place
+    op (a replay would apply it on a different footing; functionalized
+    recordings never get here)."""
+    if rec.value_reads():
+        return False
+    return not any(n.op == "call" and n.target is not _set_grad_enabled and has_effects(n.target)
+                   for n in rec.graph.nodes)
 
 
 # --------------------------------------------------------------------------
@@ -185,6 +276,27 @@ def linearize(func, *primals):
 # --------------------------------------------------------------------------
 # batched jvp (jvp(batched=True))
 
+_MAX_FUNCTIONS = 64
+_programs = collections.OrderedDict()  # (func, has_aux) -> Programs, least recently used first
+
+
+def _programs_for(func, has_aux):
+    """The kept recordings of ``jacfwd`` and batched ``jvp`` for ``func`` (the last 64 functions)."""
+    try:
+        key = (func, has_aux)
+        hash(key)
+    except TypeError:
+        return None  # an unhashable callable: record on every call
+    programs = _programs.get(key)
+    if programs is None:
+        programs = _programs[key] = Programs(func)
+        if len(_programs) > _MAX_FUNCTIONS:
+            _programs.popitem(last=False)
+    else:
+        _programs.move_to_end(key)
+    return programs
+
+
 
 @normal_mode
 def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
@@ -221,7 +333,7 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
     if k is None:
         raise ArgumentValueError(f"{name}: with batched=True, at least one tangent must be a tensor (not None)")
     with State(func).undone_on_error():
-        lin = Linearized(func, tuple(primals), diff, has_aux, name)
+        lin = Linearized(func, tuple(primals), diff, has_aux, name, _programs_for(func, has_aux))
         batch = [t for t, d in zip(t_leaves, diff) if d]
         if k == 0:
             outs = [o.new_zeros((0, *o.shape)) for o in lin.primal_leaves]
@@ -269,6 +381,8 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
         if chunk_size < 1:
             raise ArgumentValueError(f"{name}: chunk_size must be at least 1, got {chunk_size}")
 
+    programs = _programs_for(func, has_aux)  # shared by every jacfwd(func): jacfwd(f)(x) in a loop
+
     @functools.wraps(func)
     @normal_mode
     def jac_fn(*args):
@@ -277,7 +391,7 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
         check_differentiable(args, nums, name, names)
         check_real(_selected(args, nums, names), name, "input")
         with State(func).undone_on_error():
-            return _jacobian(func, args, nums, argnums, has_aux, chunk_size, name)
+            return _jacobian(func, args, nums, argnums, has_aux, chunk_size, name, programs)
 
     return jac_fn
 
@@ -290,8 +404,8 @@ def _selected(args, nums, names):
     ]
 
 
-def _jacobian(func, args, nums, argnums, has_aux, chunk_size, name):
-    lin = Linearized(func, args, diff_mask(args, nums), has_aux, name)
+def _jacobian(func, args, nums, argnums, has_aux, chunk_size, name, programs):
+    lin = Linearized(func, args, diff_mask(args, nums), has_aux, name, programs)
     check_real(
         [(f"output{pytree.keystr(p)}", o) for (p, _), o in
          zip(pytree.tree_flatten_with_path(lin.primal_out)[0], lin.primal_leaves)],

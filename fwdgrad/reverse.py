@@ -27,12 +27,13 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from . import interpreter
 from .arguments import (
-    check_argnums, check_callable, check_scalar_output, is_float, normal_mode, split_aux, usable,
+    check_argnums, check_callable, check_scalar_output, is_float, normal_mode, primal_and_tangent, split_aux,
+    usable,
 )
 from .errors import ArgumentTypeError, ArgumentValueError
 from .functorch_layers import inside_functorch, level_scope, lift_input
 from .functorch_layers import strip as functorch_strip
-from .interpreter import Dual, strip, unwrap_list
+from .interpreter import Dual, strip
 from .state import State
 
 _aten_detach = torch.ops.aten.detach.default
@@ -387,7 +388,15 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
             else:
                 grads = (None,) * len(inputs)
     value = out._primal if isinstance(out, Dual) and out._level == level else out
-    gs, hvs = unwrap_list(grads, level)
+    gs, hvs = [], []
+    for x, g in zip(inputs, grads):
+        if isinstance(g, Dual) and g._level == level:
+            p, t = primal_and_tangent(g)
+            gs.append(p)
+            hvs.append(t)
+        else:
+            gs.append(g)
+            hvs.append(None)
     if functorch:  # the graphs are the enclosing torch.func transforms'
         return value, gs, hvs
     # Results carry no graph (a loss that captures tensors requiring grad would
@@ -422,7 +431,7 @@ def _own(t, like, foreign):
     """``t`` as a result the caller may modify: zeros if absent, copied if it aliases an input."""
     if t is None:
         return torch.zeros_like(like)
-    ptr = _storage_ptr(t)
+    ptr = None if foreign is None else _storage_ptr(t)
     if ptr is None or t.stride() != like.stride() or ptr in foreign:
         return t.clone(memory_format=torch.contiguous_format)
     return t
@@ -437,6 +446,16 @@ def _storage_ptr(t):
 
 @normal_mode
 def _forward_over_reverse(loss, params, v, name):
+    """One forward-over-reverse pass: ``(value, grads, Hvs)``.
+
+    Under ``torch.compile`` it is traced into the graph when Dynamo traces
+    ``torch.autograd.grad`` (``torch._dynamo.config.trace_autograd_ops``);
+    otherwise it runs eagerly behind one graph break: a graph that ended
+    before ``autograd.grad`` would differentiate compiled code whose backward
+    cannot take dual cotangents.
+    """
+    if torch.compiler.is_compiling() and not torch._dynamo.config.trace_autograd_ops:
+        return _forward_over_reverse_eager(loss, params, v, name)
     check_callable(loss, name, "loss")
     keys, p_leaves, v_leaves, rebuild = _flatten_params(params, v, name)
     if isinstance(params, (list, tuple)):
@@ -463,12 +482,14 @@ def _forward_over_reverse(loss, params, v, name):
                 _free_graph(e)
                 raise
         del duals
-    foreign = {_storage_ptr(x) for x in p_leaves + v_leaves}
+    # Under torch.compile storages have no address to compare: copy every result.
+    foreign = None if torch.compiler.is_compiling() else {_storage_ptr(x) for x in p_leaves + v_leaves}
     grads = [_own(g, p, foreign) for g, p in zip(gs, p_leaves)]
     hvps = [_own(h, p, foreign) for h, p in zip(hvs, p_leaves)]
     return value, rebuild(grads), rebuild(hvps)
 
 
+_forward_over_reverse_eager = torch.compiler.disable(_forward_over_reverse)
 def _hvp_primal(p, level):
     """The primal of a parameter's dual: detached (hvp is not differentiable), but
     inside a torch.func transform kept as it is, for the enclosing transforms."""
@@ -521,7 +542,13 @@ def _free_graph(e):
     pass, autograd's engine also keeps its last graph task (and with it the
     graph) until the next backward pass on the thread: run a tiny one.
     """
-    traceback.clear_frames(e.__traceback__)
+    # Also the exceptions it was raised from or while handling: a missing rule
+    # is reported ``from None``, but its context, and that traceback, stay attached.
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
     with _disable_current_modes(), torch.enable_grad():
         leaf = torch.zeros((), requires_grad=True)
         torch.autograd.grad(leaf * 1.0, leaf)

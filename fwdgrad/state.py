@@ -68,8 +68,12 @@ class State:
     """A snapshot of the random state and of ``func``'s captured buffers, taken now."""
 
     def __init__(self, func):
-        self.buffers = _buffers(func)
-        self.saved = self._take()
+        # Under torch.compile the generators cannot be read (Dynamo skips
+        # get_rng_state) and a compiled graph cannot be undone half-way: the
+        # snapshot is empty and restoring on error is left to the caller.
+        self.compiling = torch.compiler.is_compiling()
+        self.buffers = [] if self.compiling else _buffers(func)
+        self.saved = None if self.compiling else self._take()
 
     def _take(self):
         if not self.buffers:
@@ -103,9 +107,12 @@ class State:
 
     guarding = 0  # undone_on_error blocks open now (tests that inject interrupts read it)
 
-    @contextlib.contextmanager
     def undone_on_error(self):
         """Restore the snapshot if the block raises (anything, KeyboardInterrupt too)."""
+        return contextlib.nullcontext() if self.compiling else self._undone_on_error()
+
+    @contextlib.contextmanager
+    def _undone_on_error(self):
         State.guarding += 1
         try:
             yield

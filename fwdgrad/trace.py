@@ -258,10 +258,8 @@ class Recorder(TorchDispatchMode):
         if mutated_args(func) != (0,) or kwargs or not isinstance(args[0], torch.Tensor):
             return None
         w = args[0]
-        if w._base is not None or w.is_meta:
-            return None
-        if w not in self.node_of:
-            return None  # not seen before: a captured tensor (a module buffer), written for real
+        if w._base is not None or w.is_meta or self.node_of.get(w) is None:
+            return None  # a view, or a tensor the recording did not make (captured: BatchNorm's counter)
         storage = StorageWeakRef(w.untyped_storage())
         if storage in self.input_storages or storage in self.aliased:
             return None
@@ -401,20 +399,23 @@ def functionalized(rec, inputs, is_tangent, restore_rng):
 
 
 def tangent_program(rec, tangent_outputs):
-    """The tangent program alone: ``(Program, residual values)``.
+    """The tangent program alone: ``(Program, residual values, residual nodes)``.
 
     The program takes the residuals, then the tangent inputs, and returns the
     outputs of ``rec`` at the indices ``tangent_outputs``.  A primal value
     returned as a tangent (a materialised zero tangent) is a residual too.
+    The residual nodes are ``rec``'s, for ``primal_program``.
     """
     graph = Graph()
     env = {}
     residuals = {}  # placeholder -> value
+    sources = {}  # placeholder -> rec's node
 
     def residual(node, value):
         if node not in env:
             env[node] = graph.add("placeholder", node.name, name=node.name)
             residuals[env[node]] = value
+            sources[env[node]] = node
 
     for node, (value, _) in rec.residuals.items():
         residual(node, value)
@@ -439,7 +440,27 @@ def tangent_program(rec, tangent_outputs):
     used = {n for node in graph.nodes for n in node.inputs()}
     graph.nodes = [n for n in graph.nodes if n.op != "placeholder" or n.tangent or n in used]
     values = [residuals[n] for n in graph.nodes if n in residuals]
-    return Program(graph, {}), values
+    return Program(graph, {}), values, [sources[n] for n in graph.nodes if n in residuals]
+
+
+def primal_program(rec, primal_outputs, residual_nodes):
+    """The primal program alone, to compute at new inputs what ``tangent_program`` reads.
+
+    It takes ``rec``'s primal inputs and returns its outputs at the indices
+    ``primal_outputs``, then the values of ``residual_nodes``.
+    """
+    graph = Graph()
+    env = {}
+    for node, _ in rec.inputs:
+        if not node.tangent:
+            env[node] = graph.add("placeholder", node.name, name=node.name)
+    for node in rec.graph.nodes:
+        if node.op == "get_attr" or (node.op == "call" and (not node.tangent or node.target is _set_grad_enabled)):
+            env[node] = graph.copy(node, env)
+    wanted = [rec.output_nodes[i] for i in primal_outputs] + list(residual_nodes)
+    graph.add("output", "output", (tuple(remap(n, env) for n in wanted),))
+    graph.eliminate_dead_code()
+    return Program(graph, dict(rec.constants))
 
 
 # --------------------------------------------------------------------------
@@ -584,6 +605,32 @@ class Captures:
         return names
 
 
+def leaf_key(x):
+    """What a recorded program may depend on in one argument leaf."""
+    if isinstance(x, torch.Tensor):
+        return (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+    try:
+        hash(x)
+    except TypeError:
+        return ("id", id(x))
+    return (type(x), x)
+
+
+def signature(spec, leaves, captured, *extra):
+    """The guard of a recorded program: the arguments' structure and leaves, what
+    the function captures (``Captures.state``), ``extra``, and the modes."""
+    return (
+        spec,
+        tuple(map(leaf_key, leaves)),
+        *extra,
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        # autocast's switches and target dtypes: a bfloat16 recording must not replay under float16
+        tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
+        captured,
+    )
+
+
 # --------------------------------------------------------------------------
 # The traced function: a jvp call with its arguments flattened to tensors.
 
@@ -626,9 +673,10 @@ class FlatJvp:
         out = self.func(*args, **kwargs)
         out, aux = split_aux(out, self.has_aux, self.name)
         primal, tangent = split_outputs(out, level, self.name)
+        aux = drop_level(aux, level)
         p_leaves, self.out_spec = pytree.tree_flatten(primal)
         t_leaves = pytree.tree_flatten(tangent)[0]
-        aux_leaves, self.aux_spec = pytree.tree_flatten(drop_level(aux, level))
+        aux_leaves, self.aux_spec = pytree.tree_flatten(aux)
         self.n_out = len(p_leaves)
         return [*p_leaves, *t_leaves, *aux_leaves]
 

@@ -38,6 +38,11 @@ recording that read tensor values into Python (``.item()``, ``if t:``,
 boolean indexing: data-dependent control flow) is not reused: those inputs
 run eagerly, with a warning (once).  So do tensor-subclass inputs, such as
 the duals of an enclosing fwdgrad transform.
+
+``compile=True`` (or a dict of ``torch.compile`` keyword arguments) passes
+each recorded program to ``torch.compile`` (``dynamic=False`` unless given):
+the guard above chooses the program, torch.compile's own guards then see only
+the program's tensor inputs and constants.
 """
 
 import collections
@@ -56,13 +61,6 @@ _EAGER = object()  # a cache value: run these inputs eagerly
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _autocast_state():
-    """Autocast's switches and target dtypes (a bfloat16 recording must not replay under float16)."""
-    return tuple(
-        (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
-    )
-
-
 class _Entry:
     __slots__ = ("program", "call", "keep")
 
@@ -70,16 +68,6 @@ class _Entry:
         self.program = program
         self.call = call
         self.keep = keep  # captured objects, so the ids in the key stay theirs
-
-
-def _leaf_key(x):
-    if isinstance(x, torch.Tensor):
-        return (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
-    try:
-        hash(x)
-    except TypeError:
-        return ("id", id(x))
-    return (type(x), x)
 
 
 class TracedJvp:
@@ -91,10 +79,11 @@ class TracedJvp:
     Returns ``(primal_out, tangent_out, aux)``.
     """
 
-    def __init__(self, func, has_aux, name, max_traces=8):
+    def __init__(self, func, has_aux, name, max_traces=8, compile=None):
         self.func = func
         self.has_aux = has_aux
         self.name = name
+        self.compile = compile_options(compile, name)
         self.max_traces = max_traces
         self.cache = {}
         self.last = None
@@ -151,15 +140,8 @@ class TracedJvp:
                 )
                 return self._eager(args, kwargs, dual, tangents)
         captured, keep = self.captures.state()
-        key = (
-            spec,
-            tuple(map(_leaf_key, leaves)),
-            tuple(dual),
-            tuple((i, _leaf_key(t)) for i, t in tangents.items()),
-            torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled(),
-            _autocast_state(),
-            captured,
+        key = trace.signature(
+            spec, leaves, captured, tuple(dual), tuple((i, trace.leaf_key(t)) for i, t in tangents.items())
         )
         entry = self.cache.get(key)
         if entry is None:
@@ -210,10 +192,47 @@ class TracedJvp:
         else:
             rec.graph.eliminate_dead_code()
             call.forget_values()
-            entry = _Entry(rec.program(), call, keep)
+            program = rec.program()
+            if self.compile is not None:
+                program = _Compiled(program, self.compile)
+            entry = _Entry(program, call, keep)
             self.cache[key] = entry
             self.last = entry
         return call.unflatten(rec.outputs)
+
+
+def compile_options(compile, name):
+    """``compile=`` as ``torch.compile`` keyword arguments (``None``: do not compile)."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return {"dynamic": False}
+    if isinstance(compile, dict):
+        return {"dynamic": False, **compile}
+    raise TypeError(
+        f"{name}: compile must be True, False or a dict of torch.compile keyword arguments, "
+        f"got {type(compile).__name__}"
+    )
+
+
+class _Compiled:
+    """A recorded program run through ``torch.compile`` (compiled on its first call).
+
+    fwdgrad's own signature guard picks the program; torch.compile then guards
+    only the values it sees: the program's tensor inputs and its constants
+    (``dynamic=False`` by default, so one compile per recorded program).
+    """
+
+    def __init__(self, program, options):
+        self.program = program
+        self.run = torch.compile(program.graph_module, **options)
+
+    @property
+    def graph_module(self):
+        return self.program.graph_module
+
+    def __call__(self, *inputs):
+        return self.run(*inputs)
 
 
 # --------------------------------------------------------------------------
@@ -224,21 +243,24 @@ _by_function = collections.OrderedDict()  # (func, has_aux) -> TracedJvp, least 
 _codes_seen = collections.Counter()  # __code__ -> function objects seen with it (re-created lambdas)
 
 
-def traced_jvp_for(func, has_aux):
-    """The ``TracedJvp`` that ``jvp(func, ..., trace=True)`` uses (one per function object).
+def traced_jvp_for(func, has_aux, compile=None):
+    """The ``TracedJvp`` that ``jvp(func, ..., trace=True)`` uses (one per function
+    object and ``compile=`` setting).
 
     The last ``_MAX_FUNCTIONS`` functions keep their programs (and stay alive).
     """
+    options = compile_options(compile, "jvp")
+    frozen = None if options is None else tuple(sorted(options.items(), key=lambda kv: kv[0]))
     try:
-        key = (func, has_aux)
+        key = (func, has_aux, frozen)
         hash(key)
     except TypeError:
-        key = (id(func), has_aux)
+        key = (id(func), has_aux, repr(frozen))
     traced = _by_function.get(key)
     if traced is not None and traced.func is func:
         _by_function.move_to_end(key)
         return traced
-    traced = _by_function[key] = TracedJvp(func, has_aux, "jvp")
+    traced = _by_function[key] = TracedJvp(func, has_aux, "jvp", compile=options)
     if len(_by_function) > _MAX_FUNCTIONS:
         _by_function.popitem(last=False)
     code = getattr(func, "__code__", None)
@@ -264,7 +286,7 @@ def _check_leaves(name, primal, tangent, prefix, first, dual, tangents):
     return first + len(leaves)
 
 
-def jvp_traced(func, primals, tangents, has_aux):
+def jvp_traced(func, primals, tangents, has_aux, compile=None):
     """``jvp(func, primals, tangents, trace=True)`` (arguments already checked for shape)."""
     dual, tans = [], {}
     if all(type(p) in _PLAIN for p in primals):
@@ -275,7 +297,7 @@ def jvp_traced(func, primals, tangents, has_aux):
                 tans[i] = t
     else:
         _check_leaves("jvp", tuple(primals), tuple(tangents), "primals", 0, dual, tans)
-    primal, tangent, aux = traced_jvp_for(func, has_aux)(tuple(primals), {}, dual, tans)
+    primal, tangent, aux = traced_jvp_for(func, has_aux, compile)(tuple(primals), {}, dual, tans)
     return (primal, tangent, aux) if has_aux else (primal, tangent)
 
 
@@ -285,9 +307,9 @@ class TracedForwardGrad:
     ``df.code`` shows the most recently used program.
     """
 
-    def __init__(self, func, has_aux):
+    def __init__(self, func, has_aux, compile=None):
         functools.update_wrapper(self, func, updated=())
-        self.traced = TracedJvp(func, has_aux, "forward_grad")
+        self.traced = TracedJvp(func, has_aux, "forward_grad", compile=compile)
 
     @property
     def code(self):

@@ -1,7 +1,7 @@
 """The public forward-mode transforms ``jvp`` and ``forward_grad``.
 
-Each call gets a fresh level.  Levels need no stack: a ``Dual`` carries its
-own level and later levels are higher, so nothing global is left behind when
+Each call enters a fresh level (one deeper than every running transform in
+this thread) and leaves it in ``finally``, so nothing is left behind when
 ``func`` raises, and threads never share state.  ``jvp(batched=True)`` goes
 to ``fwdgrad.jacobian``, ``trace=True`` to ``fwdgrad.traced``.
 """
@@ -23,7 +23,7 @@ from .traced import TracedForwardGrad, jvp_traced
 
 
 @normal_mode
-def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, trace=False):
+def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, trace=False, compile=False):
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
 
     Returns ``(output, jvp_out)``, or ``(output, jvp_out, aux)`` with ``has_aux``.
@@ -42,6 +42,10 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, 
     on later calls whose inputs match (shapes, dtypes, captured tensors...).
     ``strict=True`` (as in ``torch.func.jvp``): raise if an output does not
     depend on the inputs, instead of returning a zero tangent for it.
+    ``compile=True`` (with ``trace=True``; or a dict of ``torch.compile``
+    keyword arguments) runs each recorded program through ``torch.compile``.
+    ``fwdgrad.jvp`` can also be called inside a function given to
+    ``torch.compile`` (``fullgraph=True`` works).
     """
     name = "jvp"
     check_callable(func, name)
@@ -66,10 +70,12 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, 
         raise ArgumentValueError(f"{name}: strict=True cannot be combined with batched=True or trace=True")
     if batched and trace:
         raise ArgumentValueError(f"{name}: batched=True and trace=True cannot be combined")
+    if compile is not False and not trace:
+        raise ArgumentValueError(f"{name}: compile= applies to the traced mode; pass trace=True as well")
     if batched:
         return batched_jvp(func, primals, tangents, has_aux, name)
     if trace:
-        return jvp_traced(func, primals, tangents, has_aux)
+        return jvp_traced(func, primals, tangents, has_aux, compile)
     with level_scope() as level:
         duals = lift(tuple(primals), tuple(tangents), level, name)
         with State(func).undone_on_error():
@@ -81,7 +87,7 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, 
         return primal_out, tangent_out
 
 
-def forward_grad(func, *, has_aux=False, trace=False):
+def forward_grad(func, *, has_aux=False, trace=False, compile=False):
     """HIPS/Tangent-style forward derivative: ``df(x, dx, y, dy, ...) -> (r, dr)``.
 
     Arguments come in (value, tangent) pairs; a ``None`` tangent is zero and a
@@ -95,12 +101,17 @@ def forward_grad(func, *, has_aux=False, trace=False):
     (6.0, 3.0)
 
     ``trace=True`` records the program once per input signature and replays it
-    on later calls whose inputs match; ``df.code`` shows it.
+    on later calls whose inputs match; ``df.code`` shows it, and
+    ``df.graph_module`` is it as a ``torch.fx.GraphModule``.  ``compile=True``
+    (with ``trace=True``; or a dict of ``torch.compile`` keyword arguments)
+    runs each recorded program through ``torch.compile``.
     """
     name = "forward_grad"
     check_callable(func, name)
+    if compile is not False and not trace:
+        raise ArgumentValueError(f"{name}: compile= applies to the traced mode; pass trace=True as well")
     if trace:
-        return TracedForwardGrad(func, has_aux)
+        return TracedForwardGrad(func, has_aux, compile)
 
     @functools.wraps(func)
     @normal_mode

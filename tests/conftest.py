@@ -8,21 +8,38 @@ os.environ.setdefault("FWDGRAD_CHECK", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
+# Opt-in tests: each runs when its marker is named in -m, when
+# FWDGRAD_TEST_<NAME>=1, or with --<name> where that option exists.
+OPT_IN = {
+    "sweep": "a long fault-injection sweep",
+    "deep": "a three-deep torch.func composition beyond the default sample",
+    "compile": "runs inductor (a C++ compile)",
+    "zoo": "the whole model zoo of tests/test_zoo.py",
+}
+# A test marked "<name>_quick" as well is part of the default suite (the zoo's quick subset).
+
+
 def pytest_addoption(parser):
     parser.addoption("--sweep", action="store_true", help="also run the long fault-injection sweeps")
     parser.addoption("--deep", action="store_true", help="also run every three-deep torch.func composition")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "sweep: a long fault-injection sweep, run with --sweep")
-    config.addinivalue_line("markers", "deep: a three-deep torch.func composition beyond the default sample, run with --deep")
+    for name, what in OPT_IN.items():
+        config.addinivalue_line("markers", f"{name}: {what}; run with -m {name} or FWDGRAD_TEST_{name.upper()}=1")
+        config.addinivalue_line("markers", f"{name}_quick: a {name} test that the default suite runs too")
+
+
+def _opted_in(config, name):
+    return (os.environ.get(f"FWDGRAD_TEST_{name.upper()}") == "1" or name in (config.option.markexpr or "")
+            or config.getoption(f"--{name}", default=False))
 
 
 def pytest_collection_modifyitems(config, items):
-    for marker, option in (("sweep", "--sweep"), ("deep", "--deep")):
-        if config.getoption(option):
+    for name in OPT_IN:
+        if _opted_in(config, name):
             continue
-        skip = pytest.mark.skip(reason=f"a long {marker} test: run with {option}")
+        skip = pytest.mark.skip(reason=f"opt-in: run with -m {name} or FWDGRAD_TEST_{name.upper()}=1")
         for item in items:
-            if marker in item.keywords:
+            if item.get_closest_marker(name) and not item.get_closest_marker(f"{name}_quick"):
                 item.add_marker(skip)

@@ -10,6 +10,8 @@ EXPECTED_FAILURES = {
     "which CSR tensors do not have (torch.func.jvp does not support these either)",
 }
 
+# tests/test_zoo.py: "<model>-<attention path>-<check>" -> why it fails (not fwdgrad's fault).
+ZOO_EXPECTED_FAILURES = {}
 # tests/test_torchfunc_suite.py: PyTorch's torch.func tests run on fwdgrad; test name -> why it fails.
 TORCHFUNC_SUITE = {
     "test_jac_aux_pytree": "message wording: a non-tensor aux is refused (RuntimeError and TypeError) "

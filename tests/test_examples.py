@@ -47,6 +47,7 @@ def test_expected_examples_exist():
         "jvp_in_loss.py",
         "hessian_spectrum.py",
         "custom_op.py",
+        "curvature_interop.py",
     }
     missing = expected - set(EXAMPLES)
     assert not missing, f"examples missing: {sorted(missing)}"

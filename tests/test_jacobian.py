@@ -397,6 +397,54 @@ def test_errors():
         jvp_fn(x, x)
 
 
+def test_jacfwd_replays_a_kept_recording_at_new_points():
+    """A second call with the same signature runs the recorded primal program at
+    its own inputs instead of recording again; values stay right."""
+    from fwdgrad import jacobian, trace
+
+    w = torch.randn(6, 3, dtype=torch.float64)
+
+    def f(x):
+        return torch.tanh(w @ x).sin()
+
+    records = []
+    real_record = trace.record
+
+    def counting(*a, **k):
+        records.append(1)
+        return real_record(*a, **k)
+
+    trace.record = counting
+    try:
+        for _ in range(3):
+            x = torch.randn(3, dtype=torch.float64)
+            assert torch.allclose(fwdgrad.jacfwd(f)(x), torch.func.jacfwd(f)(x))
+        assert len(records) == 1
+        v = torch.randn(5, 3, dtype=torch.float64)
+        out, t = fwdgrad.jvp(f, (x,), (v,), batched=True)
+        out2, t2 = fwdgrad.jvp(f, (x + 1,), (v,), batched=True)
+        assert torch.allclose(t2, torch.func.vmap(lambda u: torch.func.jvp(f, (x + 1,), (u,))[1])(v))
+        assert torch.allclose(out2, f(x + 1))
+        assert len(records) == 1  # jacfwd and batched jvp share the kept recording per signature
+        w.data = torch.randn(6, 3, dtype=torch.float64)  # the same object, new values: seen by reference
+        assert torch.allclose(fwdgrad.jacfwd(f)(x), torch.func.jacfwd(f)(x))
+    finally:
+        trace.record = real_record
+    assert jacobian._programs_for(f, False).entries
+
+
+def test_jacfwd_does_not_replay_value_dependent_or_mutating_functions():
+    def branchy(x):
+        return x.sin() if x.sum() > 0 else x.cos()
+
+    for x in (torch.ones(3, dtype=torch.float64), -torch.ones(3, dtype=torch.float64)):
+        assert torch.allclose(fwdgrad.jacfwd(branchy)(x), torch.func.jacfwd(branchy)(x))
+
+    bn = torch.nn.BatchNorm1d(3).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    fwdgrad.jacfwd(bn)(x)
+    fwdgrad.jacfwd(bn)(x)
+    assert int(bn.num_batches_tracked) == 2  # the running statistics move once per call
 @pytest.mark.parametrize("argnums", [0, 1, (0, 1), (1, 0)])
 def test_hessian_of_vector_and_pytree_outputs(argnums):
     # torch.func.hessian takes any output: output.shape + input.shape + input.shape

@@ -27,6 +27,8 @@ LAYERS = [
     {"traced"},
     {"jacobian"},
     {"transforms"},
+    {"curvature"},
+    {"linops", "spectra"},
     {"__init__"},
 ]
 

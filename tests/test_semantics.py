@@ -515,3 +515,32 @@ def test_hvp_along_the_parameters_themselves(form):
         hv = fwdgrad.hvp(lambda: model(x).tanh().pow(2).sum(), params, params)
     torch.testing.assert_close(tuple(hv.values()), expected)
     assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+
+
+def test_a_dual_kept_past_its_transform_is_refused_not_mistaken():
+    """Levels are depths in the stack of running transforms; a dual that escaped a
+    finished transform must not pass for one of a new transform at the same depth."""
+    kept = []
+
+    def f(x):
+        kept.append(x * 2)
+        return x.sin()
+
+    x = torch.randn(3)
+    fwdgrad.jvp(f, (x,), (torch.ones(3),))
+    with pytest.raises(RuntimeError, match="has finished"):
+        fwdgrad.jvp(lambda y: y * kept[0], (x,), (torch.ones(3),))
+
+
+def test_nested_levels_are_depths_and_leave_nothing_behind():
+    from fwdgrad.interpreter import _stack
+
+    def inner_uses_outer(x):
+        return fwdgrad.jvp(lambda y: x * y, (x,), (torch.ones_like(x),))[1]
+
+    x = torch.randn(3, dtype=torch.float64)
+    _, t = fwdgrad.jvp(inner_uses_outer, (x,), (torch.ones(3, dtype=torch.float64),))
+    assert torch.allclose(t, torch.ones(3, dtype=torch.float64))  # d/dx of x (outer tangent of x*1)
+    with pytest.raises(ZeroDivisionError):
+        fwdgrad.jvp(lambda y: 1 / 0, (x,), (x,))
+    assert _stack() == []

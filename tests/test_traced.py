@@ -276,3 +276,14 @@ def test_errors():
         df(x, torch.ones(4, dtype=D))
     with pytest.raises(ValueError, match="cannot be combined"):
         fwdgrad.jvp(torch.sin, (x,), (x,), batched=True, trace=True)
+
+
+def test_traced_replay_repeats_in_place_updates_of_captured_buffers():
+    """BatchNorm's ``num_batches_tracked.add_(1)`` is a write into a captured tensor:
+    every replay must repeat it, as a plain call would."""
+    bn = torch.nn.BatchNorm1d(3).double()
+    x, v = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    df = fwdgrad.forward_grad(bn, trace=True)
+    for _ in range(3):
+        df(x, v)
+    assert int(bn.num_batches_tracked) == 3
