@@ -21,6 +21,21 @@ def is_float(x):
     return x.is_floating_point() or x.is_complex()
 
 
+def check_outside_functorch(name):
+    """Refuse to start ``name`` inside a torch.func transform (vmap, grad, jacrev, ...).
+
+    For the products that are not yet carried through functorch's layers (the
+    batched hvp and the Gauss-Newton/Fisher products): their several passes
+    would see functorch's wrappers without the layers fwdgrad's levels record.
+    """
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError(
+            f"{name}: cannot run inside a torch.func transform (vmap, grad, jacrev, ...) yet.  "
+            f"Call it outside, or use fwdgrad.hvp (unbatched), which works inside torch.func: "
+            f"torch.func.vmap(lambda v: fwdgrad.hvp(loss, params, v))(V)."
+        )
+
+
 def normal_mode(transform):
     """Run a transform outside any ``torch.inference_mode`` of the caller.
 
