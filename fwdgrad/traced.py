@@ -54,6 +54,7 @@ from torch.utils import _pytree as pytree
 from . import trace
 from .arguments import check_tangent, checked_leaves, normal_mode
 from .errors import ArgumentTypeError, warn
+from .functorch_layers import inside_functorch
 from .state import State
 
 _EAGER = object()  # a cache value: run these inputs eagerly
@@ -126,6 +127,10 @@ class TracedJvp:
         else:
             leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if inside_functorch():
+            # functorch's wrappers have no storage to record, and a recording made
+            # inside one torch.func call could not be replayed in another: eager.
+            return self._eager(args, kwargs, dual, tangents)
         for t in tensors:
             if type(t) not in _PLAIN:
                 self._warn(

@@ -287,3 +287,19 @@ def test_state_is_clean_after_an_error_inside_vmap():
     assert not functorch_stacks
     assert torch._C._functorch.maybe_current_level() is None
     torch.testing.assert_close(fwdgrad.jvp(torch.sin, (X,), (X,))[1], X.cos() * X)
+
+
+def test_traced_and_batched_jvp_inside_torch_func():
+    # trace=True and batched=True run eagerly inside torch.func (no recording of
+    # functorch's wrappers), with the same values
+    X, v = torch.randn(3, 4, dtype=D), torch.randn(4, dtype=D)
+    g = lambda y: y.sin() * y.sum()  # noqa: E731
+    ref = tf.vmap(lambda x: tf.jvp(g, (x,), (v,))[1])(X)
+    torch.testing.assert_close(tf.vmap(lambda x: fwdgrad.jvp(g, (x,), (v,), trace=True)[1])(X), ref)
+    df = fwdgrad.forward_grad(g, trace=True)
+    torch.testing.assert_close(tf.vmap(lambda x: df(x, v)[1])(X), ref)
+    torch.testing.assert_close(
+        tf.grad(lambda x: df(x, v)[1].sum())(X[0]), tf.grad(lambda x: tf.jvp(g, (x,), (v,))[1].sum())(X[0])
+    )
+    both = tf.vmap(lambda x: fwdgrad.jvp(g, (x,), (torch.stack([v, 2 * v]),), batched=True)[1])(X)
+    torch.testing.assert_close(both, torch.stack([ref, 2 * ref], 1))
