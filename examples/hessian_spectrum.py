@@ -1,10 +1,17 @@
-"""The top of a trained MLP's Hessian spectrum, from Hessian-vector products alone.
+"""A trained MLP's Hessian spectrum from Hessian-vector products alone: top eigenvalues, trace, density.
 
-Power iteration and the Lanczos method only ever need ``v -> H v``, which
-``fwdgrad.hvp`` computes in one forward-over-reverse pass without forming ``H``.
-The MLP here is small enough (about 400 parameters) to form the full Hessian
-with ``torch.func.hessian`` as an oracle, so the script checks the top
-eigenvalues against ``torch.linalg.eigvalsh`` of it.  It can also plot them:
+``fwdgrad.linops.hessian_operator`` wraps ``fwdgrad.hvp`` (closure form, over the
+live model) as an ``n x n`` operator; ``fwdgrad.spectra`` then computes
+
+* the top eigenvalues and eigenvectors by Lanczos (``eigenpairs``),
+* the trace by Hutchinson's estimator (``hutchinson_trace``), and
+* the spectral density by stochastic Lanczos quadrature (``spectral_density``),
+
+each from products ``H V`` only (a batch of directions goes through one
+batched ``hvp``).  The MLP is small enough (about 400 parameters) to form the
+full Hessian with ``torch.func.hessian`` as an oracle, so the script checks
+all three against ``torch.linalg.eigvalsh`` of it.  It can also plot the
+density:
 
     python examples/hessian_spectrum.py                  # checks only; writes no file
     python examples/hessian_spectrum.py --plot out.png   # also writes the figure to out.png
@@ -15,6 +22,7 @@ the documentation was made with ``--plot docs/img/hessian_spectrum.png``.
 """
 
 import argparse
+import math
 import os
 import pathlib
 
@@ -22,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fwdgrad
+import fwdgrad.linops
+import fwdgrad.spectra
 
-parser = argparse.ArgumentParser(description="The top of a trained MLP's Hessian spectrum from hvp calls.")
+parser = argparse.ArgumentParser(description="A trained MLP's Hessian spectrum from hvp calls.")
 parser.add_argument("--plot", metavar="PATH", help="write the figure (PNG) to PATH; by default no file is written")
 args = parser.parse_args()
 if args.plot:
@@ -49,93 +58,55 @@ for _ in range(200):
     optimizer.step()
 
 params = dict(model.named_parameters())
-n = sum(p.numel() for p in params.values())
-loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
-print(f"MLP with {n} parameters trained to loss {loss_fn().item():.4f}")
-
-
-def hvp(v):
-    return fwdgrad.hvp(loss_fn, params, v)
-
-
-def dot(a, b):
-    return sum((a[k] * b[k]).sum() for k in a)
-
-
-def scaled(a, s):
-    return {k: t * s for k, t in a.items()}
-
-
-def random_unit():
-    v = {k: torch.randn_like(p) for k, p in params.items()}
-    return scaled(v, 1 / dot(v, v).sqrt())
-
-
-def power_iteration(iterations):
-    """The eigenvalue of largest magnitude; the Rayleigh quotient after each step."""
-    v, history = random_unit(), []
-    for _ in range(iterations):
-        hv = hvp(v)
-        history.append(dot(v, hv).item())
-        v = scaled(hv, 1 / dot(hv, hv).sqrt())
-    return history
-
-
-def lanczos(iterations):
-    """Ritz values of the Lanczos tridiagonal matrix (full reorthogonalisation)."""
-    basis, alphas, betas = [random_unit()], [], []
-    for j in range(iterations):
-        w = hvp(basis[j])
-        alphas.append(dot(w, basis[j]))
-        for q in basis:  # Gram-Schmidt against every earlier vector, twice for stability
-            w = {k: w[k] - dot(w, q) * q[k] for k in w}
-        for q in basis:
-            w = {k: w[k] - dot(w, q) * q[k] for k in w}
-        beta = dot(w, w).sqrt()
-        if j == iterations - 1 or beta < 1e-10:
-            break
-        betas.append(beta)
-        basis.append(scaled(w, 1 / beta))
-    T = torch.diag(torch.stack(alphas))
-    if betas:
-        off = torch.stack(betas)
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    return torch.linalg.eigvalsh(T).flip(0)  # largest first
-
-
-power = power_iteration(20)
-ritz = lanczos(40)
-
-# Oracle: the full n x n Hessian of the same loss, by torch.func.
-names = list(params)
-shapes = [params[k].shape for k in names]
-sizes = [params[k].numel() for k in names]
-
-
-def loss_of_flat(flat):
-    chunks = dict(zip(names, (c.view(s) for c, s in zip(flat.split(sizes), shapes))))
-    return F.cross_entropy(torch.func.functional_call(model, chunks, (x,)), y)
-
-
-flat = torch.cat([params[k].detach().flatten() for k in names])
-H = torch.func.hessian(loss_of_flat)(flat)
-eigenvalues = torch.linalg.eigvalsh(H).flip(0)  # largest first
+H = fwdgrad.linops.hessian_operator(lambda: F.cross_entropy(model(x), y), params)
+n = H.shape[0]
+print(f"MLP with {n} parameters trained to loss {F.cross_entropy(model(x), y).item():.4f}")
 
 top = 5
+values, vectors = fwdgrad.spectra.eigenpairs(H, top, tol=1e-10)
+smallest, _ = fwdgrad.spectra.eigenpairs(H, 1, which="smallest", tol=1e-10)
+trace, stderr = fwdgrad.spectra.hutchinson_trace(H, samples=200, batch=50)
+sigma = 0.005  # the width of the Gaussian each quadrature node becomes
+grid, density = fwdgrad.spectra.spectral_density(H, probes=20, steps=60, points=600, sigma=sigma)
+
+# Oracle: the full n x n Hessian of the same loss, by torch.func.
+flat = fwdgrad.linops.flatten(params).detach()
+
+
+def loss_of_flat(f):
+    p = fwdgrad.linops.unflatten(f, params)
+    return F.cross_entropy(torch.func.functional_call(model, p, (x,)), y)
+
+
+dense = torch.func.hessian(loss_of_flat)(flat)
+eigenvalues = torch.linalg.eigvalsh(dense).flip(0)  # largest first
+
 print(f"top {top} eigenvalues, full Hessian (eigvalsh): " + " ".join(f"{e:.6f}" for e in eigenvalues[:top]))
-print(f"top {top} eigenvalues, Lanczos, 40 hvps:        " + " ".join(f"{e:.6f}" for e in ritz[:top]))
-print(f"largest, power iteration, 20 hvps:              {power[-1]:.6f}")
-assert torch.allclose(ritz[:top], eigenvalues[:top], rtol=1e-6, atol=1e-9), "Lanczos disagrees with eigvalsh"
-largest = eigenvalues[eigenvalues.abs().argmax()].item()
-assert abs(power[-1] - largest) < 1e-3 * abs(largest), "power iteration disagrees with eigvalsh"
-print(f"smallest eigenvalue: eigvalsh {eigenvalues[-1]:.6f}, Lanczos {ritz[-1]:.6f} "
-      f"(Lanczos finds both ends of the spectrum; negative: the loss is not convex here)")
-assert torch.allclose(ritz[-1], eigenvalues[-1], rtol=1e-6, atol=1e-9)
+print(f"top {top} eigenvalues, Lanczos (eigenpairs):    " + " ".join(f"{e:.6f}" for e in values))
+assert torch.allclose(values, eigenvalues[:top], rtol=1e-6, atol=1e-9), "Lanczos disagrees with eigvalsh"
+residual = (dense @ vectors - vectors * values).norm(dim=0).max().item()
+print(f"eigenvector residual max ||H y - theta y||: {residual:.1e}")
+assert residual < 1e-6
+print(f"smallest eigenvalue: eigvalsh {eigenvalues[-1]:.6f}, Lanczos {smallest[0]:.6f} "
+      f"(negative: the loss is not convex here)")
+assert torch.allclose(smallest[0], eigenvalues[-1], rtol=1e-6, atol=1e-9)
+
+exact_trace = dense.trace().item()
+print(f"trace: exact {exact_trace:.4f}, Hutchinson (200 probes) {trace:.4f} +- {stderr:.4f}")
+assert abs(trace - exact_trace) < 4 * stderr, "Hutchinson's estimate is off by more than 4 standard errors"
+
+# The density against the dense spectrum smoothed by the same Gaussian kernel.
+smoothed = torch.exp(-0.5 * ((grid[:, None] - eigenvalues[None]) / sigma) ** 2).mean(1) / (sigma * math.sqrt(2 * math.pi))
+mass = torch.trapezoid(density, grid).item()
+l1 = torch.trapezoid((density - smoothed).abs(), grid).item()
+print(f"spectral density (20 probes x 60 Lanczos steps): total mass {mass:.4f}, "
+      f"L1 distance to the smoothed dense spectrum {l1:.3f}")
+assert abs(mass - 1) < 1e-3
+assert l1 < 0.1, "stochastic Lanczos quadrature is far from the dense spectrum"
 
 
 def plot(path):
-    """The full spectrum with the Lanczos and power-iteration estimates, and
-    power iteration's convergence."""
+    """The density by stochastic Lanczos quadrature over the dense spectrum, and the top eigenvalues."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: write a file, open no window
@@ -143,20 +114,19 @@ def plot(path):
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    index = torch.arange(1, n + 1)
-    left.plot(index, eigenvalues, ".", color="0.6", label="full Hessian (torch.func.hessian + eigvalsh)")
-    left.plot(index[:top], ritz[:top], "x", color="C0", markersize=9, label="Lanczos, 40 hvp calls")
-    left.plot(index[-1:], ritz[-1:], "x", color="C0", markersize=9)
-    left.plot([1], [power[-1]], "+", color="C1", markersize=14, label="power iteration, 20 hvp calls")
-    left.set_yscale("symlog", linthresh=1e-4)
-    left.set_xlabel("eigenvalue index (largest first)")
-    left.set_ylabel("eigenvalue (symlog scale)")
-    left.set_title(f"Hessian spectrum of an MLP ({n} parameters)")
-    left.legend(fontsize=8, loc="lower left")
-    right.semilogy(range(1, len(power) + 1), [abs(p - largest) / abs(largest) + 1e-16 for p in power], color="C1")
-    right.set_xlabel("power iteration step (one hvp each)")
-    right.set_ylabel("relative error of the Rayleigh quotient")
-    right.set_title("Power iteration convergence")
+    left.semilogy(grid, density.clamp_min(1e-8), color="C0", label="stochastic Lanczos quadrature (20 probes)")
+    left.semilogy(grid, smoothed.clamp_min(1e-8), "--", color="0.5", label="dense eigvalsh, same kernel")
+    left.set_xlabel("eigenvalue")
+    left.set_ylabel("density (log scale)")
+    left.set_title(f"Hessian spectral density of an MLP ({n} parameters)")
+    left.legend(fontsize=8)
+    index = torch.arange(1, 3 * top + 1)
+    right.plot(index, eigenvalues[: 3 * top], ".", color="0.6", label="full Hessian (eigvalsh)")
+    right.plot(index[:top], values, "x", color="C0", markersize=9, label="Lanczos (fwdgrad.spectra.eigenpairs)")
+    right.set_xlabel("eigenvalue index (largest first)")
+    right.set_ylabel("eigenvalue")
+    right.set_title("Top eigenvalues")
+    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

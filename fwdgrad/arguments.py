@@ -13,6 +13,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .dtensor import check_layout
+from .errors import ArgumentTypeError, ArgumentValueError
+from .functorch_layers import lift_input, strip
 from .interpreter import Dual, tangent_of
 
 try:
@@ -26,18 +28,17 @@ def is_float(x):
 
 
 def check_outside_functorch(name):
-    """Refuse to start a transform inside a torch.func transform (grad, jacrev, vmap).
+    """Refuse to start ``name`` inside a torch.func transform (vmap, grad, jacrev, ...).
 
-    functorch's wrappers cannot see the tangents that fwdgrad's duals carry in
-    ``__torch_dispatch__``: ``torch.func.grad`` of a function calling
-    ``fwdgrad.jvp`` would be silently wrong.  The other order works.
+    For the products that are not yet carried through functorch's layers (the
+    batched hvp and the Gauss-Newton/Fisher products): their several passes
+    would see functorch's wrappers without the layers fwdgrad's levels record.
     """
     if torch._C._functorch.maybe_current_level() is not None:
         raise RuntimeError(
-            f"{name}: fwdgrad's forward-mode transforms cannot run inside a torch.func "
-            f"transform (torch.func.grad, jacrev, vmap, ...), whose wrappers do not see "
-            f"fwdgrad's tangents.  Nest them the other way round (e.g. "
-            f"fwdgrad.jvp(torch.func.grad(f), ...)), or use fwdgrad.grad for the reverse part."
+            f"{name}: cannot run inside a torch.func transform (vmap, grad, jacrev, ...) yet.  "
+            f"Call it outside, or use fwdgrad.hvp (unbatched), which works inside torch.func: "
+            f"torch.func.vmap(lambda v: fwdgrad.hvp(loss, params, v))(V)."
         )
 
 
@@ -78,7 +79,7 @@ def usable_tree(tree):
 
 def check_callable(func, name, what="func"):
     if not callable(func):
-        raise TypeError(f"{name}: {what} must be callable, got {type(func).__name__}")
+        raise ArgumentTypeError(f"{name}: {what} must be callable, got {type(func).__name__}")
 
 
 def kind(x):
@@ -97,22 +98,21 @@ def describe(path):
 def check_argnums(argnums, n_args, name):
     """``argnums`` (an int or a tuple of ints) as a list of non-negative positions."""
     if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
-        raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
+        raise ArgumentTypeError(f"{name}: argnums must be int or Tuple[int, ...], got {type(argnums).__name__}")
     nums = (argnums,) if isinstance(argnums, int) else argnums
     if not nums:
-        raise ValueError(f"{name}: argnums must not be an empty tuple")
+        raise ArgumentValueError(f"{name}: argnums must be non-empty, got an empty tuple")
     out = []
     for a in nums:
         if isinstance(a, bool) or not isinstance(a, int):
-            raise TypeError(f"{name}: argnums must contain ints, got {type(a).__name__}")
+            raise ArgumentTypeError(f"{name}: argnums elements must be int, got {type(a).__name__}")
         if not -n_args <= a < n_args:
-            raise ValueError(
-                f"{name}: argnums {a} is out of range for a call with {n_args} positional "
-                f"argument(s)"
+            raise ArgumentValueError(
+                f"{name}: argnums {a} is out of range: the call has only {n_args} positional inputs"
             )
         out.append(a % n_args)
     if len(set(out)) != len(out):
-        raise ValueError(f"{name}: argnums {argnums} contains duplicates")
+        raise ArgumentValueError(f"{name}: argnums {argnums} contains duplicates; its elements must be unique")
     return out
 
 
@@ -122,32 +122,33 @@ def check_tangent(name, where, p, t):
     ``where`` names the primal as the user wrote it, e.g. ``primals[0]['w']``.
     """
     if not isinstance(p, torch.Tensor):
-        raise TypeError(
-            f"{name}: {where} is a {type(p).__name__}; only tensors (or pytrees of tensors) "
-            f"can be differentiated; pass non-tensor constants through a closure or keyword argument"
+        raise ArgumentTypeError(
+            f"{name}: {where} is a {type(p).__name__}; primals must only contain Tensors (or pytrees "
+            f"of tensors); pass non-tensor constants through a closure or keyword argument"
         )
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
-        raise TypeError(
-            f"{name}: the tangent of {where} is a {type(t).__name__}; expected a tensor or None"
+        raise ArgumentTypeError(
+            f"{name}: the tangent of {where} is a {type(t).__name__}; tangents must only contain "
+            f"Tensors (or None for a zero tangent)"
         )
     if not is_float(p):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name}: {where} has dtype {p.dtype}, which carries no tangent; "
             f"pass None as its tangent (or make it floating point)"
         )
     if t.shape != p.shape:
-        raise ValueError(
+        raise ArgumentValueError(
             f"{name}: the tangent of {where} has shape {tuple(t.shape)} but {where} has shape "
             f"{tuple(p.shape)}"
         )
     if t.dtype != p.dtype:
-        raise ValueError(
+        raise ArgumentValueError(
             f"{name}: the tangent of {where} has dtype {t.dtype} but {where} has dtype {p.dtype}"
         )
     if t.device != p.device:
-        raise ValueError(
+        raise ArgumentValueError(
             f"{name}: the tangent of {where} is on {t.device} but {where} is on {p.device}"
         )
     check_layout(name, where, p, t)
@@ -161,8 +162,8 @@ def checked_leaves(name, primals, tangents, prefix="primals"):
     p_leaves, p_spec = pytree.tree_flatten(primals)
     t_leaves, t_spec = pytree.tree_flatten(tangents, is_leaf=lambda x: x is None)
     if p_spec != t_spec:
-        raise ValueError(
-            f"{name}: tangents must have the same structure as {prefix}; {prefix}: "
+        raise ArgumentValueError(
+            f"{name}: tangents must have the same python structure as {prefix}; {prefix}: "
             f"{pytree.treespec_pprint(p_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
         )
     paths = [prefix + describe(path) for path, _ in pytree.tree_flatten_with_path(primals)[0]]
@@ -175,7 +176,7 @@ def checked_leaves(name, primals, tangents, prefix="primals"):
 def lift(primals, tangents, level, name, prefix="primals"):
     """Wrap matching pytrees of primals and tangents as duals at ``level``."""
     leaves, spec = checked_leaves(name, primals, tangents, prefix)
-    duals = [Dual(p, t, level, requires_grad=p.requires_grad) for _, p, t in leaves]
+    duals = [Dual(lift_input(p, level), t, level, requires_grad=p.requires_grad) for _, p, t in leaves]
     return pytree.tree_unflatten(duals, spec)
 
 
@@ -195,6 +196,7 @@ def lower_output(o, level):
     """``(primal, tangent)`` of an output at ``level``; a zero tangent is materialised."""
     if isinstance(o, AsyncCollectiveTensor):  # a functional collective's result wraps our dual
         o = o.trigger_wait()
+    o = strip(o)
     if isinstance(o, Dual) and o._level == level:
         return primal_and_tangent(o)
     return o, torch.zeros_like(o)
@@ -202,19 +204,39 @@ def lower_output(o, level):
 
 def drop_level(tree, level):
     """Replace duals of ``level`` by their primals (for auxiliary outputs)."""
-    return pytree.tree_map_only(
-        Dual, lambda d: d._primal if d._level == level else d, tree
-    )
+    def drop(x):
+        x = strip(x)
+        return x._primal if isinstance(x, Dual) and x._level == level else x
+
+    return pytree.tree_map_only(torch.Tensor, drop, tree)
 
 
-def split_outputs(out, level, name):
+def split_outputs(out, level, name, strict=False):
+    """``(primal outputs, tangent outputs)`` of ``func``'s output at ``level``.
+
+    The output must be a non-empty pytree of tensors (as torch.func requires).
+    With ``strict`` every output must depend on the inputs (a nonzero tangent).
+    """
     leaves, spec = pytree.tree_flatten(out)
     for path, leaf in pytree.tree_flatten_with_path(out)[0]:
         if not isinstance(leaf, torch.Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name}: func must return a tensor or a pytree of tensors, but "
                 f"{'output' + describe(path) + ' is' if path else 'it returned'} {kind(leaf)}"
             )
+    if not leaves:
+        raise ArgumentValueError(
+            f"{name}: expected func to return at least one tensor, but its output "
+            f"{pytree.treespec_pprint(spec)} holds none"
+        )
+    if strict:
+        for path, leaf in pytree.tree_flatten_with_path(out)[0]:
+            d = strip(leaf)
+            if not (isinstance(d, Dual) and d._level == level and tangent_of(d) is not None):
+                raise ArgumentValueError(
+                    f"{name}: with strict=True, output{describe(path)} does not depend on the "
+                    f"inputs (its tangent is zero); pass strict=False to get zeros"
+                )
     pairs = [lower_output(o, level) for o in leaves]
     return (
         pytree.tree_unflatten([p for p, _ in pairs], spec),
@@ -223,27 +245,35 @@ def split_outputs(out, level, name):
 
 
 def split_aux(out, has_aux, name):
+    """``(output, aux)`` of ``func``'s result: with ``has_aux`` a tuple of two, whose
+    aux is a pytree of tensors (torch.func's rules)."""
     if not has_aux:
         return out, None
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
-        raise TypeError(
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ArgumentTypeError(
             f"{name}: with has_aux=True, func must return a pair (output, aux), "
             f"got {kind(out)}"
         )
+    for path, leaf in pytree.tree_flatten_with_path(out[1])[0]:
+        if not isinstance(leaf, torch.Tensor):
+            raise ArgumentTypeError(
+                f"{name}: with has_aux=True, aux must be a tensor or a pytree of tensors, but "
+                f"{'aux' + describe(path) + ' is' if path else 'it is'} {kind(leaf)}"
+            )
     return out[0], out[1]
 
 
 def check_scalar_output(out, name, what="func", any_shape=False):
     """``out`` must be a real floating scalar (with ``any_shape``, any one-element tensor)."""
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{name}: {what} must return a scalar tensor, got {type(out).__name__}")
+        raise ArgumentTypeError(f"{name}: {what} must return a scalar tensor, got {type(out).__name__}")
     if out.numel() != 1 if any_shape else out.dim() != 0:
-        raise ValueError(
+        raise ArgumentValueError(
             f"{name}: {what} must return a scalar {'tensor (one element)' if any_shape else '(0-dim) tensor'}, "
             f"got one of shape {tuple(out.shape)}; reduce it first (e.g. .sum() or .mean())"
         )
     if not is_float(out):
-        raise TypeError(f"{name}: {what} must return a floating-point tensor, got dtype {out.dtype}")
+        raise ArgumentTypeError(f"{name}: {what} must return a floating-point tensor, got dtype {out.dtype}")
 
 
 def check_differentiable(args, argnums, name, names):
@@ -252,15 +282,29 @@ def check_differentiable(args, argnums, name, names):
         for path, leaf in pytree.tree_flatten_with_path(args[i])[0]:
             where = f"argument {i} ({names[i]}{''.join(str(k) for k in path)})"
             if not isinstance(leaf, torch.Tensor):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"{name}: {where} is a {type(leaf).__name__}; the arguments selected by "
                     f"argnums must be tensors (or pytrees of tensors)"
                 )
             if not is_float(leaf):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"{name}: {where} has dtype {leaf.dtype}; only floating point or complex "
                     f"inputs can be differentiated"
                 )
+
+
+def check_real(leaves, name, what):
+    """torch.func's Jacobians take and give real tensors only: refuse complex ones.
+
+    ``leaves`` are ``(where, tensor)`` pairs; ``what`` is "input" or "output".
+    """
+    for where, t in leaves:
+        if isinstance(t, torch.Tensor) and t.is_complex():
+            raise ArgumentTypeError(
+                f"{name}: Expected all {what}s to be real, but {where} is complex ({t.dtype}), "
+                f"as torch.func requires.  Pass the real and imaginary parts as separate real "
+                f"tensors (torch.view_as_real) if you need that {what}'s derivative"
+            )
 
 
 def diff_mask(args, argnums):

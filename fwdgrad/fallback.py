@@ -21,7 +21,8 @@ import torch
 import torch._decomp
 
 from . import registry
-from .interpreter import Dual, enter_level, exit_level, tangent_of
+from .functorch_layers import level_scope
+from .interpreter import Dual, tangent_of
 
 _decompositions = torch._decomp.decomposition_table
 
@@ -44,11 +45,8 @@ def rule_for(func):
 
 
 def _through_decomposition(decomp, t, args, kwargs):
-    level = enter_level()
-    try:
+    with level_scope() as level:
         return _decomposed(decomp, t, args, kwargs, level)
-    finally:
-        exit_level(level)
 
 
 def _decomposed(decomp, t, args, kwargs, level):

@@ -24,6 +24,7 @@ import os
 import threading
 
 import torch
+from torch._C import _functorch as _ft
 
 from . import ops, registry
 from .dtensor import MIXED_DTENSOR, is_dtensor
@@ -31,6 +32,7 @@ from .dtensor import MIXED_DTENSOR, is_dtensor
 _make_wrapper = torch.Tensor._make_wrapper_subclass
 _restore_autograd = torch._C._RestorePythonTLSSnapshot
 _disable_torch_function = torch._C.DisableTorchFunctionSubclass
+_fwd_grad_enabled = torch._C._is_fwd_grad_enabled
 
 # Set FWDGRAD_CHECK=1 to verify every tangent's shape and dtype against its primal.
 CHECK_TANGENTS = os.environ.get("FWDGRAD_CHECK", "") not in ("", "0")
@@ -81,6 +83,17 @@ def exit_level(level):
     if not s or s[-1] != level:
         raise RuntimeError("fwdgrad: transform levels left out of order")
     s.pop()
+
+
+def current_depth():
+    """How many levels are running in this thread."""
+    return len(_stack())
+
+
+def leave_to(depth):
+    """Pop every level above ``depth``: the ones a scope pushed, even when an
+    interrupt came between a push and the bookkeeping that pairs it."""
+    del _stack()[depth:]
 
 
 def depth_of(level):
@@ -136,6 +149,8 @@ class Dual(torch.Tensor):
     def __new__(cls, primal, tangent, level, view=None, requires_grad=False):
         # Dynamo writes this call into its graph (Dual is traceable) rather
         # than tracing it, so the ints read here are never guarded on.
+        if functorch_stacks and _ft.is_functorch_wrapped_tensor(primal):
+            return _over_functorch(cls, primal, tangent, level, view)
         r = _make_wrapper(
             cls,
             primal.size(),
@@ -210,6 +225,20 @@ class Dual(torch.Tensor):
 
 
 _compiling = torch.compiler.is_compiling
+def _over_functorch(cls, primal, tangent, level, view):
+    """A dual over a functorch wrapper (BatchedTensor, TensorWrapper): such
+    wrappers have no storage, so the dual takes no strides from them.  Its
+    own ``requires_grad`` stays off: the wrapper underneath carries
+    functorch's autograd for it."""
+    r = _make_wrapper(cls, primal.size(), dtype=primal.dtype, device=primal.device, layout=primal.layout)
+    r._primal = primal
+    r._tangent = tangent
+    r._level = level
+    if view is not None:
+        r._view = view
+    return r
+
+
 _USER_DETACH = {torch.Tensor.detach, torch.detach, torch.Tensor.data.__get__}
 _TOLIST = torch.Tensor.tolist
 
@@ -316,6 +345,8 @@ class OpEntry:
     __slots__ = ("func", "kind", "_rule", "_functional", "out_args", "call")
 
     def __init__(self, func):
+        if getattr(func, "namespace", None) == "prims":
+            func = ops.aten_twin(func) or func
         self.func = func
         self.call = getattr(func, "_op", func)  # the C++ entry point, without OpOverload.__call__
         self._rule = None
@@ -522,7 +553,25 @@ def interpret(func, args, kwargs):
     if entry is None:
         entry = entry_for(func)
     level, pargs, targs, pkwargs, tkwargs, any_t = _unwrap(args, kwargs)
+    if any_t and not _fwd_grad_enabled() and torch.is_grad_enabled():
+        # torch.autograd.forward_ad's switch is off (torch._C._set_fwd_grad_enabled):
+        # as in torch.func, no tangent flows through this op.  Not where grad mode
+        # is off too: that is how PyTorch runs an autograd.Function's forward (and
+        # inference_mode), whose ops fwdgrad differentiates.
+        any_t, targs, tkwargs = False, [None] * len(targs), registry.NO_KW_TANGENTS
+        if entry.kind is VIEW:
+            return _wrap(func, func(*pargs, **pkwargs), None, level)
+    if functorch_stacks:
+        layers = functorch_stacks.get(level)
+        if layers is not None:
+            return _in_layers(layers[0], func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, any_t)
+    return _run(func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, any_t)
+
+
+def _run(func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, any_t, layered=False):
     with _restore_autograd():
+        if layered:  # after restoring the caller's dispatch keys, which exclude functorch's
+            _functorch_keys_on()
         if _any_autocast():
             # Restoring the caller's TLS re-enables autocast, which the primal
             # kernel never saw (the op was cast once, above this dispatch):
@@ -557,6 +606,58 @@ def _dispatch(func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, 
     if kind is COLLECTIVE:
         return _collective(func, entry, args, pargs, pkwargs, targs, tkwargs, level)
     return _out(func, entry, kwargs, pargs, pkwargs, targs, tkwargs, level)
+
+
+# --------------------------------------------------------------------------
+# Levels started inside torch.func transforms (``fwdgrad/functorch_layers.py``
+# starts and ends them).  By the time an op reaches ``__torch_dispatch__``
+# functorch has popped its whole dynamic layer stack, but the primals of such
+# a level are functorch wrappers (BatchedTensor, TensorWrapper) of the layers
+# that were active when the level started.  The kernel and the rule run with
+# those layers pushed back, so vmap's batching rules and grad's autograd see
+# the ops on the primals and tangents.
+
+functorch_stacks = {}  # level -> (its functorch DynamicLayers, top first; their level numbers)
+_FRONT_MODE = torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode
+_BACK_MODE = torch._C.DispatchKey.FuncTorchDynamicLayerBackMode
+_included = torch._C._dispatch_tls_is_dispatch_key_included
+
+
+def _functorch_keys_on():
+    """Make the dispatcher enter functorch's layers again (until the enclosing
+    TLS guard restores the caller's key sets)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (_FRONT_MODE, _BACK_MODE):
+        if exclude.has(key):
+            torch._C._dispatch_tls_set_dispatch_key_excluded(key, False)
+    _ft._set_dynamic_layer_keys_included(True)
+
+
+_functorch_hook = None  # level -> context manager for the ops run in its layers
+
+
+def set_functorch_hook(hook):
+    """``fwdgrad.functorch_layers`` lifts the wrappers that meet lower-level duals
+    in rules and kernels run inside the layers (``hook(level)``)."""
+    global _functorch_hook
+    _functorch_hook = hook
+
+
+def _in_layers(layers, func, entry, args, kwargs, level, *run_args):
+    """``_run`` with ``layers`` pushed back onto functorch's stack."""
+    was_included = _included(_FRONT_MODE)
+    pushed = 0
+    try:
+        # Usually functorch has popped them all; push back those it has not.
+        for layer in layers[::-1][_ft.get_dynamic_layer_stack_depth():]:
+            _ft.push_dynamic_layer_stack(layer)
+            pushed += 1
+        with _functorch_hook(level):
+            return _run(func, entry, args, kwargs, level, *run_args, layered=True)
+    finally:
+        for _ in range(pushed):
+            _ft.pop_dynamic_layer_stack()
+        _ft._set_dynamic_layer_keys_included(was_included)
 
 
 def _view(func, entry, args, pargs, pkwargs, targs, any_t, level):

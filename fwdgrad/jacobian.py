@@ -20,21 +20,27 @@ tensor-subclass inputs (the duals of an enclosing fwdgrad transform, as in
 
 import collections
 import functools
+import threading
 
 import torch
 from torch.utils import _pytree as pytree
 
 from . import trace
 from .arguments import (
-    check_argnums, check_callable, check_differentiable, check_tangent, diff_mask, normal_mode, param_names,
-    usable_tree,
+    check_argnums, check_callable, check_differentiable, check_real, check_tangent, diff_mask, normal_mode,
+    param_names, usable_tree,
 )
-from .errors import warn
+from .errors import ArgumentTypeError, ArgumentValueError, warn
+from .functorch_layers import inside_functorch
 from .graph import has_effects
-from .reverse import grad
+from .reverse import jacobian_by_reverse
 from .state import State, rng_state, set_rng_state
 
 _set_grad_enabled = torch._C._set_grad_enabled
+
+
+_lock = threading.Lock()  # kept recordings are shared by threads
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class Programs:
@@ -58,15 +64,17 @@ class Programs:
         return trace.signature(spec, leaves, captured, tuple(diff)), keep
 
     def get(self, key):
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries.move_to_end(key)
-        return entry
+        with _lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.entries.move_to_end(key)
+            return entry
 
     def put(self, key, entry):
-        self.entries[key] = entry
-        if len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        with _lock:
+            self.entries[key] = entry
+            if len(self.entries) > self.size:
+                self.entries.popitem(last=False)
 
 
 class _Replay:
@@ -109,9 +117,11 @@ class Linearized:
         self.inputs = [leaves[i] for i in self.call.tangent_idx]
         self.program = None
         self.reason = None
-        if any(type(leaves[i]) not in (torch.Tensor, torch.nn.Parameter) for i in tensors):
-            # Tensor subclasses (e.g. duals of an enclosing fwdgrad transform) are
-            # invisible to the recorder: push tangents eagerly.
+        if inside_functorch() or any(type(leaves[i]) not in _PLAIN for i in tensors):
+            # Tensor subclasses (e.g. duals of an enclosing fwdgrad transform) and
+            # functorch's wrappers (inside a torch.func transform) are invisible
+            # to the recorder: push tangents eagerly.  This first evaluation is
+            # the plain call's: it draws and writes buffers for real.
             call = self.call
             self._set_outputs(call(*[call.leaves[i] for i in call.tensor_idx], *[None] * len(self.inputs)))
             return
@@ -151,6 +161,11 @@ class Linearized:
         zeros = [torch.zeros_like(x) for x in self.inputs]
         # The recording's tangent values are not needed: skip the heavy tangent ops.
         rec = call.record(primals, zeros, keep_residuals=True, constant_names=names, skip_tangent_work=True)
+        if rec.foreign_outputs():
+            # f reached a dual of an enclosing transform (captured, not passed):
+            # the program holds only its primal, so push tangents eagerly.
+            self._set_outputs(rec.outputs)
+            return None, None
         functionalized = rec.unbatchable_mutation is not None or rec.stale_residuals()
         if functionalized:
             try:
@@ -217,10 +232,13 @@ class Linearized:
 
 def _replayable(rec):
     """Whether ``rec``'s primal program gives the right residuals at other inputs:
-    no value read into Python (control flow may depend on it) and no in-place
-    op (a replay would apply it on a different footing; functionalized
-    recordings never get here)."""
+    no value read into Python (control flow may depend on it), no output that
+    is a tensor subclass (a dual of an enclosing transform: the program holds
+    plain tensors only), and no in-place op (a replay would apply it on a
+    different footing; functionalized recordings never get here)."""
     if rec.value_reads():
+        return False
+    if rec.foreign_outputs():
         return False
     return not any(n.op == "call" and n.target is not _set_grad_enabled and has_effects(n.target)
                    for n in rec.graph.nodes)
@@ -254,17 +272,17 @@ def linearize(func, *primals):
     @normal_mode
     def jvp_fn(*tangents):
         if len(tangents) != len(primals):
-            raise ValueError(f"{name}: jvp_fn expected {len(primals)} tangent(s), got {len(tangents)}")
+            raise ArgumentValueError(f"{name}: jvp_fn expected {len(primals)} tangent(s), got {len(tangents)}")
         t_leaves, t_spec = pytree.tree_flatten(tangents)
         if t_spec != in_spec:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{name}: jvp_fn's tangents must have the structure of the primals; primals: "
                 f"{pytree.treespec_pprint(in_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
             )
         for path, p, t in zip(pytree.tree_flatten_with_path(tangents)[0], lin.inputs, t_leaves):
             where = "primals" + pytree.keystr(path[0])
             if t is None:
-                raise TypeError(f"{name}: jvp_fn got None as the tangent of {where}; pass a tensor")
+                raise ArgumentTypeError(f"{name}: jvp_fn got None as the tangent of {where}; pass a tensor")
             check_tangent(name, where, p, t)
         return pytree.tree_unflatten(lin.push(t_leaves), lin.out_spec)
 
@@ -279,20 +297,29 @@ _programs = collections.OrderedDict()  # (func, has_aux) -> Programs, least rece
 
 
 def _programs_for(func, has_aux):
-    """The kept recordings of ``jacfwd`` and batched ``jvp`` for ``func`` (the last 64 functions)."""
+    """The kept recordings of ``jacfwd`` and batched ``jvp`` for ``func`` (the last 64 functions).
+
+    ``None`` (record on every call) for an unhashable callable, and for one
+    that captures a tensor subclass, such as a dual of an enclosing transform:
+    a replay would see only its primal, and keeping the function would keep
+    that dual alive.
+    """
     try:
         key = (func, has_aux)
         hash(key)
     except TypeError:
-        return None  # an unhashable callable: record on every call
-    programs = _programs.get(key)
-    if programs is None:
-        programs = _programs[key] = Programs(func)
-        if len(_programs) > _MAX_FUNCTIONS:
-            _programs.popitem(last=False)
-    else:
-        _programs.move_to_end(key)
-    return programs
+        return None
+    if any(isinstance(o, torch.Tensor) and type(o) not in _PLAIN for o in trace.Captures(func).objects()):
+        return None
+    with _lock:
+        programs = _programs.get(key)
+        if programs is None:
+            programs = _programs[key] = Programs(func)
+            if len(_programs) > _MAX_FUNCTIONS:
+                _programs.popitem(last=False)
+        else:
+            _programs.move_to_end(key)
+        return programs
 
 
 
@@ -302,8 +329,8 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
     p_leaves, p_spec = pytree.tree_flatten(tuple(primals))
     t_leaves, t_spec = pytree.tree_flatten(tuple(tangents), is_leaf=lambda x: x is None)
     if p_spec != t_spec:
-        raise ValueError(
-            f"{name}: tangents must have the same structure as primals; primals: "
+        raise ArgumentValueError(
+            f"{name}: tangents must have the same python structure as primals; primals: "
             f"{pytree.treespec_pprint(p_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
         )
     paths = ["primals" + pytree.keystr(path) for path, _ in pytree.tree_flatten_with_path(tuple(primals))[0]]
@@ -315,21 +342,21 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
             diff.append(False)
             continue
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{name}: with batched=True, the tangent of {where} must be a tensor with a leading "
                 f"batch dimension, got {t.shape if isinstance(t, torch.Tensor) else type(t).__name__}"
             )
         if k is None:
             k = t.shape[0]
         elif t.shape[0] != k:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{name}: with batched=True, every tangent needs the same leading batch size; "
                 f"the tangent of {where} has {t.shape[0]}, an earlier one has {k}"
             )
         check_tangent(name, where, p, t[0] if k else t.new_empty(t.shape[1:]))
         diff.append(True)
     if k is None:
-        raise ValueError(f"{name}: with batched=True, at least one tangent must be a tensor (not None)")
+        raise ArgumentValueError(f"{name}: with batched=True, at least one tangent must be a tensor (not None)")
     with State(func).undone_on_error():
         lin = Linearized(func, tuple(primals), diff, has_aux, name, _programs_for(func, has_aux))
         batch = [t for t, d in zip(t_leaves, diff) if d]
@@ -372,12 +399,12 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
     name = "jacfwd"
     check_callable(func, name)
     if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
-        raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {type(argnums).__name__}")
+        raise ArgumentTypeError(f"{name}: argnums must be int or Tuple[int, ...], got {type(argnums).__name__}")
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"{name}: chunk_size must be None or an int, got {type(chunk_size).__name__}")
+            raise ArgumentTypeError(f"{name}: chunk_size must be None or an int, got {type(chunk_size).__name__}")
         if chunk_size < 1:
-            raise ValueError(f"{name}: chunk_size must be at least 1, got {chunk_size}")
+            raise ArgumentValueError(f"{name}: chunk_size must be at least 1, got {chunk_size}")
 
     programs = _programs_for(func, has_aux)  # shared by every jacfwd(func): jacfwd(f)(x) in a loop
 
@@ -385,15 +412,30 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None):
     @normal_mode
     def jac_fn(*args):
         nums = check_argnums(argnums, len(args), name)
-        check_differentiable(args, nums, name, param_names(func, len(args)))
+        names = param_names(func, len(args))
+        check_differentiable(args, nums, name, names)
+        check_real(_selected(args, nums, names), name, "input")
         with State(func).undone_on_error():
             return _jacobian(func, args, nums, argnums, has_aux, chunk_size, name, programs)
 
     return jac_fn
 
 
+def _selected(args, nums, names):
+    """``(where, leaf)`` for the leaves of the arguments picked by ``argnums``."""
+    return [
+        (f"argument {i} ({names[i]}{pytree.keystr(path)})", leaf)
+        for i in nums for path, leaf in pytree.tree_flatten_with_path(args[i])[0]
+    ]
+
+
 def _jacobian(func, args, nums, argnums, has_aux, chunk_size, name, programs):
     lin = Linearized(func, args, diff_mask(args, nums), has_aux, name, programs)
+    check_real(
+        [(f"output{pytree.keystr(p)}", o) for (p, _), o in
+         zip(pytree.tree_flatten_with_path(lin.primal_out)[0], lin.primal_leaves)],
+        name, "output",
+    )
     inputs = lin.inputs
     sizes = [x.numel() for x in inputs]
     offsets = [sum(sizes[:j]) for j in range(len(sizes))]
@@ -442,9 +484,11 @@ def _arrange(per_leaf, args, nums, argnums):
 
 
 def hessian(func, argnums=0):
-    """The Hessian of a scalar ``func``: ``jacfwd(grad(func))``, forward over reverse.
+    """The Hessian of ``func``, forward over reverse: ``jacfwd`` of its reverse-mode Jacobian.
 
-    Layout as ``torch.func.hessian``.
+    Any output shape, in ``torch.func.hessian``'s layout (``output.shape +
+    input.shape + input.shape`` per output leaf and argument); a scalar
+    output is ``jacfwd(grad(func))``.
 
     >>> import torch, fwdgrad
     >>> H = fwdgrad.hessian(lambda x: (x ** 3).sum())(torch.tensor([1.0, 2.0]))
@@ -456,8 +500,9 @@ def hessian(func, argnums=0):
 
     @functools.wraps(func)
     def hess_fn(*args):
-        check_argnums(argnums, len(args), name)  # errors name hessian, not jacfwd
-        return jacfwd(grad(func, argnums), argnums)(*args)
+        nums = check_argnums(argnums, len(args), name)  # errors name hessian, not jacfwd
+        check_real(_selected(args, nums, param_names(func, len(args))), name, "input")
+        return jacfwd(jacobian_by_reverse(func, argnums, name), argnums)(*args)
 
     return hess_fn
 

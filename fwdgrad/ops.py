@@ -128,3 +128,22 @@ def _functional_named(func, ns, base):
     if packet is not None and func._overloadname in packet.overloads():
         return getattr(packet, func._overloadname)
     raise NotImplementedError(f"fwdgrad: no out-of-place variant of {func} to derive its JVP from")
+
+
+def aten_twin(func):
+    """The aten op that an elementwise ``prims`` op computes (``prims.mul`` is
+    ``aten.mul.Tensor``), or ``None``.  Prims reach the interpreter when
+    functorch's jvp runs ATen's Python meta kernels (``torch._refs``) on duals;
+    their own kernels cannot run on functorch's wrappers, and they have no rules."""
+    schema = func._schema
+    names = [a.name for a in schema.arguments]
+    if func.namespace != "prims" or names not in (["self"], ["self", "other"]):
+        return None  # only the elementwise prims: (Tensor self[, Tensor other]) -> Tensor
+    packet = getattr(torch.ops.aten, schema.name.split("::")[-1], None)
+    for overload in ("Tensor", "Tensor_Tensor", "default"):
+        op = getattr(packet, overload, None) if packet is not None else None
+        if op is not None:
+            required = [(a.name, str(a.type)) for a in op._schema.arguments if not a.has_default_value()]
+            if required == [(n, "Tensor") for n in names]:
+                return op
+    return None

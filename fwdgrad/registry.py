@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from .errors import ArgumentTypeError
 from .ops import takes_list
 from .slicing import SLICE, add_to_fresh, fresh_ok, records
 
@@ -126,18 +127,18 @@ def register_jvp(op, rule=None):
     (tensor([1., 8.]), tensor([ 3., 12.]))
     """
     if isinstance(op, torch._ops.OpOverloadPacket):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"register_jvp needs an op overload such as {op}.default, got the packet {op}"
         )
     if not isinstance(op, torch._ops.OpOverload):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"register_jvp needs a torch.ops op overload (e.g. torch.ops.aten.sin.default), "
             f"got {type(op).__name__}"
         )
 
     def decorate(fn):
         if not callable(fn):
-            raise TypeError(f"register_jvp({op}): the rule must be callable, got {type(fn).__name__}")
+            raise ArgumentTypeError(f"register_jvp({op}): the rule must be callable, got {type(fn).__name__}")
         try:
             sig = inspect.signature(fn)
         except (TypeError, ValueError):
@@ -148,7 +149,7 @@ def register_jvp(op, rule=None):
                 sig.bind(None, None, *pos, **kw)
             except TypeError as e:
                 names = ", ".join(a.name for a in op._schema.arguments)
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"register_jvp({op}): the rule {getattr(fn, '__name__', fn)}{sig} cannot be "
                     f"called as rule(tangents, ans, {names}): {e}"
                 ) from None

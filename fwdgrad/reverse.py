@@ -17,22 +17,24 @@ are computed once, and the tangent of the gradient is ``H v``.  With a closure
 import functools
 import gc
 import inspect
-import signal
-import threading
 import traceback
 
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
+from . import interpreter
 from .arguments import (
-    check_argnums, check_callable, check_outside_functorch, check_scalar_output, is_float, normal_mode,
-    primal_and_tangent, split_aux, usable,
+    check_argnums, check_callable, check_scalar_output, is_float, normal_mode, primal_and_tangent, split_aux,
+    usable,
 )
 from .distributed import check_group, ddp_holding, watch_forwards, weighted_mean
 from .dtensor import check_layout, is_dtensor, storage_ptr
-from .interpreter import Dual, enter_level, exit_level, strip
-from .state import State
+from .errors import ArgumentTypeError, ArgumentValueError
+from .functorch_layers import inside_functorch, level_scope, lift_input
+from .functorch_layers import strip as functorch_strip
+from .interpreter import Dual, strip
+from .state import Deferred, State
 
 _aten_detach = torch.ops.aten.detach.default
 
@@ -83,24 +85,33 @@ def _reaches_other_leaves(out, inputs):
     return False
 
 
-def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=None, weight=None):
-    group, weight = check_group(process_group, weight, name)
-    nums, many = check_argnums(argnums, len(args), name), isinstance(argnums, tuple)
-    args = list(args)
+def _checked_leaves(args, nums, name):
+    """The tensor leaves (and tree specs) of the arguments picked by ``argnums``, checked."""
     specs, leaves_per_arg = [], []
     for n in nums:
         leaves, spec = pytree.tree_flatten(args[n])
         for path, leaf in pytree.tree_flatten_with_path(args[n])[0]:
             where = f"argument {n}" + "".join(str(k) for k in path)
             if not isinstance(leaf, torch.Tensor):
-                raise TypeError(f"{name}: {where} is a {type(leaf).__name__}; only tensors can be differentiated")
+                raise ArgumentTypeError(f"{name}: {where} is a {type(leaf).__name__}; only tensors can be differentiated")
             if not is_float(leaf):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"{name}: {where} has dtype {leaf.dtype}; only floating-point or complex "
                     f"tensors can be differentiated"
                 )
         specs.append(spec)
         leaves_per_arg.append(leaves)
+    return specs, leaves_per_arg
+
+
+def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=None, weight=None):
+    group, weight = check_group(process_group, weight, name)
+    nums, many = check_argnums(argnums, len(args), name), isinstance(argnums, tuple)
+    args = list(args)
+    specs, leaves_per_arg = _checked_leaves(args, nums, name)
+    if inside_functorch():
+        _check_no_group_inside_functorch(group, name)
+        return _functorch_value_and_grad(func, argnums, has_aux, args, kwargs, name)
     outer_grad = torch.is_grad_enabled()
     originals = [x for leaves in leaves_per_arg for x in leaves]
     with torch.enable_grad():
@@ -148,6 +159,96 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=No
         results.append(pytree.tree_unflatten([next(grads) for _ in leaves], spec))
     g = tuple(results) if many else results[0]
     return out, g, aux
+
+
+def _check_no_group_inside_functorch(group, name):
+    if group is not None:
+        raise NotImplementedError(
+            f"{name}: process_group= cannot be used inside a torch.func transform (the all-reduce "
+            f"would see functorch's wrappers, not tensors); call {name} with process_group= outside "
+            f"it, or reduce the transform's results yourself"
+        )
+
+
+def _functorch_value_and_grad(func, argnums, has_aux, args, kwargs, name):
+    """Inside a torch.func transform autograd must be functorch's own (plain
+    ``torch.autograd.grad`` and ``requires_grad_`` are refused there), so the
+    gradient is ``torch.func.grad_and_value``'s.  Its wrappers sit above any
+    fwdgrad dual in ``args``, so forward over reverse still works."""
+
+    def scalar(*a):
+        out, aux = split_aux(func(*a, **kwargs), has_aux, name)
+        check_scalar_output(out, name)
+        return (out, aux) if has_aux else out
+
+    g, value = torch.func.grad_and_value(scalar, argnums, has_aux=has_aux)(*args)
+    out, aux = value if has_aux else (value, None)
+    return out, g, aux
+
+
+def jacobian_by_reverse(func, argnums, name):
+    """``func``'s Jacobian by reverse mode, in ``torch.func.jacrev``'s layout: for each
+    output leaf, the arguments' structure (a tuple for a tuple ``argnums``) of
+    tensors shaped ``output.shape + input.shape``.  One forward pass and one
+    backward pass per output element; ``hessian``'s inner half."""
+
+    @functools.wraps(func)
+    def jac(*args):
+        if inside_functorch():
+            return torch.func.jacrev(func, argnums)(*args)
+        nums = check_argnums(argnums, len(args), name)
+        args = list(args)
+        specs, leaves_per_arg = _checked_leaves(args, nums, name)
+        outer_grad = torch.is_grad_enabled()
+        originals = [x for leaves in leaves_per_arg for x in leaves]
+        with torch.enable_grad():
+            inputs = []
+            for n, leaves, spec in zip(nums, leaves_per_arg, specs):
+                fresh = [_input_leaf(x) for x in leaves]
+                inputs.extend(fresh)
+                args[n] = pytree.tree_unflatten(fresh, spec)
+            out = func(*args)
+            out_leaves, out_spec = pytree.tree_flatten(out)
+            if not out_leaves or not all(isinstance(o, torch.Tensor) and is_float(o) for o in out_leaves):
+                raise ArgumentTypeError(
+                    f"{name}: func must return a floating-point tensor or a non-empty pytree of them"
+                )
+            create_graph = outer_grad and (
+                any(x.requires_grad for x in originals)
+                or any(o.requires_grad and _reaches_other_leaves(o, inputs) for o in out_leaves)
+            )
+            per_out = [_jacobian_rows(o, inputs, create_graph) for o in out_leaves]
+        results = []
+        for rows in per_out:
+            it = iter(rows)
+            per_arg = [pytree.tree_unflatten([next(it) for _ in leaves], spec)
+                       for leaves, spec in zip(leaves_per_arg, specs)]
+            results.append(tuple(per_arg) if isinstance(argnums, tuple) else per_arg[0])
+        return pytree.tree_unflatten(results, out_spec)
+
+    return jac
+
+
+def _jacobian_rows(out, inputs, create_graph):
+    """``d out / d input`` for each input, shaped ``out.shape + input.shape``."""
+    flat = out.reshape(-1)
+    rows = []
+    for j in range(flat.numel()):
+        if flat.requires_grad:
+            rows.append(torch.autograd.grad(
+                flat[j], inputs, retain_graph=True, create_graph=create_graph,
+                allow_unused=True, materialize_grads=True,
+            ))
+        else:
+            rows.append([torch.zeros_like(x) for x in inputs])
+    jacs = []
+    for k, x in enumerate(inputs):
+        if rows:
+            jk = torch.stack([r[k] for r in rows]).reshape(*out.shape, *x.shape)
+        else:
+            jk = x.new_zeros((*out.shape, *x.shape))
+        jacs.append(jk if create_graph else detach_keeping_tangents(jk))
+    return jacs
 
 
 def grad(func, argnums=0, *, has_aux=False, process_group=None, weight=None):
@@ -214,7 +315,7 @@ def _flatten_params(params, v, name):
     """Leaves of ``params`` and ``v`` (checked to match exactly), and a function to rebuild."""
     if isinstance(params, torch.Tensor):
         if not isinstance(v, torch.Tensor):
-            raise TypeError(f"{name}: params is a tensor, so v must be a tensor, got {type(v).__name__}")
+            raise ArgumentTypeError(f"{name}: params is a tensor, so v must be a tensor, got {type(v).__name__}")
         keys, p_leaves, v_leaves = [""], [params], [v]
 
         def rebuild(xs):
@@ -222,11 +323,11 @@ def _flatten_params(params, v, name):
 
     elif isinstance(params, dict):
         if not isinstance(v, dict):
-            raise TypeError(f"{name}: params is a dict, so v must be a dict with the same keys, got {type(v).__name__}")
+            raise ArgumentTypeError(f"{name}: params is a dict, so v must be a dict with the same keys, got {type(v).__name__}")
         missing = [k for k in params if k not in v]
         extra = [k for k in v if k not in params]
         if missing or extra:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{name}: v must have exactly the keys of params; missing {missing}, unexpected {extra}"
             )
         names = list(params)
@@ -239,12 +340,12 @@ def _flatten_params(params, v, name):
 
     elif isinstance(params, (list, tuple)):
         if not isinstance(v, (list, tuple)):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name}: params is a {type(params).__name__}, so v must be a sequence of the same "
                 f"length, got {type(v).__name__}"
             )
         if len(v) != len(params):
-            raise ValueError(f"{name}: params has {len(params)} tensors but v has {len(v)}")
+            raise ArgumentValueError(f"{name}: params has {len(params)} tensors but v has {len(v)}")
         keys = [f"[{i}]" for i in range(len(params))]
         p_leaves, v_leaves = list(params), list(v)
         kind = type(params)
@@ -253,26 +354,26 @@ def _flatten_params(params, v, name):
             return kind(xs)
 
     else:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name}: params must be a tensor, a list/tuple of tensors or a dict of tensors, got "
             f"{type(params).__name__} (for a model, pass dict(model.named_parameters()) or "
             f"list(model.parameters()))"
         )
     if not p_leaves:
-        raise ValueError(f"{name}: params is empty")
+        raise ArgumentValueError(f"{name}: params is empty")
     for k, p, t in zip(keys, p_leaves, v_leaves):
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{name}: params{k} is a {type(p).__name__}, expected a tensor")
+            raise ArgumentTypeError(f"{name}: params{k} is a {type(p).__name__}, expected a tensor")
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: v{k} is a {type(t).__name__}, expected a tensor")
+            raise ArgumentTypeError(f"{name}: v{k} is a {type(t).__name__}, expected a tensor")
         if not is_float(p):
-            raise TypeError(f"{name}: params{k} has dtype {p.dtype}; only floating-point parameters have a Hessian")
+            raise ArgumentTypeError(f"{name}: params{k} has dtype {p.dtype}; only floating-point parameters have a Hessian")
         if t.shape != p.shape:
-            raise ValueError(f"{name}: v{k} has shape {tuple(t.shape)} but params{k} has shape {tuple(p.shape)}")
+            raise ArgumentValueError(f"{name}: v{k} has shape {tuple(t.shape)} but params{k} has shape {tuple(p.shape)}")
         if t.dtype != p.dtype:
-            raise ValueError(f"{name}: v{k} has dtype {t.dtype} but params{k} has dtype {p.dtype}")
+            raise ArgumentValueError(f"{name}: v{k} has dtype {t.dtype} but params{k} has dtype {p.dtype}")
         if t.device != p.device:
-            raise ValueError(f"{name}: v{k} is on {t.device} but params{k} is on {p.device}")
+            raise ArgumentValueError(f"{name}: v{k} is on {t.device} but params{k} is on {p.device}")
         check_layout(name, f"params{k}", p, t)
     return keys, p_leaves, v_leaves, rebuild
 
@@ -305,12 +406,16 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
     Kept in its own frame so that nothing here outlives the call: the closure
     form can swap the parameters back only once the graph is gone.
     """
+    functorch = inside_functorch()
     with torch.enable_grad():
-        out = _scalar_loss(loss(*call_args), name)
-        if out.requires_grad:
-            grads = torch.autograd.grad(out, inputs, allow_unused=True)
+        if functorch and call_args:
+            out, grads = _functorch_loss_and_grads(loss, call_args, inputs, name)
         else:
-            grads = (None,) * len(inputs)
+            out = _scalar_loss(loss(*call_args), name)
+            if out.requires_grad:
+                grads = torch.autograd.grad(out, inputs, allow_unused=True)
+            else:
+                grads = (None,) * len(inputs)
     value = out._primal if isinstance(out, Dual) and out._level == level else out
     gs, hvs = [], []
     for x, g in zip(inputs, grads):
@@ -321,6 +426,8 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
         else:
             gs.append(g)
             hvs.append(None)
+    if functorch:  # the graphs are the enclosing torch.func transforms'
+        return value, gs, hvs
     # Results carry no graph (a loss that captures tensors requiring grad would
     # give the value one); lower-level tangents, if any, stay.
     return (
@@ -328,6 +435,19 @@ def _loss_and_grads(loss, call_args, inputs, level, name):
         [_no_graph(g) for g in gs],
         [_no_graph(h) for h in hvs],
     )
+
+
+def _functorch_loss_and_grads(loss, call_args, inputs, name):
+    """The pure form inside a torch.func transform: the gradient is
+    ``torch.func.grad_and_value``'s (see ``_functorch_value_and_grad``)."""
+
+    def of_inputs(*xs):
+        by_id = {id(d): x for d, x in zip(inputs, xs)}
+        args = pytree.tree_map_only(torch.Tensor, lambda t: by_id.get(id(t), t), call_args)
+        return _scalar_loss(loss(*args), name)
+
+    grads, out = torch.func.grad_and_value(of_inputs, argnums=tuple(range(len(inputs))))(*inputs)
+    return functorch_strip(out), [functorch_strip(g) for g in grads]
 
 
 def _no_graph(t):
@@ -340,13 +460,17 @@ def _own(t, like, foreign):
     """``t`` as a result the caller may modify: zeros if absent, copied if it aliases an input."""
     if t is None:
         return torch.zeros_like(like)
-    if foreign is None or t.stride() != like.stride() or _storage_ptr(t) in foreign:
+    ptr = None if foreign is None else _storage_ptr(t)
+    if ptr is None or t.stride() != like.stride() or ptr in foreign:
         return t.clone(memory_format=torch.contiguous_format)
     return t
 
 
 def _storage_ptr(t):
-    return storage_ptr(strip(t))
+    t = strip(t)
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return None  # no storage to compare (inside torch.func): _own copies
+    return storage_ptr(t)
 
 
 @normal_mode
@@ -362,7 +486,6 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
     if torch.compiler.is_compiling() and not torch._dynamo.config.trace_autograd_ops:
         return _forward_over_reverse_eager(loss, params, v, name, process_group, weight)
     check_callable(loss, name, "loss")
-    check_outside_functorch(name)
     group, weight = check_group(process_group, weight, name)
     keys, p_leaves, v_leaves, rebuild = _flatten_params(params, v, name)
     if isinstance(params, (list, tuple)):
@@ -384,29 +507,27 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
             held = frozenset(id(p) for p in p_leaves)
             if group is None:
                 group, weight = check_group(ddp.process_group, None, name)
+    if group is not None and inside_functorch():
+        _check_no_group_inside_functorch(group, name)
     # A direction that is itself a parameter object (v = params, for H @ w) would
     # become its own dual when the closure form swaps that object: use an alias.
     v_leaves = [usable(t.detach()) if any(t is p for p in p_leaves) else usable(t) for t in v_leaves]
-    level = enter_level()
-    try:
+    with level_scope() as level, State(loss).undone_on_error(), watch_forwards() as ddps:
         duals = [
-            Dual(detach_keeping_tangents(usable(p)), t, level, requires_grad=True)
+            Dual(_hvp_primal(usable(p), level), t, level, requires_grad=True)
             for p, t in zip(p_leaves, v_leaves)
         ]
-        with State(loss).undone_on_error(), watch_forwards() as ddps:
-            if closure:
-                value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name, held)
-            else:
-                call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
-                try:
-                    value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
-                except BaseException as e:
-                    del call_args
-                    _free_graph(e)
-                    raise
+        if closure:
+            value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name, held)
+        else:
+            call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
+            try:
+                value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
+            except BaseException as e:
+                del call_args
+                _free_graph(e)
+                raise
         del duals
-    finally:
-        exit_level(level)
     if ddps is not None:
         ddps.check_reduced(group, name)
     if group is not None:
@@ -423,6 +544,12 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
 
 
 _forward_over_reverse_eager = torch.compiler.disable(_forward_over_reverse)
+def _hvp_primal(p, level):
+    """The primal of a parameter's dual: detached (hvp is not differentiable), but
+    inside a torch.func transform kept as it is, for the enclosing transforms."""
+    if interpreter.functorch_stacks.get(level) is not None and torch._C._functorch.is_functorch_wrapped_tensor(p):
+        return lift_input(p, level)
+    return detach_keeping_tangents(p)
 
 
 def _in_closure(loss, keys, params, duals, level, name, held=frozenset()):
@@ -430,7 +557,7 @@ def _in_closure(loss, keys, params, duals, level, name, held=frozenset()):
 
     Whatever happens (an exception or a ``KeyboardInterrupt`` at any point),
     every parameter is swapped back: the swaps and their bookkeeping run with
-    SIGINT deferred (``_Deferred``), and on an exception the partial graph is
+    SIGINT deferred (``Deferred``), and on an exception the partial graph is
     freed before the swap back.  ``held``: ids of parameters that a DDP
     reducer holds; those references are not a pending graph (the reducer goes
     on seeing the original tensors, which the swap moves to the duals' objects
@@ -439,7 +566,7 @@ def _in_closure(loss, keys, params, duals, level, name, held=frozenset()):
     seen = set()
     for k, p in zip(keys, params):
         if id(p) in seen:
-            raise ValueError(f"{name}: params{k} appears twice in params")
+            raise ArgumentValueError(f"{name}: params{k} appears twice in params")
         seen.add(id(p))
         holder = None if id(p) in held else _holder(p)
         if holder is not None:
@@ -450,7 +577,7 @@ def _in_closure(loss, keys, params, duals, level, name, held=frozenset()):
     swapped = []  # (param, dual, hook handle or None), in swap order
     raised = False
     try:
-        with _Deferred():
+        with Deferred():
             for p, d in zip(params, duals):
                 swapped.append((p, d, _swap(p, d, force=id(p) in held)))
         return _loss_and_grads(loss, (), params, level, name)
@@ -461,7 +588,7 @@ def _in_closure(loss, keys, params, duals, level, name, held=frozenset()):
         _free_graph(e)
         raise
     finally:
-        with _Deferred():
+        with Deferred():
             _swap_all_back(swapped, name, force=raised, held=held)
 
 
@@ -472,7 +599,13 @@ def _free_graph(e):
     pass, autograd's engine also keeps its last graph task (and with it the
     graph) until the next backward pass on the thread: run a tiny one.
     """
-    traceback.clear_frames(e.__traceback__)
+    # Also the exceptions it was raised from or while handling: a missing rule
+    # is reported ``from None``, but its context, and that traceback, stay attached.
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
     with _disable_current_modes(), torch.enable_grad():
         leaf = torch.zeros((), requires_grad=True)
         torch.autograd.grad(leaf * 1.0, leaf)
@@ -494,33 +627,6 @@ def _swap_all_back(swapped, name, force, held=frozenset()):
             hook.remove()
     if failed:
         raise failed[0]
-
-
-class _Deferred:
-    """SIGINT (``KeyboardInterrupt``) is held back inside the block and delivered after it.
-
-    A swap is three steps (class, ``__dict__``, the C++ tensor); an interrupt
-    between two of them would leave a parameter half a dual.  Only the main
-    thread receives signals, so elsewhere this does nothing.
-    """
-
-    depth = 0  # blocks open now (tests that inject interrupts read it)
-
-    def __enter__(self):
-        self.pending = []
-        self.old = None
-        if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGINT, lambda signum, frame: self.pending.append(frame))
-        _Deferred.depth += 1
-        return self
-
-    def __exit__(self, *exc):
-        _Deferred.depth -= 1
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
-            if self.pending and callable(self.old):
-                self.old(signal.SIGINT, self.pending[0])
-        return False
 
 
 def _holder(t):
@@ -647,4 +753,4 @@ def value_grad_and_hvp(loss, params, v, *, process_group=None, weight=None):
     return _forward_over_reverse(loss, params, v, "value_grad_and_hvp", process_group, weight)
 
 
-__all__ = ["grad", "value_and_grad", "hvp", "value_grad_and_hvp"]
+__all__ = ["grad", "value_and_grad", "hvp", "value_grad_and_hvp", "jacobian_by_reverse"]

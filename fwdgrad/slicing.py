@@ -25,8 +25,12 @@ def in_place_ok(tensors=()):
     """Whether memory tricks (in-place updates of fresh temporaries, slices) may be
     used: nothing records autograd on these tensors, and no dispatch mode (a
     tracer such as make_fx or jacfwd's recorder) watches, which would see the
-    in-place writes as mutations of recorded values."""
-    return torch._C._len_torch_dispatch_stack() == 0 and not records(tensors)
+    in-place writes as mutations of recorded values), and no torch.func transform
+    is active (vmap cannot write a batched value into an unbatched temporary)."""
+    return (
+        torch._C._len_torch_dispatch_stack() == 0 and _functorch_level() is None
+        and not records(tensors)
+    )
 
 
 def records(tensors):
@@ -41,7 +45,7 @@ def fresh_ok(*tensors):
     (``out.addcmul_(x, ty)`` instead of ``out + x * ty``): ``in_place_ok`` for
     ``tensors``, all of them plain tensors (not duals of a lower level, nor
     other subclasses).  (Written out: it runs on the hot path of small ops.)"""
-    if _dispatch_stack_len():
+    if _dispatch_stack_len() or _functorch_level() is not None:
         return False
     grad = torch.is_grad_enabled()
     for a in tensors:
@@ -51,6 +55,7 @@ def fresh_ok(*tensors):
 
 
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_functorch_level = torch._C._functorch.maybe_current_level
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 

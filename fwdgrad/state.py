@@ -22,6 +22,8 @@ recording transform around this one does not record them.
 """
 
 import contextlib
+import signal
+import threading
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
@@ -64,6 +66,51 @@ def _quiet():
     return torch.no_grad()
 
 
+class Deferred:
+    """SIGINT (``KeyboardInterrupt``) is held back inside the block and delivered after it.
+
+    For bookkeeping that must not stop half way: the closure form of ``hvp``
+    swaps a parameter with its dual in three steps (class, ``__dict__``, the
+    C++ tensor), and a snapshot is put back buffer by buffer.  Only the main
+    thread receives signals, so elsewhere this does nothing.
+    """
+
+    depth = 0  # blocks open now (tests that inject interrupts read it)
+
+    def __enter__(self):
+        self.pending = []
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, lambda signum, frame: self.pending.append(frame))
+        Deferred.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        Deferred.depth -= 1
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+            if self.pending and callable(self.old):
+                self.old(signal.SIGINT, self.pending[0])
+        return False
+
+
+class _UndoneOnError:
+    """``State.undone_on_error``: restore the snapshot if the block raises."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __enter__(self):
+        State.guarding += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        State.guarding -= 1
+        if exc_type is not None:
+            self.state.restore()  # with SIGINT deferred (State._put)
+        return False
+
+
 class State:
     """A snapshot of the random state and of ``func``'s captured buffers, taken now."""
 
@@ -83,11 +130,12 @@ class State:
 
     def _put(self, saved):
         rng, values = saved
-        set_rng_state(rng)
-        if values:
-            with _quiet():
-                for b, v in zip(self.buffers, values):
-                    b.copy_(v)
+        with Deferred():
+            set_rng_state(rng)
+            if values:
+                with _quiet():
+                    for b, v in zip(self.buffers, values):
+                        b.copy_(v)
 
     def restore(self):
         """Put the snapshot back."""
@@ -108,19 +156,10 @@ class State:
     guarding = 0  # undone_on_error blocks open now (tests that inject interrupts read it)
 
     def undone_on_error(self):
-        """Restore the snapshot if the block raises (anything, KeyboardInterrupt too)."""
-        return contextlib.nullcontext() if self.compiling else self._undone_on_error()
-
-    @contextlib.contextmanager
-    def _undone_on_error(self):
-        State.guarding += 1
-        try:
-            yield
-        except BaseException:
-            self.restore()
-            raise
-        finally:
-            State.guarding -= 1
+        """A context manager: restore the snapshot if the block raises (anything,
+        KeyboardInterrupt too); the restore itself runs with SIGINT deferred.
+        Under torch.compile, nothing (see ``__init__``)."""
+        return contextlib.nullcontext() if self.compiling else _UndoneOnError(self)
 
 
-__all__ = ["State", "rng_state", "set_rng_state"]
+__all__ = ["Deferred", "State", "rng_state", "set_rng_state"]

@@ -44,12 +44,14 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .arguments import drop_level, param_names, split_aux, split_outputs
 from .graph import Graph, Node, Program, has_effects, remap
-from .interpreter import Dual, enter_level, exit_level
+from .functorch_layers import level_scope, lift_input
+from .interpreter import Dual
 from .ops import fill_defaults, functional_variant, is_random, mutated_args, op_name, returns_alias
 
 _set_grad_enabled = torch._C._set_grad_enabled
 
 _plain_dispatch = torch.Tensor.__torch_dispatch__
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _READ_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 
 _aten = torch.ops.aten
@@ -331,6 +333,12 @@ class Recorder(TorchDispatchMode):
         self.output_nodes = nodes
         self.outputs = list(outputs)
         return self
+
+    def foreign_outputs(self):
+        """Whether an output is a tensor subclass: a dual of an enclosing transform that
+        the function reached without taking it as an argument (a closure), which a
+        recorded program, holding plain tensors only, cannot reproduce."""
+        return any(isinstance(o, torch.Tensor) and type(o) not in _PLAIN for o in self.outputs)
 
     def value_reads(self, tangent_only=False):
         return [f for f, dep in self.reads if dep or not tangent_only]
@@ -656,20 +664,23 @@ class FlatJvp:
         self.arg_names = _leaf_names(func, args, kwargs)
 
     def __call__(self, *xs):
+        with level_scope() as level:
+            return self._run(xs, level)
+
+    def _run(self, xs, level):
         n = len(self.tensor_idx)
-        level = enter_level()
-        try:
-            leaves = list(self.leaves)
-            tangents = dict(zip(self.tangent_idx, xs[n:]))
-            for i, p in zip(self.tensor_idx, xs[:n]):
-                leaves[i] = Dual(p, tangents.get(i), level, requires_grad=p.requires_grad) if i in self.dual else p
-            args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-            out = self.func(*args, **kwargs)
-            out, aux = split_aux(out, self.has_aux, self.name)
-            primal, tangent = split_outputs(out, level, self.name)
-            aux = drop_level(aux, level)
-        finally:
-            exit_level(level)
+        leaves = list(self.leaves)
+        tangents = dict(zip(self.tangent_idx, xs[n:]))
+        for i, p in zip(self.tensor_idx, xs[:n]):
+            if i in self.dual:
+                leaves[i] = Dual(lift_input(p, level), tangents.get(i), level, requires_grad=p.requires_grad)
+            else:
+                leaves[i] = p
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        out = self.func(*args, **kwargs)
+        out, aux = split_aux(out, self.has_aux, self.name)
+        primal, tangent = split_outputs(out, level, self.name)
+        aux = drop_level(aux, level)
         p_leaves, self.out_spec = pytree.tree_flatten(primal)
         t_leaves = pytree.tree_flatten(tangent)[0]
         aux_leaves, self.aux_spec = pytree.tree_flatten(aux)

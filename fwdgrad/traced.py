@@ -53,7 +53,8 @@ from torch.utils import _pytree as pytree
 
 from . import trace
 from .arguments import check_tangent, checked_leaves, normal_mode
-from .errors import warn
+from .errors import ArgumentTypeError, warn
+from .functorch_layers import inside_functorch
 from .state import State
 
 _EAGER = object()  # a cache value: run these inputs eagerly
@@ -126,6 +127,10 @@ class TracedJvp:
         else:
             leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if inside_functorch():
+            # functorch's wrappers have no storage to record, and a recording made
+            # inside one torch.func call could not be replayed in another: eager.
+            return self._eager(args, kwargs, dual, tangents)
         for t in tensors:
             if type(t) not in _PLAIN:
                 self._warn(
@@ -175,7 +180,15 @@ class TracedJvp:
             primals, [tangents[i] for i in call.tangent_idx], constant_names=self.captures.names()
         )
         reads = rec.value_reads()
-        if reads:
+        if rec.foreign_outputs():
+            self.cache[key] = _EAGER
+            self._warn(
+                "subclass",
+                "the function reaches a tensor subclass it does not take as an argument (for "
+                "example a dual of an enclosing fwdgrad transform, captured in a closure), which "
+                "a recorded program cannot hold; running eagerly.",
+            )
+        elif reads:
             self.cache[key] = _EAGER
             self._warn(
                 "reads",
@@ -320,7 +333,7 @@ class TracedForwardGrad:
     def __call__(self, *pairs, **kwargs):
         name = "forward_grad"
         if len(pairs) % 2:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
         args, dual, tangents = [], [], {}

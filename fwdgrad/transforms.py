@@ -9,19 +9,22 @@ to ``fwdgrad.jacobian``, ``trace=True`` to ``fwdgrad.traced``.
 import functools
 
 import torch
+from torch.utils import _pytree as pytree
 
 from .arguments import (
-    check_callable, check_outside_functorch, check_tangent, drop_level, lift, normal_mode, split_aux, split_outputs,
+    check_callable, check_tangent, drop_level, lift, normal_mode, split_aux, split_outputs,
 )
 from .distributed import watch_forwards
-from .interpreter import Dual, enter_level, exit_level
+from .errors import ArgumentTypeError, ArgumentValueError
+from .functorch_layers import level_scope, lift_input
+from .interpreter import Dual
 from .jacobian import batched_jvp
 from .state import State
 from .traced import TracedForwardGrad, jvp_traced
 
 
 @normal_mode
-def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False, compile=False):
+def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, trace=False, compile=False):
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
 
     Returns ``(output, jvp_out)``, or ``(output, jvp_out, aux)`` with ``has_aux``.
@@ -38,6 +41,8 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False, c
     size ``k``; the ``k`` jvps share one primal computation.
     ``trace=True``: record the program once per input signature and replay it
     on later calls whose inputs match (shapes, dtypes, captured tensors...).
+    ``strict=True`` (as in ``torch.func.jvp``): raise if an output does not
+    depend on the inputs, instead of returning a zero tangent for it.
     ``compile=True`` (with ``trace=True``; or a dict of ``torch.compile``
     keyword arguments) runs each recorded program through ``torch.compile``.
     ``fwdgrad.jvp`` can also be called inside a function given to
@@ -45,35 +50,42 @@ def jvp(func, primals, tangents, *, has_aux=False, batched=False, trace=False, c
     """
     name = "jvp"
     check_callable(func, name)
-    check_outside_functorch(name)
     if not isinstance(primals, (tuple, list)):
-        raise TypeError(f"{name}: primals must be a tuple of func's positional arguments, got {type(primals).__name__}")
-    if not isinstance(tangents, (tuple, list)):
-        raise TypeError(f"{name}: tangents must be a tuple matching primals, got {type(tangents).__name__}")
-    if len(primals) != len(tangents):
-        raise ValueError(
-            f"{name}: got {len(primals)} primals but {len(tangents)} tangents; they must match"
+        raise ArgumentTypeError(
+            f"{name}: Expected primals to be a tuple of func's positional arguments, got "
+            f"{type(primals).__name__}"
         )
+    if not isinstance(tangents, (tuple, list)) or type(tangents) is not type(primals):
+        raise ArgumentTypeError(
+            f"{name}: tangents must be a {type(primals).__name__} with the same python structure "
+            f"as primals, got {type(tangents).__name__}"
+        )
+    if len(primals) != len(tangents):
+        raise ArgumentValueError(
+            f"{name}: got {len(primals)} primals but {len(tangents)} tangents; they must match "
+            f"(the same python structure)"
+        )
+    if not pytree.tree_leaves(tuple(primals)):
+        raise ArgumentValueError(f"{name}: primals must contain at least one Tensor")
+    if strict and (batched or trace):
+        raise ArgumentValueError(f"{name}: strict=True cannot be combined with batched=True or trace=True")
     if batched and trace:
-        raise ValueError(f"{name}: batched=True and trace=True cannot be combined")
+        raise ArgumentValueError(f"{name}: batched=True and trace=True cannot be combined")
     if compile is not False and not trace:
-        raise ValueError(f"{name}: compile= applies to the traced mode; pass trace=True as well")
+        raise ArgumentValueError(f"{name}: compile= applies to the traced mode; pass trace=True as well")
     if batched:
         return batched_jvp(func, primals, tangents, has_aux, name)
     if trace:
         return jvp_traced(func, primals, tangents, has_aux, compile)
-    level = enter_level()
-    try:
+    with level_scope() as level:
         duals = lift(tuple(primals), tuple(tangents), level, name)
         with State(func).undone_on_error(), watch_forwards():
             out = func(*duals)
         out, aux = split_aux(out, has_aux, name)
-        primal_out, tangent_out = split_outputs(out, level, name)
+        primal_out, tangent_out = split_outputs(out, level, name, strict)
         if has_aux:
             return primal_out, tangent_out, drop_level(aux, level)
         return primal_out, tangent_out
-    finally:
-        exit_level(level)
 
 
 def forward_grad(func, *, has_aux=False, trace=False, compile=False):
@@ -98,7 +110,7 @@ def forward_grad(func, *, has_aux=False, trace=False, compile=False):
     name = "forward_grad"
     check_callable(func, name)
     if compile is not False and not trace:
-        raise ValueError(f"{name}: compile= applies to the traced mode; pass trace=True as well")
+        raise ArgumentValueError(f"{name}: compile= applies to the traced mode; pass trace=True as well")
     if trace:
         return TracedForwardGrad(func, has_aux, compile)
 
@@ -106,12 +118,10 @@ def forward_grad(func, *, has_aux=False, trace=False, compile=False):
     @normal_mode
     def df(*pairs, **kwargs):
         if len(pairs) % 2:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
-        check_outside_functorch(name)
-        level = enter_level()
-        try:
+        with level_scope() as level:
             args = []
             for i in range(0, len(pairs), 2):
                 p, t = pairs[i], pairs[i + 1]
@@ -121,7 +131,7 @@ def forward_grad(func, *, has_aux=False, trace=False, compile=False):
                     continue
                 if isinstance(p, torch.Tensor):
                     check_tangent(name, where, p, t)
-                    args.append(Dual(p, t, level, requires_grad=p.requires_grad))
+                    args.append(Dual(lift_input(p, level), t, level, requires_grad=p.requires_grad))
                 else:
                     args.append(lift(p, t, level, name, prefix=where))
             with State(func).undone_on_error(), watch_forwards():
@@ -131,8 +141,6 @@ def forward_grad(func, *, has_aux=False, trace=False, compile=False):
             if has_aux:
                 return r, dr, drop_level(aux, level)
             return r, dr
-        finally:
-            exit_level(level)
 
     return df
 

@@ -9,26 +9,31 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 # Opt-in tests: each runs when its marker is named in -m, when
-# FWDGRAD_TEST_<NAME>=1, or (sweeps) with --sweep.
+# FWDGRAD_TEST_<NAME>=1, or with --<name> where that option exists.
 OPT_IN = {
     "sweep": "a long fault-injection sweep",
+    "deep": "a three-deep torch.func composition beyond the default sample",
     "compile": "runs inductor (a C++ compile)",
     "heavy": "4-process distributed runs",
+    "zoo": "the whole model zoo of tests/test_zoo.py",
 }
+# A test marked "<name>_quick" as well is part of the default suite (the zoo's quick subset).
 
 
 def pytest_addoption(parser):
     parser.addoption("--sweep", action="store_true", help="also run the long fault-injection sweeps")
+    parser.addoption("--deep", action="store_true", help="also run every three-deep torch.func composition")
 
 
 def pytest_configure(config):
     for name, what in OPT_IN.items():
         config.addinivalue_line("markers", f"{name}: {what}; run with -m {name} or FWDGRAD_TEST_{name.upper()}=1")
+        config.addinivalue_line("markers", f"{name}_quick: a {name} test that the default suite runs too")
 
 
 def _opted_in(config, name):
     return (os.environ.get(f"FWDGRAD_TEST_{name.upper()}") == "1" or name in (config.option.markexpr or "")
-            or (name == "sweep" and config.getoption("--sweep")))
+            or config.getoption(f"--{name}", default=False))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -37,5 +42,5 @@ def pytest_collection_modifyitems(config, items):
             continue
         skip = pytest.mark.skip(reason=f"opt-in: run with -m {name} or FWDGRAD_TEST_{name.upper()}=1")
         for item in items:
-            if item.get_closest_marker(name):
+            if item.get_closest_marker(name) and not item.get_closest_marker(f"{name}_quick"):
                 item.add_marker(skip)

@@ -71,7 +71,7 @@ def test_api_reference_documents_every_public_name(site):
     out, result = site
     assert result.returncode == 0
     source = (DOCS / "api.rst").read_text()
-    documented = set(re.findall(r"^\.\. autofunction:: fwdgrad\.(\w+)$", source, re.M))
+    documented = set(re.findall(r"^\.\. auto(?:function|class):: fwdgrad\.(\w+)$", source, re.M))
     assert documented == set(fwdgrad.__all__), (
         f"docs/api.rst: missing {sorted(set(fwdgrad.__all__) - documented)}, "
         f"not public {sorted(documented - set(fwdgrad.__all__))}"

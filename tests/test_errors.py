@@ -55,182 +55,182 @@ CASES = [
     Case(
         "tangent shape differs from its primal",
         lambda: fwdgrad.jvp(torch.sin, (X,), (torch.ones(4),)),
-        ValueError,
+        fwdgrad.ArgumentValueError,
         "jvp: the tangent of primals[0] has shape (4,) but primals[0] has shape (3,)",
     ),
     Case(
         "tangent dtype differs from its primal",
         lambda: fwdgrad.jvp(torch.sin, (X,), (torch.ones(3, dtype=torch.float64),)),
-        ValueError,
+        fwdgrad.ArgumentValueError,
         "jvp: the tangent of primals[0] has dtype torch.float64 but primals[0] has dtype torch.float32",
     ),
     Case(
         "tangent device differs from its primal",
         lambda: fwdgrad.jvp(torch.sin, (X,), (torch.ones(3, device="meta"),)),
-        ValueError,
+        fwdgrad.ArgumentValueError,
         "jvp: the tangent of primals[0] is on meta but primals[0] is on cpu",
     ),
     Case(
         "tangent shape differs, inside a pytree",
         lambda: fwdgrad.jvp(lambda d: d["w"], ({"w": X},), ({"w": torch.ones(2)},)),
-        ValueError,
+        fwdgrad.ArgumentValueError,
         "jvp: the tangent of primals[0]['w'] has shape (2,) but primals[0]['w'] has shape (3,)",
     ),
     Case(
         "tangent count differs from primals",
         lambda: fwdgrad.jvp(torch.sin, (X,), (X, X)),
-        ValueError,
-        "jvp: got 1 primals but 2 tangents; they must match",
+        fwdgrad.ArgumentValueError,
+        "jvp: got 1 primals but 2 tangents; they must match (the same python structure)",
     ),
     Case(
         "tangent structure differs from primals",
         lambda: fwdgrad.jvp(lambda d: d["w"], ({"w": X},), ({"b": X},)),
-        ValueError,
-        "jvp: tangents must have the same structure as primals; "
+        fwdgrad.ArgumentValueError,
+        "jvp: tangents must have the same python structure as primals; "
         "primals: ({'w': *},), tangents: ({'b': *},)",
     ),
     Case(
         "primals or tangents not a tuple",
         lambda: fwdgrad.jvp(torch.sin, X, X),
-        TypeError,
-        "jvp: primals must be a tuple of func's positional arguments, got Tensor",
+        fwdgrad.ArgumentTypeError,
+        "jvp: Expected primals to be a tuple of func's positional arguments, got Tensor",
     ),
     Case(
         "a tangent for an integer primal",
         lambda: fwdgrad.jvp(lambda i: i * 1.0, (torch.arange(3),), (torch.ones(3),)),
-        TypeError,
+        fwdgrad.ArgumentTypeError,
         "jvp: primals[0] has dtype torch.int64, which carries no tangent; "
         "pass None as its tangent (or make it floating point)",
     ),
     Case(
         "a tangent for a bool primal",
         lambda: fwdgrad.jvp(lambda b: b * 1.0, (X > 0,), (torch.ones(3),)),
-        TypeError,
+        fwdgrad.ArgumentTypeError,
         "jvp: primals[0] has dtype torch.bool, which carries no tangent; "
         "pass None as its tangent (or make it floating point)",
     ),
     Case(
         "a tangent that is not a tensor",
         lambda: fwdgrad.jvp(torch.sin, (X,), (1.0,)),
-        TypeError,
-        "jvp: the tangent of primals[0] is a float; expected a tensor or None",
+        fwdgrad.ArgumentTypeError,
+        "jvp: the tangent of primals[0] is a float; tangents must only contain Tensors (or None for a zero tangent)",
     ),
     Case(
         "a non-tensor primal",
         lambda: fwdgrad.jvp(lambda a: a * 2, (3.0,), (1.0,)),
-        TypeError,
-        "jvp: primals[0] is a float; only tensors (or pytrees of tensors) can be "
-        "differentiated; pass non-tensor constants through a closure or keyword argument",
+        fwdgrad.ArgumentTypeError,
+        "jvp: primals[0] is a float; primals must only contain Tensors (or "
+        "pytrees of tensors); pass non-tensor constants through a closure or keyword argument",
     ),
     Case(
         "a non-tensor argument with a tangent (forward_grad)",
         lambda: fwdgrad.forward_grad(lambda a: a)(3.0, torch.ones(())),
-        TypeError,
-        "forward_grad: argument 0 is a float; only tensors (or pytrees of tensors) can be "
-        "differentiated; pass non-tensor constants through a closure or keyword argument",
+        fwdgrad.ArgumentTypeError,
+        "forward_grad: argument 0 is a float; primals must only contain Tensors (or "
+        "pytrees of tensors); pass non-tensor constants through a closure or keyword argument",
     ),
     Case(
         "an odd number of arguments to df (forward_grad)",
         lambda: fwdgrad.forward_grad(torch.sin)(X),
-        TypeError,
+        fwdgrad.ArgumentTypeError,
         "forward_grad: df takes (value, tangent) pairs, got 1 positional arguments",
     ),
     Case(
         "tangent shape differs (forward_grad)",
         lambda: fwdgrad.forward_grad(torch.sin)(X, torch.ones(2)),
-        ValueError,
+        fwdgrad.ArgumentValueError,
         "forward_grad: the tangent of argument 0 has shape (2,) but argument 0 has shape (3,)",
     ),
     Case(
         "func is not callable",
         lambda: fwdgrad.jvp("sin", (X,), (X,)),
-        TypeError,
+        fwdgrad.ArgumentTypeError,
         "jvp: func must be callable, got str",
     ),
     Case(
         "func is not callable (forward_grad)",
         lambda: fwdgrad.forward_grad(3),
-        TypeError,
+        fwdgrad.ArgumentTypeError,
         "forward_grad: func must be callable, got int",
     ),
     Case(
         "func returns a non-tensor",
         lambda: fwdgrad.jvp(lambda a: a.sum().item(), (X,), (X,)),
-        TypeError,
+        fwdgrad.ArgumentTypeError,
         "jvp: func must return a tensor or a pytree of tensors, but it returned a float",
     ),
     Case(
         "func returns a pytree with a non-tensor leaf",
         lambda: fwdgrad.jvp(lambda a: {"y": a, "n": "label"}, (X,), (X,)),
-        TypeError,
+        fwdgrad.ArgumentTypeError,
         "jvp: func must return a tensor or a pytree of tensors, but output['n'] is a str",
     ),
     Case(
         "has_aux=True but func returns no (output, aux) pair",
         lambda: fwdgrad.jvp(torch.sin, (X,), (X,), has_aux=True),
-        TypeError,
+        fwdgrad.ArgumentTypeError,
         "jvp: with has_aux=True, func must return a pair (output, aux), got a Tensor",
     ),
     Case(
         "a non-scalar loss for hvp",
         lambda: fwdgrad.hvp(lambda w: w * 2, X, X),
-        ValueError,
+        fwdgrad.ArgumentValueError,
         "hvp: loss must return a scalar tensor (one element), got one of shape (3,); "
         "reduce it first (e.g. .sum() or .mean())",
     ),
     Case(
         "hvp: v's keys differ from params'",
         lambda: fwdgrad.hvp(lambda p: (p["w"] ** 3).sum(), {"w": X}, {"b": X}),
-        ValueError,
+        fwdgrad.ArgumentValueError,
         "hvp: v must have exactly the keys of params; missing ['w'], unexpected ['b']",
     ),
     Case(
         "hvp: a direction's shape differs from its parameter",
         lambda: fwdgrad.hvp(lambda p: (p["w"] ** 3).sum(), {"w": X}, {"w": torch.ones(2)}),
-        ValueError,
+        fwdgrad.ArgumentValueError,
         "hvp: v['w'] has shape (2,) but params['w'] has shape (3,)",
     ),
     Case(
         "hvp: an integer parameter",
         lambda: fwdgrad.hvp(lambda w: w.sum(), torch.arange(3), torch.arange(3)),
-        TypeError,
+        fwdgrad.ArgumentTypeError,
         "hvp: params has dtype torch.int64; only floating-point parameters have a Hessian",
     ),
     Case(
         "grad: a non-scalar output",
         lambda: fwdgrad.grad(lambda a: a * 2)(X),
-        ValueError,
+        fwdgrad.ArgumentValueError,
         "grad: func must return a scalar (0-dim) tensor, got one of shape (3,); "
         "reduce it first (e.g. .sum() or .mean())",
     ),
     Case(
         "grad: argnums out of range",
         lambda: fwdgrad.grad(lambda a, b: (a * b).sum(), argnums=2)(X, X),
-        ValueError,
-        "grad: argnums 2 is out of range for a call with 2 positional argument(s)",
+        fwdgrad.ArgumentValueError,
+        "grad: argnums 2 is out of range: the call has only 2 positional inputs",
     ),
     Case(
         "jacfwd: argnums out of range",
         lambda: fwdgrad.jacfwd(lambda a, b: a * b, argnums=(0, 5))(X, X),
-        ValueError,
-        "jacfwd: argnums 5 is out of range for a call with 2 positional argument(s)",
+        fwdgrad.ArgumentValueError,
+        "jacfwd: argnums 5 is out of range: the call has only 2 positional inputs",
     ),
     Case(
         "hessian: argnums out of range",
         lambda: fwdgrad.hessian(lambda a: (a**3).sum(), argnums=-2)(X),
-        ValueError,
-        "hessian: argnums -2 is out of range for a call with 1 positional argument(s)",
+        fwdgrad.ArgumentValueError,
+        "hessian: argnums -2 is out of range: the call has only 1 positional inputs",
     ),
     Case(
         "jacfwd: chunk_size below 1",
         lambda: fwdgrad.jacfwd(torch.sin, chunk_size=0),
-        ValueError,
+        fwdgrad.ArgumentValueError,
         "jacfwd: chunk_size must be at least 1, got 0",
     ),
     Case(
         "linearize: jvp_fn given a tangent of the wrong shape",
         lambda: fwdgrad.linearize(torch.sin, X)[1](torch.ones(2)),
-        ValueError,
+        fwdgrad.ArgumentValueError,
         "linearize: the tangent of primals[0] has shape (2,) but primals[0] has shape (3,)",
     ),
     Case(
@@ -246,14 +246,14 @@ CASES = [
     Case(
         "a rule registered with a wrong signature",
         lambda: fwdgrad.register_jvp(torch.ops.aten.sin.default)(_wrong_signature_rule),
-        TypeError,
+        fwdgrad.ArgumentTypeError,
         "register_jvp(aten.sin.default): the rule _wrong_signature_rule(tangents) cannot be "
         "called as rule(tangents, ans, self): too many positional arguments",
     ),
     Case(
         "register_jvp given an op packet instead of an overload",
         lambda: fwdgrad.register_jvp(torch.ops.aten.sin)(_wrong_signature_rule),
-        TypeError,
+        fwdgrad.ArgumentTypeError,
         "register_jvp needs an op overload such as aten.sin.default, got the packet aten.sin",
     ),
     Case(
@@ -265,12 +265,47 @@ CASES = [
         "function, or by a factory such as torch.zeros).  Build that tensor from the "
         "function's inputs (e.g. torch.zeros_like(x)) or use the out-of-place op.",
     ),
+    Case(
+        "has_aux=True and func returns a list, not a tuple",
+        lambda: fwdgrad.jvp(lambda x: [x, x], (X,), (X,), has_aux=True),
+        fwdgrad.ArgumentTypeError,
+        "jvp: with has_aux=True, func must return a pair (output, aux), got a list",
+    ),
+    Case(
+        "a non-tensor aux",
+        lambda: fwdgrad.jacfwd(lambda x: (x, {"n": 3}), has_aux=True)(X),
+        fwdgrad.ArgumentTypeError,
+        "jacfwd: with has_aux=True, aux must be a tensor or a pytree of tensors, but aux['n'] is a int",
+    ),
+    Case(
+        "func returns no tensors",
+        lambda: fwdgrad.jvp(lambda x: (), (X,), (X,)),
+        fwdgrad.ArgumentValueError,
+        "jvp: expected func to return at least one tensor, but its output () holds none",
+    ),
+    Case(
+        "a complex input to jacfwd",
+        lambda: fwdgrad.jacfwd(torch.sin)(X.to(torch.complex64)),
+        fwdgrad.ArgumentTypeError,
+        "jacfwd: Expected all inputs to be real, but argument 0 (arg0) is complex (torch.complex64), as "
+        "torch.func requires.  Pass the real and imaginary parts as separate real tensors "
+        "(torch.view_as_real) if you need that input's derivative",
+    ),
+    Case(
+        "strict=True and an output that does not depend on the inputs",
+        lambda: fwdgrad.jvp(lambda x: (x.sin(), torch.ones(2)), (X,), (X,), strict=True),
+        fwdgrad.ArgumentValueError,
+        "jvp: with strict=True, output[1] does not depend on the inputs (its tangent is zero); "
+        "pass strict=False to get zeros",
+    ),
 ]
 
 
 def _raise(case):
     with pytest.raises(case.error) as info:
         case.call()
+    if issubclass(case.error, fwdgrad.Error):  # torch.func users catch RuntimeError
+        assert isinstance(info.value, RuntimeError)
     message = str(info.value)
     assert case.pattern().fullmatch(message), f"got message:\n{message}"
 
@@ -290,6 +325,10 @@ def test_no_dual_outlives_any_error():
             _raise(case)
 
 
+def _error_name(error):
+    return f"fwdgrad.{error.__name__}" if issubclass(error, fwdgrad.Error) else error.__name__
+
+
 def table():
     """The error table in reStructuredText."""
     lines = [
@@ -302,7 +341,7 @@ def table():
         "     - Message",
     ]
     for c in CASES:
-        lines += [f"   * - {c.what}", f"     - ``{c.error.__name__}``"]
+        lines += [f"   * - {c.what}", f"     - ``{_error_name(c.error)}``"]
         msg_lines = c.message.rstrip("\n").split("\n")
         if len(msg_lines) == 1:
             lines.append(f"     - ``{c.message}``")

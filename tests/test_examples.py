@@ -48,6 +48,7 @@ def test_expected_examples_exist():
         "hessian_spectrum.py",
         "custom_op.py",
         "distributed_newton_cg.py",
+        "curvature_interop.py",
     }
     missing = expected - set(EXAMPLES)
     assert not missing, f"examples missing: {sorted(missing)}"

@@ -12,11 +12,16 @@ An interrupt that comes after the transform's own guard has closed (while
 its results are being put together) may find the state as after one
 complete call instead; the parameters must still be intact.
 
-Lines inside ``_Deferred`` blocks (the closure form's swaps, where a real
-SIGINT is held back until the swap is complete) are not interrupted, as a
-signal could not interrupt them either.
+Lines inside ``Deferred`` blocks (the closure form's swaps, restoring a
+snapshot, where a real SIGINT is held back until they are complete) are not
+interrupted, as a signal could not interrupt them either; nor is the state
+guard's own entry and exit, nor the exit of a ``with`` statement (the line
+event Python reports when it leaves a ``with`` block: an exception there
+skips ``__exit__``, a hazard of CPython's ``with`` for asynchronous
+exceptions that no library can close).
 """
 
+import linecache
 import os
 import sys
 
@@ -25,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import fwdgrad
-from fwdgrad import interpreter, reverse
-from fwdgrad.state import State
+from fwdgrad import interpreter
+from fwdgrad import state
+from fwdgrad.state import Deferred, State
 from state_checks import assert_plain_torch, live_duals
 
 PACKAGE = os.path.dirname(os.path.abspath(fwdgrad.__file__))
@@ -111,6 +117,24 @@ class _OpInterrupt:
         monkeypatch.setattr(interpreter, "interpret", interpret)
 
 
+_ATOMIC = {  # the guards' own entry and exit
+    f.__code__ for f in (
+        state._UndoneOnError.__enter__, state._UndoneOnError.__exit__, Deferred.__enter__, Deferred.__exit__
+    )
+}
+_last_line = {}
+
+
+def _leaves_with(frame):
+    """Whether this line event is Python leaving a ``with`` block (back on the ``with`` line)."""
+    key = id(frame)
+    last = _last_line.get(key)
+    _last_line[key] = frame.f_lineno
+    if last is None or frame.f_lineno >= last:
+        return False
+    return linecache.getline(frame.f_code.co_filename, frame.f_lineno).lstrip().startswith("with ")
+
+
 class _LineInterrupt:
     """Raise ``KeyboardInterrupt`` at the k-th line executed in fwdgrad's own files."""
 
@@ -120,7 +144,7 @@ class _LineInterrupt:
         self.guarded = None  # whether the interrupt came inside a transform's state guard
 
     def _local(self, frame, event, arg):
-        if event == "line" and reverse._Deferred.depth == 0:
+        if event == "line" and Deferred.depth == 0 and frame.f_code not in _ATOMIC and not _leaves_with(frame):
             self.count += 1
             if self.count == self.k:
                 self.guarded = State.guarding > 0
@@ -133,6 +157,7 @@ class _LineInterrupt:
         return None
 
     def __enter__(self):
+        _last_line.clear()
         sys.settrace(self._global)
         return self
 

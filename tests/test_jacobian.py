@@ -117,7 +117,11 @@ def test_jacfwd_has_aux():
     J0, aux0 = torch.func.jacfwd(f, has_aux=True)(x)
     assert_close(J, J0)
     assert_close(aux, aux0)
-    assert fwdgrad.jacfwd(f, has_aux=True)(x, 3)[1]["n"] == 3  # non-tensor aux passes through
+    # a non-tensor aux is refused, as torch.func refuses it (RuntimeError and TypeError both)
+    with pytest.raises(RuntimeError, match=r"aux must be a tensor or a pytree of tensors, but aux\['n'\] is a int"):
+        fwdgrad.jacfwd(f, has_aux=True)(x, 3)
+    with pytest.raises(TypeError):
+        fwdgrad.jacfwd(f, has_aux=True)(x, 3)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 64])
@@ -376,7 +380,7 @@ def test_errors():
         fwdgrad.jacfwd(f, chunk_size=0)
     with pytest.raises(TypeError, match="chunk_size must be None or an int"):
         fwdgrad.jacfwd(f, chunk_size=2.0)
-    with pytest.raises(TypeError, match="argnums must be an int or a tuple"):
+    with pytest.raises(TypeError, match=r"argnums must be int or Tuple\[int, ...\]"):
         fwdgrad.jacfwd(f, argnums=[0])
     with pytest.raises(TypeError, match="has dtype torch.int64"):
         fwdgrad.linearize(torch.sin, torch.arange(3))
@@ -441,3 +445,42 @@ def test_jacfwd_does_not_replay_value_dependent_or_mutating_functions():
     fwdgrad.jacfwd(bn)(x)
     fwdgrad.jacfwd(bn)(x)
     assert int(bn.num_batches_tracked) == 2  # the running statistics move once per call
+@pytest.mark.parametrize("argnums", [0, 1, (0, 1), (1, 0)])
+def test_hessian_of_vector_and_pytree_outputs(argnums):
+    # torch.func.hessian takes any output: output.shape + input.shape + input.shape
+    f = lambda x, y: {"a": x.outer(y).sin(), "b": (x ** 2).sum() * y.exp(), "c": (x * y.sum()).tanh()[1]}  # noqa: E731
+    x, y = torch.randn(3, dtype=D), torch.randn(2, dtype=D)
+    ours, ref = fwdgrad.hessian(f, argnums)(x, y), torch.func.hessian(f, argnums)(x, y)
+    assert pytree.tree_structure(ours) == pytree.tree_structure(ref)
+    for a, b in zip(pytree.tree_leaves(ours), pytree.tree_leaves(ref)):
+        assert_close(a, b)
+
+
+def test_hessian_of_a_constant_output_is_zero_and_of_a_model_output():
+    x = torch.randn(3, dtype=D)
+    assert_close(fwdgrad.hessian(lambda x: torch.ones(2, dtype=D))(x), torch.zeros(2, 3, 3, dtype=D))
+    m = _mlp()
+    xs = torch.randn(2, 5, dtype=D)
+    assert_close(fwdgrad.hessian(m)(xs), torch.func.hessian(m)(xs))
+
+
+def test_hessian_refuses_complex_inputs_like_torch_func():
+    with pytest.raises(RuntimeError, match="hessian: Expected all inputs to be real, but argument 0 .* is complex"):
+        fwdgrad.hessian(lambda z: z.abs().sum())(torch.randn(2, dtype=torch.complex128))
+
+
+def test_jacfwd_of_a_function_capturing_an_outer_dual_is_never_replayed():
+    """The closure holds a dual of the enclosing jvp: a kept program would see only
+    its primal (and keep the dual alive), so each call records."""
+    y0 = torch.randn(3, dtype=torch.float64)
+
+    def outer(x):
+        return fwdgrad.jacfwd(lambda y: torch.sin(x * y))(y0).sum()
+
+    def expected(x):
+        return torch.func.jacfwd(lambda y: torch.sin(x * y))(y0).sum()
+
+    for _ in range(2):
+        x, v = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+        _, t = fwdgrad.jvp(outer, (x,), (v,))
+        assert torch.allclose(t, torch.func.jvp(expected, (x,), (v,))[1])

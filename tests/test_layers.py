@@ -17,6 +17,7 @@ LAYERS = [
     {"ops", "errors", "slicing", "dtensor", "distributed"},
     {"registry"},
     {"interpreter"},
+    {"functorch_layers"},
     {"fallback"},
     {"rules"},
     {"arguments"},
@@ -26,6 +27,8 @@ LAYERS = [
     {"traced"},
     {"jacobian"},
     {"transforms"},
+    {"curvature"},
+    {"linops", "spectra"},
     {"__init__"},
 ]
 

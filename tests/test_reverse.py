@@ -52,13 +52,15 @@ def test_value_and_grad_and_has_aux():
 
     def h(x):
         y = x.exp()
-        return y.sum(), {"y": y, "note": "kept"}
+        return y.sum(), {"y": y, "note": torch.tensor(1.0)}
 
     (value, aux), g = fwdgrad.value_and_grad(h, has_aux=True)(x)
     torch.testing.assert_close(value, x.exp().sum())
     torch.testing.assert_close(g, x.exp())
     torch.testing.assert_close(aux["y"], x.exp())
-    assert aux["note"] == "kept" and not aux["y"].requires_grad and not value.requires_grad
+    assert aux["note"] == 1 and not aux["y"].requires_grad and not value.requires_grad
+    with pytest.raises(fwdgrad.ArgumentTypeError, match=r"aux\['note'\] is a str"):
+        fwdgrad.value_and_grad(lambda x: (x.sum(), {"note": "kept"}), has_aux=True)(x)
     g2, aux2 = fwdgrad.grad(h, has_aux=True)(x)
     torch.testing.assert_close(g2, x.exp())
     value, g3 = fwdgrad.value_and_grad(f)(x)
@@ -121,7 +123,7 @@ def test_grad_errors():
         fwdgrad.grad(f, argnums=1)(x)
     with pytest.raises(ValueError, match="duplicates"):
         fwdgrad.grad(lambda a, b: a.sum(), argnums=(0, -2))(x, x)
-    with pytest.raises(TypeError, match="argnums must be an int or a tuple of ints"):
+    with pytest.raises(TypeError, match=r"argnums must be int or Tuple\[int, ...\]"):
         fwdgrad.grad(f, argnums=[0])(x)
     with pytest.raises(TypeError, match="func must be callable"):
         fwdgrad.grad(3)
@@ -405,28 +407,6 @@ def test_compose_with_functional_call():
     for k in params:
         torch.testing.assert_close(ours_g[k], ref_g[k])
         torch.testing.assert_close(ours_hv[k], ref_hv[k])
-
-
-@pytest.mark.parametrize("outer", ["grad", "jacrev", "vmap"])
-def test_forward_mode_inside_torch_func_transforms_is_refused(outer):
-    x, v = _randn(3), _randn(3)
-    directional = lambda x: fwdgrad.jvp(f, (x,), (v,))[1]  # noqa: E731
-    transform = {
-        "grad": lambda: torch.func.grad(directional)(x),
-        "jacrev": lambda: torch.func.jacrev(directional)(x),
-        "vmap": lambda: torch.func.vmap(lambda r: fwdgrad.jvp(torch.sin, (r,), (r,))[1])(_randn(2, 3)),
-    }[outer]
-    with pytest.raises(RuntimeError, match="cannot run inside a torch.func transform"):
-        transform()
-    with pytest.raises(RuntimeError, match="cannot run inside a torch.func transform"):
-        torch.func.vmap(lambda t: fwdgrad.hvp(f, x, t))(_randn(2, 3))
-    # Nothing is left behind: forward mode works afterwards.
-    torch.testing.assert_close(fwdgrad.jvp(torch.sin, (x,), (v,))[1], x.cos() * v)
-
-
-def test_vmap_over_fwdgrad_grad_is_refused_by_torch():
-    with pytest.raises(RuntimeError, match="requires_grad_"):
-        torch.func.vmap(fwdgrad.grad(f))(_randn(2, 3))
 
 
 def test_duals_never_escape():

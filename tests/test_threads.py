@@ -2,8 +2,9 @@
 threads at once each get the right answer, and plain torch code in other
 threads is untouched.
 
-fwdgrad keeps its levels on the dual tensors, not in process-global state, so
-threads share nothing.  (PyTorch's forward-AD level is process-global:
+fwdgrad keeps its levels on the dual tensors and in a per-thread stack, not in
+process-global state, so threads share nothing but the kept recordings of
+jacfwd and the traced mode.  (PyTorch's forward-AD level is process-global:
 ``torch.func.jvp`` from several threads fails with "no level exists"; see
 ``benchmarks/thread_safety.py``, which prints both side by side.)
 """
@@ -208,3 +209,18 @@ def test_hvp_in_many_threads_pure_and_closure():
     workers = [_hvp_pure_worker(x, v, e) for (x, v), e in zip(cases, expected)]
     workers += [_hvp_closure_worker(40), _hvp_closure_worker(41)]
     _run_threads(workers)
+
+
+def test_jacfwd_in_many_threads_shares_its_kept_recordings():
+    """jacfwd keeps one recording per function and signature; threads hitting and
+    filling that cache at once still each get their own Jacobian."""
+    points = [_data(40 + i, 3, 6) for i in range(N_THREADS)]
+    expected = [torch.func.jacfwd(mlp)(x) for x in points]
+
+    def worker(x, e):
+        def work():
+            for _ in range(ITERATIONS):
+                assert torch.allclose(fwdgrad.jacfwd(mlp)(x), e)
+        return work
+
+    _run_threads([worker(x, e) for x, e in zip(points, expected)])

@@ -287,3 +287,18 @@ def test_traced_replay_repeats_in_place_updates_of_captured_buffers():
     for _ in range(3):
         df(x, v)
     assert int(bn.num_batches_tracked) == 3
+
+
+def test_traced_function_capturing_an_outer_dual_runs_eagerly_and_right():
+    y0 = torch.randn(3, dtype=torch.float64)
+
+    def outer(x):
+        df = fwdgrad.forward_grad(lambda y: torch.sin(x * y), trace=True)
+        df(y0, torch.ones_like(y0))
+        return df(y0, torch.ones_like(y0))[1].sum()  # the second call would replay
+
+    x, v = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="tensor subclass"):
+        _, t = fwdgrad.jvp(outer, (x,), (v,))
+    expected = torch.func.jvp(lambda x: (torch.cos(x * y0) * x).sum(), (x,), (v,))[1]
+    assert torch.allclose(t, expected)

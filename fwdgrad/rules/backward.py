@@ -24,7 +24,9 @@ from ..fallback import rule_for
 from ..ops import aten_ops
 from ..registry import defrule, tmul, tsub, tsum
 from ..slicing import accumulate, fresh_ok, in_place_ok, in_row_slices
-from .nn import _attention_probs, _channel_shape
+from .nn import (
+    CTCLattice, _attention_probs, _channel_shape, ctc_beta, kv_groups, repeat_kv, sum_kv, weight_norm_dims,
+)
 
 aten = torch.ops.aten
 
@@ -579,6 +581,65 @@ def _batch_norm_backward_jvp(t, ans, go, x, w, rm, rv, save_mean, save_var, upda
     return _batch_norm_backward(t, go, x, w, rm, rv, save_mean, save_var, update, eps, output_mask)
 
 
+@defrule(aten._weight_norm_interface_backward.default)
+def _weight_norm_backward_jvp(t, ans, gw, v, g, n, dim):
+    # With r = <gw, v> (summed over all dimensions but ``dim``), the kernel returns
+    #   gg = r / n  and  gv = (g / n) (gw - v gg / n),
+    # with n the saved norm (an input of its own, so its tangent enters too).
+    dgw, dv, dg, dn = t[0], t[1], t[2], t[3]
+    dims = weight_norm_dims(v, dim)
+    gv, gg = ans
+    dr = tsum(None if dgw is None else (dgw * v).sum(dims, keepdim=True),
+              None if dv is None else (gw * dv).sum(dims, keepdim=True))
+    dgg = tsub(None if dr is None else dr / n, None if dn is None else gg * dn / n)  # d(r / n)
+    scale = g / n
+    dscale = tsub(None if dg is None else dg / n, None if dn is None else scale * dn / n)
+    ratio = gg / n
+    dratio = tsub(None if dgg is None else dgg / n, None if dn is None else ratio * dn / n)
+    dgv = tsum(None if dscale is None else dscale * (gw - v * ratio),
+               None if dgw is None and dv is None and dratio is None else
+               scale * tsub(dgw, tsum(tmul(dv, ratio), tmul(v, dratio))))
+    return dgv, dgg
+
+
+@defrule(aten._ctc_loss_backward.default, aten._ctc_loss_backward.Tensor)
+def _ctc_loss_backward_jvp(t, ans, gr, lp, targets, input_lengths, target_lengths, nll, log_alpha, blank,
+                           zero_infinity=False):
+    # On the frames in use the kernel returns gr (exp(lp) - E), with E = exp(lcab + nll - lp)
+    # and lcab[t, c] = log sum over the lattice positions labelled c of alpha beta.
+    # Its tangent needs those of log_alpha (an input), of log_beta (recomputed here
+    # with its tangent) and of lcab: the posterior-weighted sum of d(alpha + beta).
+    if lp.dim() != 3:
+        raise NotImplementedError("fwdgrad: forward over reverse through ctc_loss needs batched log_probs (T, N, C)")
+    dgr, dlp, dnll, dla = t[0], t[1], t[5], t[6]
+    T, N, C = lp.shape
+    lattice = CTCLattice(lp, targets, input_lengths, target_lengths, blank)
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    dlp_or0 = zero.expand(lp.shape) if dlp is None else dlp
+    lb, dlb = ctc_beta(lattice, lattice.gather(lp), lattice.gather(dlp_or0))
+    la = log_alpha.masked_fill(~lattice.valid, float("-inf"))
+    ab = la + lb  # (N, T, S)
+    index = lattice.ext.unsqueeze(1).expand(N, T, -1)
+    one_hot = torch.zeros(N, T, C, lattice.shape[2], dtype=torch.bool, device=lp.device)
+    one_hot.scatter_(2, index.unsqueeze(2), True)
+    lcab = torch.logsumexp(ab.unsqueeze(2).masked_fill(~one_hot, float("-inf")), 3)  # (N, T, C)
+    posterior = torch.where(ab.isinf(), 0.0, (ab - lcab.gather(2, index)).exp())
+    dab = tsum(dla, dlb)
+    dab = zero.expand(ab.shape) if dab is None else dab.masked_fill(~lattice.valid, 0.0)
+    dlcab = torch.zeros(N, T, C, dtype=lp.dtype, device=lp.device).scatter_add(2, index, posterior * dab)
+    lcab, dlcab = lcab.transpose(0, 1), dlcab.transpose(0, 1)  # (T, N, C)
+    E = torch.where(lcab.isinf(), 0.0, (lcab + nll.view(1, N, 1) - lp).exp())
+    frames = torch.arange(T, device=lp.device)
+    in_use = (frames.unsqueeze(1) < lattice.in_len).unsqueeze(2)
+    if zero_infinity:
+        in_use = in_use & ~nll.isinf().view(1, N, 1)
+    g = gr.view(1, N, 1) if gr.dim() else gr
+    dE = E * tsub(tsum(dlcab, None if dnll is None else dnll.view(1, N, 1)), dlp)
+    d = tsum(None if dgr is None else (dgr.view(1, N, 1) if dgr.dim() else dgr) * (lp.exp() - E),
+             g * tsub(None if dlp is None else lp.exp() * dlp, dE))
+    return d.masked_fill(~in_use, 0.0)
+
+
 # ---- attention ----------------------------------------------------------------------
 
 
@@ -606,6 +667,10 @@ def _sdpa_cpu_backward_jvp(t, ans, go, q, k, v, out, lse, dropout_p, is_causal, 
         dgq = dgk = dgv = None
     if all(a is None for a in (dq, dk, dv, dout, dlse, dmask)):
         return dgq, dgk, dgv
+    # Grouped-query attention: work with one key/value head per query head, and
+    # sum the key and value gradients' tangents back onto the shared heads.
+    groups = kv_groups(q, k)
+    k, v, dk, dv = (repeat_kv(a, groups) for a in (k, v, dk, dv))
     p = _attention_probs(q, k, lse, attn_mask, is_causal, scale)
     # Tangent of P = exp(S - lse).
     ds_in = tsum(None if dq is None else (dq @ k.transpose(-2, -1)) * scale,
@@ -619,11 +684,12 @@ def _sdpa_cpu_backward_jvp(t, ans, go, q, k, v, out, lse, dropout_p, is_causal, 
     inner = tsum(None if dv is None else go @ dv.transpose(-2, -1),
                  None if dout is None else -(go * dout).sum(-1, keepdim=True))
     d_dS = tsum(None if dp is None else dp * (dP - D), tmul(p, inner))
-    dgv = tsum(dgv, None if dp is None else dp.transpose(-2, -1) @ go)
+    cv = None if dp is None else dp.transpose(-2, -1) @ go
     dS = p * (dP - D)
+    ck = None
     if d_dS is not None:
         dgq = tsum(dgq, (d_dS @ k) * scale)
-        dgk = tsum(dgk, (d_dS.transpose(-2, -1) @ q) * scale)
+        ck = (d_dS.transpose(-2, -1) @ q) * scale
     dgq = tsum(dgq, None if dk is None else (dS @ dk) * scale)
-    dgk = tsum(dgk, None if dq is None else (dS.transpose(-2, -1) @ dq) * scale)
-    return dgq, dgk, dgv
+    ck = tsum(ck, None if dq is None else (dS.transpose(-2, -1) @ dq) * scale)
+    return dgq, tsum(dgk, sum_kv(ck, groups)), tsum(dgv, sum_kv(cv, groups))

@@ -198,6 +198,23 @@ def _group_norm_jvp(t, ans, x, w, b, N, C, HxW, group, eps):
     return _affine_tangent(dxhat, w, lambda: xhat.reshape(x.shape), t[1], t[2], shape), dmean, drstd
 
 
+def weight_norm_dims(v, dim):
+    """The dimensions ``_weight_norm_interface`` reduces: all but ``dim``."""
+    dim = dim % v.dim() if v.dim() else 0
+    return [d for d in range(v.dim()) if d != dim]
+
+
+@defrule(aten._weight_norm_interface.default)
+def _weight_norm_jvp(t, ans, v, g, dim=0):
+    # w = g v / n with n = ||v|| over all dimensions but ``dim`` (kept as size 1):
+    # dn = <v, dv> / n and dw = (dg v + g dv) / n - w dn / n.
+    w, n = ans
+    dv, dg = t[0], t[1]
+    dn = None if dv is None else (v * dv).sum(weight_norm_dims(v, dim), keepdim=True) / n
+    dw = tsub(tsum(tmul(dg, v), tmul(g, dv)), tmul(w, dn))
+    return None if dw is None else dw / n, dn
+
+
 # ---- pooling and resampling ---------------------------------------------------
 
 
@@ -307,6 +324,30 @@ def _attention_probs(q, k, lse, attn_mask, is_causal, scale, in_place=False):
     return p.nan_to_num(0.0)
 
 
+def kv_groups(q, k):
+    """How many query heads share each key/value head (grouped-query attention,
+    ``enable_gqa``: the fused CPU kernel takes keys and values with fewer heads)."""
+    if q.dim() < 3 or k.dim() < 3 or q.shape[-3] == k.shape[-3]:
+        return 1
+    return q.shape[-3] // k.shape[-3]
+
+
+def repeat_kv(x, groups):
+    """Keys or values (or their tangents) repeated to one head per query head, as
+    ``enable_gqa`` pairs them: query head h reads key head h // groups."""
+    if x is None or groups == 1:
+        return x
+    return x.repeat_interleave(groups, dim=-3)
+
+
+def sum_kv(x, groups):
+    """The adjoint of ``repeat_kv``: per-query-head terms summed back onto their key head."""
+    if x is None or groups == 1:
+        return x
+    shape = x.shape[:-3] + (x.shape[-3] // groups, groups) + x.shape[-2:]
+    return x.reshape(shape).sum(-3)
+
+
 @defrule(aten._scaled_dot_product_flash_attention_for_cpu.default)
 def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
     out, lse = ans  # (the kernel itself rejects dropout_p > 0; F.sdpa then takes the math path)
@@ -322,6 +363,8 @@ def _sdpa_cpu_jvp(t, ans, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=
             q, k, tv, 0.0, is_causal, attn_mask=attn_mask, scale=scale
         )[0]
         return dout, None
+    groups = kv_groups(q, k)
+    k, v, tk, tv = (repeat_kv(a, groups) for a in (k, v, tk, tv))
     # With S = scale q k^T + mask and P = softmax(S): dP = P * (dS - rowsum(P * dS)),
     # so d out = P dV + (P * dS) V - rowsum(P * dS) out, and d lse = rowsum(P * dS).
     visible = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (q, k, attn_mask))
@@ -565,11 +608,106 @@ def _multilabel_margin_jvp(t, ans, x, target, reduction):
     return _reduce(d, reduction), None
 
 
+class CTCLattice:
+    """The alignment lattice of a CTC batch, for the alpha and beta recursions' tangents.
+
+    ``ext`` (N, S) holds each sequence's extended labels (blank, l1, blank, l2, ...,
+    blank; S = 2 max_target_length + 1), ``valid`` (N, T, S) the lattice points in
+    use (frame < input length, position < 2 target length + 1), ``skip`` (N, S)
+    whether position s may be reached from s - 2 (a label differing from the one
+    before it).  ``lp`` and ``dlp`` are log_probs and its tangent at each point.
+    """
+
+    def __init__(self, log_probs, targets, input_lengths, target_lengths, blank):
+        T, N, _ = log_probs.shape
+        dev = log_probs.device
+        self.in_len = torch.as_tensor(input_lengths, device=dev).long()
+        self.tg_len = torch.as_tensor(target_lengths, device=dev).long()
+        L = int(self.tg_len.max()) if N else 0
+        if targets.dim() == 1:  # concatenated targets
+            starts = torch.cumsum(self.tg_len, 0) - self.tg_len
+            pos = (starts.unsqueeze(1) + torch.arange(L, device=dev)).clamp_max(max(targets.numel() - 1, 0))
+            labels = targets[pos] if targets.numel() else torch.zeros(N, L, dtype=torch.long, device=dev)
+        else:
+            labels = targets[:, :L]
+        labels = labels.long().masked_fill(torch.arange(L, device=dev) >= self.tg_len.unsqueeze(1), blank)
+        S = 2 * L + 1
+        self.ext = torch.full((N, S), blank, dtype=torch.long, device=dev)
+        self.ext[:, 1::2] = labels
+        s = torch.arange(S, device=dev)
+        self.S_len = 2 * self.tg_len + 1
+        frames = torch.arange(T, device=dev)
+        self.valid = (frames.view(1, T, 1) < self.in_len.view(N, 1, 1)) & (s.view(1, 1, S) < self.S_len.view(N, 1, 1))
+        before = torch.cat([torch.full((N, 2), -1, dtype=torch.long, device=dev), self.ext[:, :-2]], 1)
+        self.skip = (self.ext != blank) & (self.ext != before) & (s >= 2)
+        self.shape = (N, T, S)
+
+    def gather(self, x):
+        """x (T, N, C) at each lattice point's label: (N, T, S)."""
+        T, N, _ = x.shape
+        return x.transpose(0, 1).gather(2, self.ext.unsqueeze(1).expand(N, T, -1))
+
+
+def _shifted(x, k, fill):
+    """x (N, S) moved k places along S (right for k > 0, left for k < 0), filled with ``fill``."""
+    pad = torch.full(x.shape[:-1] + (abs(k),), fill, dtype=x.dtype, device=x.device)
+    return torch.cat([pad, x[..., :-k]], -1) if k > 0 else torch.cat([x[..., -k:], pad], -1)
+
+
+def _lse_step(candidates, dcandidates):
+    """log-sum-exp of the stacked candidates and its tangent (zero where all are -inf)."""
+    m = torch.logsumexp(candidates, 0)
+    w = torch.where(m.isinf(), 0.0, (candidates - m).exp())
+    return m, (w * dcandidates).sum(0)
+
+
+def ctc_alpha_tangent(lattice, log_alpha, lp, dlp):
+    """Tangent of the forward variables log_alpha (N, T, S) along log-probability tangents."""
+    N, T, S = lattice.shape
+    la = log_alpha.masked_fill(~lattice.valid, float("-inf"))
+    inf = float("-inf")
+    rows = [torch.where(torch.arange(S, device=la.device) < 2, dlp[:, 0], 0.0).masked_fill(~lattice.valid[:, 0], 0.0)]
+    for t in range(1, T):
+        prev, dprev = la[:, t - 1], rows[-1]
+        c = torch.stack([prev, _shifted(prev, 1, inf), _shifted(prev, 2, inf).masked_fill(~lattice.skip, inf)])
+        dc = torch.stack([dprev, _shifted(dprev, 1, 0.0), _shifted(dprev, 2, 0.0)])
+        _, d = _lse_step(c, dc)
+        rows.append((dlp[:, t] + d).masked_fill(~lattice.valid[:, t] | la[:, t].isinf(), 0.0))
+    return torch.stack(rows, 1)
+
+
+def ctc_beta(lattice, lp, dlp):
+    """The backward variables log_beta (N, T, S) and their tangent."""
+    N, T, S = lattice.shape
+    inf = float("-inf")
+    s = torch.arange(S, device=lp.device)
+    last = lattice.in_len - 1
+    ends = (s == (lattice.S_len - 1).unsqueeze(1)) | (s == (lattice.S_len - 2).unsqueeze(1))  # (N, S)
+    skip_next = _shifted(lattice.skip, -2, False)  # s may reach s + 2
+    nxt, dnxt = torch.full((N, S), inf, dtype=lp.dtype, device=lp.device), torch.zeros((N, S), dtype=lp.dtype, device=lp.device)
+    betas, dbetas = [None] * T, [None] * T
+    for t in range(T - 1, -1, -1):
+        c = torch.stack([nxt, _shifted(nxt, -1, inf), _shifted(nxt, -2, inf).masked_fill(~skip_next, inf)])
+        dc = torch.stack([dnxt, _shifted(dnxt, -1, 0.0), _shifted(dnxt, -2, 0.0)])
+        m, d = _lse_step(c, dc)
+        at_end = (t == last).unsqueeze(1)
+        before_end = (t < last).unsqueeze(1)
+        cur = torch.where(at_end & ends, lp[:, t], torch.where(before_end, lp[:, t] + m, inf))
+        dcur = torch.where(at_end & ends, dlp[:, t], torch.where(before_end, dlp[:, t] + d, 0.0))
+        ok = lattice.valid[:, t] & ~cur.isinf()
+        cur, dcur = cur.masked_fill(~ok, inf), dcur.masked_fill(~ok, 0.0)
+        betas[t], dbetas[t] = cur, dcur
+        nxt, dnxt = cur, dcur
+    return torch.stack(betas, 1), torch.stack(dbetas, 1)
+
+
 def _ctc_jvp(t, ans, log_probs, targets, input_lengths, target_lengths, blank=0, zero_infinity=False):
     """The loss of each sequence is a scalar, so its tangent is <dL/dlog_probs, t>: one
     backward pass (the alpha-beta recursion).  ATen's backward returns the gradient
     for log-softmax inputs, exp(log_probs) + dL/dlog_probs on the frames in use;
-    the exp term is taken back out so that any input direction is right."""
+    the exp term is taken back out so that any input direction is right.  The
+    forward variables log_alpha get their tangent from the alpha recursion when
+    autograd records (the backward op reads them: forward over reverse needs it)."""
     nll, log_alpha = ans
     backward = aten._ctc_loss_backward.Tensor if isinstance(input_lengths, torch.Tensor) \
         else aten._ctc_loss_backward.default
@@ -581,8 +719,12 @@ def _ctc_jvp(t, ans, log_probs, targets, input_lengths, target_lengths, blank=0,
         if log_probs.dim() == 3 else (frames < lengths).unsqueeze(1)
     grad = grad - log_probs.exp() * in_use
     d = (grad * t[0]).sum((0, -1)) if log_probs.dim() == 3 else (grad * t[0]).sum()
+    dalpha = None
+    if log_probs.dim() == 3 and torch.is_grad_enabled():  # (only a backward pass reads it)
+        lattice = CTCLattice(log_probs, targets, input_lengths, target_lengths, blank)
+        dalpha = ctc_alpha_tangent(lattice, log_alpha, lattice.gather(log_probs), lattice.gather(t[0]))
     # an impossible alignment has an infinite loss that no small change makes finite
-    return torch.where(nll.isinf(), 0.0, d), None
+    return torch.where(nll.isinf(), 0.0, d), dalpha
 
 
 defrule(aten._ctc_loss.default, aten._ctc_loss.Tensor)(_ctc_jvp)

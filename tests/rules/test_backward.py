@@ -193,3 +193,66 @@ def test_attention_backward_rule(mask, slice_mode):
     assert calls
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b)
+
+
+# ---- CTC: PyTorch has no double backward for _ctc_loss_backward ------------------------
+
+
+def _ctc_case(concatenated, impossible):
+    gen = torch.Generator().manual_seed(0)
+    T, N, C = 7, 3, 5
+    x = torch.randn(T, N, C, dtype=torch.float64, generator=gen)
+    targets = torch.tensor([[1, 2, 2], [3, 1, 0], [4, 0, 0]])
+    in_lens, tg_lens = torch.tensor([7, 6, 5]), torch.tensor([3, 2, 1])
+    if impossible:  # 1 2 2 needs 4 frames: give it 3, so its loss is infinite
+        in_lens = torch.tensor([3, 6, 5])
+    if concatenated:
+        targets = torch.cat([targets[i, :n] for i, n in enumerate(tg_lens)])
+    return x, targets, in_lens, tg_lens, torch.randn(T, N, C, dtype=torch.float64, generator=gen)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("concatenated", [False, True])
+@pytest.mark.parametrize("impossible", [False, True])
+def test_ctc_loss_hvp(reduction, concatenated, impossible):
+    x, targets, in_lens, tg_lens, v = _ctc_case(concatenated, impossible)
+    weights = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+
+    def loss(x):
+        out = F.ctc_loss(x.log_softmax(-1), targets, in_lens, tg_lens, reduction=reduction,
+                         zero_infinity=impossible)
+        return (out * weights).sum() if reduction == "none" else out
+
+    def grad_at(h):
+        xx = (x + h * v).requires_grad_()
+        return torch.autograd.grad(loss(xx), xx)[0]
+
+    with spy_rule(aten._ctc_loss_backward.Tensor) as calls:
+        hv = fwdgrad.hvp(loss, x, v)
+    assert calls
+    torch.testing.assert_close(hv, (grad_at(1e-6) - grad_at(-1e-6)) / 2e-6, rtol=1e-6, atol=1e-8)
+
+
+def test_ctc_loss_backward_rule_in_every_argument():
+    # Each argument perturbed on its own (the saved loss and log_alpha included),
+    # against central differences of the kernel itself.
+    x, targets, in_lens, tg_lens, _ = _ctc_case(False, False)
+    lp = x.log_softmax(-1)
+    nll, la = aten._ctc_loss.Tensor(lp, targets, in_lens, tg_lens, 0, False)
+    from fwdgrad.rules.nn import CTCLattice
+
+    valid = CTCLattice(lp, targets, in_lens, tg_lens, 0).valid & ~la.isinf()
+    la = la.masked_fill(~valid, float("-inf"))  # (the kernel leaves the rest uninitialised)
+    gen = torch.Generator().manual_seed(1)
+    gr = torch.randn(3, dtype=torch.float64, generator=gen)
+    primals = (gr, lp, nll, la)
+    tangents = [torch.randn(a.shape, dtype=torch.float64, generator=gen) for a in primals]
+    tangents[3] = tangents[3].masked_fill(~valid, 0.0)
+
+    def op(gr, lp, nll, la):
+        return aten._ctc_loss_backward.Tensor(gr, lp, targets, in_lens, tg_lens, nll, la, 0, False)
+
+    _, ours = fwdgrad.jvp(op, primals, tuple(tangents))
+    plus = op(*[a + 1e-6 * t for a, t in zip(primals, tangents)])
+    minus = op(*[a - 1e-6 * t for a, t in zip(primals, tangents)])
+    torch.testing.assert_close(ours, (plus - minus) / 2e-6, rtol=1e-6, atol=1e-8)
