@@ -710,39 +710,16 @@ def _swap_back(p, d, name, force):
 
 
 def hvp(loss, params, v, *, process_group=None, weight=None):
-    """Hessian-vector product ``H v`` of a scalar ``loss``, forward over reverse, in one pass.
-
-    ``params`` is a tensor, a list/tuple of tensors or a dict of tensors, and
-    ``v`` matches it exactly (structure, shapes and dtypes).  ``loss`` is either
-
-    * pure: ``loss(params)`` for a tensor or dict, ``loss(*params)`` for a sequence, or
-    * a closure ``loss()`` that reads the parameters where they live, e.g.
-      ``hvp(lambda: F.cross_entropy(model(x), y), dict(model.named_parameters()), v)``.
-      The parameters stay the same objects with the same values; ``.grad`` is
-      not touched.
-
-    Returns ``H v`` in the structure of ``params``.  It is not differentiable;
-    compose :func:`fwdgrad.jvp` and :func:`grad` for higher derivatives.
-
-    Data parallel: with ``process_group=`` each rank passes its own shard's
-    loss and the result is the Hessian of the mean of the ranks' losses,
-    weighted by each rank's ``weight=`` (default 1), from one all-reduce.  The
-    closure form over a DistributedDataParallel model's parameters reduces
-    over the model's group by itself (see :doc:`distributed`).
-
-    >>> import torch, fwdgrad
-    >>> w = torch.tensor([1.0, 2.0])
-    >>> fwdgrad.hvp(lambda w: (w ** 3).sum(), w, torch.tensor([1.0, 0.0]))
-    tensor([6., 0.])
-    """
+    """The unbatched ``H v`` of :func:`fwdgrad.hvp` (whose docstring is the contract),
+    from one forward-over-reverse pass."""
     return _forward_over_reverse(loss, params, v, "hvp", process_group, weight)[2]
 
 
 def value_grad_and_hvp(loss, params, v, *, process_group=None, weight=None):
-    """``(loss_value, grad, H v)`` from the single forward-over-reverse pass of :func:`hvp`.
+    """``(loss_value, grad, H v)`` from the single forward-over-reverse pass of :func:`fwdgrad.hvp`.
 
     The gradient is the primal of that pass, so it costs nothing extra.
-    ``process_group=`` and ``weight=`` reduce all three as in :func:`hvp`.
+    ``process_group=`` and ``weight=`` reduce all three as in :func:`fwdgrad.hvp`.
 
     >>> import torch, fwdgrad
     >>> w = torch.tensor([1.0, 2.0])
