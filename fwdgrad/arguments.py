@@ -12,9 +12,15 @@ import inspect
 import torch
 from torch.utils import _pytree as pytree
 
+from .dtensor import check_layout
 from .errors import ArgumentTypeError, ArgumentValueError
 from .functorch_layers import lift_input, strip
 from .interpreter import Dual, tangent_of
+
+try:
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+except ImportError:  # no torch.distributed in this build
+    AsyncCollectiveTensor = ()
 
 
 def is_float(x):
@@ -145,6 +151,7 @@ def check_tangent(name, where, p, t):
         raise ArgumentValueError(
             f"{name}: the tangent of {where} is on {t.device} but {where} is on {p.device}"
         )
+    check_layout(name, where, p, t)
 
 
 def checked_leaves(name, primals, tangents, prefix="primals"):
@@ -187,6 +194,8 @@ def primal_and_tangent(d):
 
 def lower_output(o, level):
     """``(primal, tangent)`` of an output at ``level``; a zero tangent is materialised."""
+    if isinstance(o, AsyncCollectiveTensor):  # a functional collective's result wraps our dual
+        o = o.trigger_wait()
     o = strip(o)
     if isinstance(o, Dual) and o._level == level:
         return primal_and_tangent(o)

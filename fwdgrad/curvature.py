@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .arguments import check_callable, check_outside_functorch, check_scalar_output
+from .distributed import check_group, ddp_holding, weighted_mean
 from .jacobian import batched_jvp
 from .reverse import (
     _flatten_params, _free_graph, _holder, _is_closure, _swap, _swap_all_back, detach_keeping_tangents, grad,
@@ -157,6 +158,12 @@ def _batched_hvp(loss, params, V, name):
     p_leaves, v_leaves, rebuild, k = _checked(params, V, True, name)
     pure_args = _pure_args(params, p_leaves)
     if _is_closure(loss, pure_args):
+        if any(p._use_count() > 1 for p in p_leaves) and ddp_holding(p_leaves) is not None:
+            raise NotImplementedError(
+                f"{name}: batched=True cannot take the closure form over a DistributedDataParallel "
+                f"model's parameters (its reducer holds them); call the wrapped model.module in the "
+                f"loss with process_group=model.process_group, or use batched=False"
+            )
         fresh = [_fresh(p).requires_grad_() for p in p_leaves]
         grad_fn = _Swapped(p_leaves, _grads_of_closure(loss, name), name)
         _, out = batched_jvp(grad_fn, tuple(fresh), tuple(v_leaves), False, name)
@@ -182,7 +189,7 @@ def _scalar(loss, name):
     return scalar_loss
 
 
-def hvp(loss, params, v, *, batched=False):
+def hvp(loss, params, v, *, batched=False, process_group=None, weight=None):
     """Hessian-vector product ``H v`` of a scalar ``loss``, forward over reverse, in one pass.
 
     ``params`` is a tensor, a list/tuple of tensors or a dict of tensors, and
@@ -202,6 +209,12 @@ def hvp(loss, params, v, *, batched=False):
     computed once and the ``k`` tangents go through one vectorised
     (``torch.vmap``) replay of the recorded tangent program.
 
+    Data parallel: with ``process_group=`` each rank passes its own shard's
+    loss and the result is the Hessian of the mean of the ranks' losses,
+    weighted by each rank's ``weight=`` (default 1), from one all-reduce.  The
+    closure form over a DistributedDataParallel model's parameters reduces
+    over the model's group by itself (unbatched; see :doc:`distributed`).
+
     >>> import torch, fwdgrad
     >>> w = torch.tensor([1.0, 2.0])
     >>> fwdgrad.hvp(lambda w: (w ** 3).sum(), w, torch.tensor([1.0, 0.0]))
@@ -211,8 +224,13 @@ def hvp(loss, params, v, *, batched=False):
             [ 0., 12.]])
     """
     if batched:
-        return _batched_hvp(loss, params, v, "hvp")
-    return _hvp(loss, params, v)
+        group, weight = check_group(process_group, weight, "hvp")
+        out = _batched_hvp(loss, params, v, "hvp")
+        if group is None:
+            return out
+        leaves, spec = pytree.tree_flatten(out)
+        return pytree.tree_unflatten(weighted_mean(leaves, group, weight, "hvp"), spec)
+    return _hvp(loss, params, v, process_group=process_group, weight=weight)
 
 
 # --------------------------------------------------------------------------

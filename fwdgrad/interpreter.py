@@ -27,6 +27,7 @@ import torch
 from torch._C import _functorch as _ft
 
 from . import ops, registry
+from .dtensor import MIXED_DTENSOR, is_dtensor
 
 _make_wrapper = torch.Tensor._make_wrapper_subclass
 _restore_autograd = torch._C._RestorePythonTLSSnapshot
@@ -208,6 +209,14 @@ class Dual(torch.Tensor):
         if kwargs is None:
             kwargs = {}
         with _disable_torch_function():
+            try:
+                return func(*args, **kwargs)
+            except RuntimeError as e:
+                # A DTensor argument ahead of a dual got the op first and refused
+                # the dual: lift the DTensor constants to duals and dispatch again.
+                if MIXED_DTENSOR not in str(e):
+                    raise
+                args, kwargs = _lift_dtensors(args, kwargs)
             return func(*args, **kwargs)
 
     @classmethod
@@ -245,6 +254,24 @@ def _tolist(d):
     if torch._C._len_torch_dispatch_stack():
         _aten._local_scalar_dense.default(_aten.sum.default(p.detach()))
     return p.tolist()
+
+
+def _lift_dtensors(args, kwargs):
+    """DTensor constants among ``args``/``kwargs`` as duals (zero tangent) of the top level."""
+    flat = [a for a in list(args) + list(kwargs.values()) for a in (a if isinstance(a, (list, tuple)) else (a,))]
+    level = None
+    for a in flat:
+        if isinstance(a, Dual) and (level is None or (a._level != level and _deeper(a._level, level))):
+            level = a._level
+    if level is None:
+        return args, kwargs
+
+    def lift(a):
+        if isinstance(a, (list, tuple)):
+            return type(a)(lift(b) for b in a)
+        return Dual(a, None, level) if is_dtensor(a) else a
+
+    return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
 
 
 def strip(x):
@@ -311,6 +338,7 @@ def _like_storage(t, primal):
 # Per-op entries, made once per OpOverload: its kind, its rule, its C++ entry point.
 
 FUNCTIONAL, VIEW, INPLACE, INPLACE_VIEW, OUT = ops.FUNCTIONAL, ops.VIEW, ops.INPLACE, ops.INPLACE_VIEW, ops.OUT
+COLLECTIVE = "collective"
 
 
 class OpEntry:
@@ -324,6 +352,8 @@ class OpEntry:
         self._rule = None
         self._functional = None
         self.kind, self.out_args = ops.kind_of(func)
+        if registry.is_collective(func):
+            self.kind = COLLECTIVE
 
     @property
     def rule(self):
@@ -573,6 +603,8 @@ def _dispatch(func, entry, args, kwargs, level, pargs, targs, pkwargs, tkwargs, 
         return _inplace(func, entry, args, pargs, pkwargs, targs, tkwargs, any_t, level)
     if kind is INPLACE_VIEW:
         return _inplace_view(func, entry, args, pargs, pkwargs, level)
+    if kind is COLLECTIVE:
+        return _collective(func, entry, args, pargs, pkwargs, targs, tkwargs, level)
     return _out(func, entry, kwargs, pargs, pkwargs, targs, tkwargs, level)
 
 
@@ -784,3 +816,39 @@ def _out(func, entry, kwargs, pargs, pkwargs, targs, tkwargs, level):
                 f"that has none at this level; use the out-of-place op."
             )
     return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _collective(func, entry, args, pargs, pkwargs, targs, tkwargs, level):
+    """A ``torch.distributed`` collective: its rule runs the primal and the tangent
+    collectives together, on every call, so that every rank issues the same ones
+    whether or not its tangent is zero.  An in-place one writes the primals
+    itself and names the arguments whose tangents it wrote."""
+    ans, t = entry.rule(_tangents(targs, tkwargs), *pargs, **pkwargs)
+    if not isinstance(t, dict):
+        return _wrap(func, ans, t, level)
+    for where, ti in t.items():
+        pos, index = where if isinstance(where, tuple) else (where, None)
+        d = args[pos] if index is None else args[pos][index]
+        if isinstance(d, Dual) and d._level == level:
+            write_tangent(d, ti)
+        else:
+            raise RuntimeError(
+                f"fwdgrad: the collective {func} writes into a tensor that is not a dual of this "
+                f"transform; build it from the function's inputs (e.g. torch.empty_like(x))"
+            )
+    # The op's result holds the written primals: hand back their duals instead.
+    duals = {}
+    for a in args:
+        for b in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(b, Dual) and b._level == level:
+                duals[id(b._primal)] = b
+    return _rewrap(ans, duals)
+
+
+def _rewrap(x, duals):
+    if isinstance(x, torch.Tensor):
+        return duals.get(id(x), x)
+    if isinstance(x, (list, tuple)):
+        out = [_rewrap(y, duals) for y in x]
+        return tuple(out) if isinstance(x, tuple) else out
+    return x

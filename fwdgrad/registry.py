@@ -71,6 +71,8 @@ def rule_for(func):
     rule = RULES.get(func)
     if rule is not None:
         return rule
+    if is_collective(func):
+        return _no_collective_rule(func)
     if _fallback is None:
         raise NotImplementedError(f"fwdgrad has no JVP rule for {func} (and no fallback is installed)")
     return _fallback(func)
@@ -217,6 +219,48 @@ def defrule(*ops):
         return fn
 
     return decorate
+
+
+COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional")
+
+
+def is_collective(func):
+    """Whether ``func`` talks to other processes (a ``torch.distributed`` collective).
+
+    Such an op's rule runs on every call, tangent or not, because it issues
+    the collectives for the tangent: ranks whose tangent is zero must issue
+    the same ones as the others, or they would wait on each other forever.
+    """
+    return getattr(func, "namespace", None) in COLLECTIVE_NAMESPACES
+
+
+def def_collective(*ops):
+    """Declare the rule of collectives: ``rule(tangents, *args, **kwargs) -> (ans, tangent)``.
+
+    Unlike other rules it also computes the primal ``ans`` (so the primal and
+    the tangent can travel in one collective), and it runs even when every
+    tangent is zero.  An in-place collective writes its primals itself and
+    returns ``(op's result, {argument position or (position, index): tangent})``.
+    """
+
+    def decorate(fn):
+        for op in ops:
+            _declare(op, fn, "collective")
+        return fn
+
+    return decorate
+
+
+def _no_collective_rule(func):
+    def rule(t, *args, **kwargs):
+        raise NotImplementedError(
+            f"fwdgrad has no JVP rule for the collective {func}; it cannot be linearised like "
+            f"other ops, since every rank must issue the same collectives.  Use an all-reduce, "
+            f"all-gather, reduce-scatter, broadcast or all-to-all, or register a rule that issues "
+            f"the tangent's collective on every rank with fwdgrad.register_jvp"
+        )
+
+    return rule
 
 
 def def_linear(op, *argnums):

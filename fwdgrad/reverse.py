@@ -28,6 +28,8 @@ from .arguments import (
     check_argnums, check_callable, check_scalar_output, is_float, normal_mode, primal_and_tangent, split_aux,
     usable,
 )
+from .distributed import check_group, ddp_holding, watch_forwards, weighted_mean
+from .dtensor import check_layout, is_dtensor, storage_ptr
 from .errors import ArgumentTypeError, ArgumentValueError
 from .functorch_layers import inside_functorch, level_scope, lift_input
 from .functorch_layers import strip as functorch_strip
@@ -102,11 +104,13 @@ def _checked_leaves(args, nums, name):
     return specs, leaves_per_arg
 
 
-def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
+def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=None, weight=None):
+    group, weight = check_group(process_group, weight, name)
     nums, many = check_argnums(argnums, len(args), name), isinstance(argnums, tuple)
     args = list(args)
     specs, leaves_per_arg = _checked_leaves(args, nums, name)
     if inside_functorch():
+        _check_no_group_inside_functorch(group, name)
         return _functorch_value_and_grad(func, argnums, has_aux, args, kwargs, name)
     outer_grad = torch.is_grad_enabled()
     originals = [x for leaves in leaves_per_arg for x in leaves]
@@ -116,7 +120,8 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
             fresh = [_input_leaf(x) for x in leaves]
             inputs.extend(fresh)
             args[n] = pytree.tree_unflatten(fresh, spec)
-        out = func(*args, **kwargs)
+        with watch_forwards() as ddps:
+            out = func(*args, **kwargs)
         out, aux = split_aux(out, has_aux, name)
         check_scalar_output(out, name)
         # Keep the graph of the backward pass only if someone may differentiate
@@ -125,6 +130,14 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
         create_graph = outer_grad and (
             any(x.requires_grad for x in originals) or _reaches_other_leaves(out, inputs)
         )
+        if ddps is not None:
+            ddps.check_reduced(group, name)
+        if group is not None and create_graph:
+            raise NotImplementedError(
+                f"{name}: with process_group=, the gradient cannot be differentiated again by "
+                f"reverse mode (the all-reduce is not recorded by autograd); forward mode over it "
+                f"(fwdgrad.jvp, fwdgrad.hvp) works"
+            )
         if out.requires_grad:
             try:
                 grads = torch.autograd.grad(
@@ -138,12 +151,23 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name):
     if not create_graph:
         out = detach_keeping_tangents(out)
         aux = pytree.tree_map_only(torch.Tensor, detach_keeping_tangents, aux)
+    if group is not None:
+        out, *grads = weighted_mean([out, *grads], group, weight, name)
     grads = iter(grads)
     results = []
     for leaves, spec in zip(leaves_per_arg, specs):
         results.append(pytree.tree_unflatten([next(grads) for _ in leaves], spec))
     g = tuple(results) if many else results[0]
     return out, g, aux
+
+
+def _check_no_group_inside_functorch(group, name):
+    if group is not None:
+        raise NotImplementedError(
+            f"{name}: process_group= cannot be used inside a torch.func transform (the all-reduce "
+            f"would see functorch's wrappers, not tensors); call {name} with process_group= outside "
+            f"it, or reduce the transform's results yourself"
+        )
 
 
 def _functorch_value_and_grad(func, argnums, has_aux, args, kwargs, name):
@@ -227,7 +251,7 @@ def _jacobian_rows(out, inputs, create_graph):
     return jacs
 
 
-def grad(func, argnums=0, *, has_aux=False):
+def grad(func, argnums=0, *, has_aux=False, process_group=None, weight=None):
     """Reverse-mode gradient of a scalar-valued ``func``, as a function (``torch.func.grad``'s interface).
 
     ``grad(f)(x)`` is ``df/dx``; ``argnums`` (an int or a tuple of ints) picks
@@ -235,6 +259,11 @@ def grad(func, argnums=0, *, has_aux=False):
     tensors.  With ``has_aux=True``, ``func`` returns ``(output, aux)`` and the
     result is ``(gradient, aux)``.  It composes with fwdgrad's transforms in
     both directions (``jvp(grad(f))`` is forward over reverse) and with itself.
+
+    With ``process_group=`` (a ``torch.distributed`` group) each rank passes
+    its own shard, and the gradient is that of the global mean of the ranks'
+    losses, weighted by each rank's ``weight=`` (default 1; see
+    :doc:`distributed`).
 
     >>> import torch, fwdgrad
     >>> x = torch.tensor([1.0, 2.0])
@@ -248,16 +277,17 @@ def grad(func, argnums=0, *, has_aux=False):
     @normal_mode
     def grad_f(*args, **kwargs):
         with State(func).undone_on_error():
-            _, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
+            _, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group, weight)
         return (g, aux) if has_aux else g
 
     return grad_f
 
 
-def value_and_grad(func, argnums=0, *, has_aux=False):
+def value_and_grad(func, argnums=0, *, has_aux=False, process_group=None, weight=None):
     """Like :func:`grad`, but the function returns ``(value, gradient)`` from the same pass.
 
     With ``has_aux=True`` it returns ``((value, aux), gradient)`` (JAX's convention).
+    ``process_group=`` and ``weight=`` reduce the value and the gradient as in :func:`grad`.
 
     >>> import torch, fwdgrad
     >>> v, g = fwdgrad.value_and_grad(lambda x: (x ** 2).sum())(torch.tensor([1.0, 2.0]))
@@ -271,7 +301,7 @@ def value_and_grad(func, argnums=0, *, has_aux=False):
     @normal_mode
     def value_and_grad_f(*args, **kwargs):
         with State(func).undone_on_error():
-            out, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name)
+            out, g, aux = _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group, weight)
         return ((out, aux), g) if has_aux else (out, g)
 
     return value_and_grad_f
@@ -344,6 +374,7 @@ def _flatten_params(params, v, name):
             raise ArgumentValueError(f"{name}: v{k} has dtype {t.dtype} but params{k} has dtype {p.dtype}")
         if t.device != p.device:
             raise ArgumentValueError(f"{name}: v{k} is on {t.device} but params{k} is on {p.device}")
+        check_layout(name, f"params{k}", p, t)
     return keys, p_leaves, v_leaves, rebuild
 
 
@@ -439,11 +470,11 @@ def _storage_ptr(t):
     t = strip(t)
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return None  # no storage to compare (inside torch.func): _own copies
-    return t.untyped_storage().data_ptr()
+    return storage_ptr(t)
 
 
 @normal_mode
-def _forward_over_reverse(loss, params, v, name):
+def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None):
     """One forward-over-reverse pass: ``(value, grads, Hvs)``.
 
     Under ``torch.compile`` it is traced into the graph when Dynamo traces
@@ -453,24 +484,41 @@ def _forward_over_reverse(loss, params, v, name):
     cannot take dual cotangents.
     """
     if torch.compiler.is_compiling() and not torch._dynamo.config.trace_autograd_ops:
-        return _forward_over_reverse_eager(loss, params, v, name)
+        return _forward_over_reverse_eager(loss, params, v, name, process_group, weight)
     check_callable(loss, name, "loss")
+    group, weight = check_group(process_group, weight, name)
     keys, p_leaves, v_leaves, rebuild = _flatten_params(params, v, name)
     if isinstance(params, (list, tuple)):
         pure_args = p_leaves
     else:
         pure_args = [params]
     closure = _is_closure(loss, pure_args)
+    if closure and any(is_dtensor(p) for p in p_leaves):
+        raise NotImplementedError(
+            f"{name}: the closure form cannot swap DTensor parameters (FSDP2 fully_shard or "
+            f"distribute_module) for duals; use the pure form, e.g. loss(params) with "
+            f"torch.func.functional_call on a module that does not shard by itself"
+        )
+    held = frozenset()
+    if closure and any(p._use_count() > 1 for p in p_leaves):
+        # DDP's reducer holds its parameters for good: not a pending graph.
+        ddp = ddp_holding(p_leaves)
+        if ddp is not None:
+            held = frozenset(id(p) for p in p_leaves)
+            if group is None:
+                group, weight = check_group(ddp.process_group, None, name)
+    if group is not None and inside_functorch():
+        _check_no_group_inside_functorch(group, name)
     # A direction that is itself a parameter object (v = params, for H @ w) would
     # become its own dual when the closure form swaps that object: use an alias.
     v_leaves = [usable(t.detach()) if any(t is p for p in p_leaves) else usable(t) for t in v_leaves]
-    with level_scope() as level, State(loss).undone_on_error():
+    with level_scope() as level, State(loss).undone_on_error(), watch_forwards() as ddps:
         duals = [
             Dual(_hvp_primal(usable(p), level), t, level, requires_grad=True)
             for p, t in zip(p_leaves, v_leaves)
         ]
         if closure:
-            value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name)
+            value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name, held)
         else:
             call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
             try:
@@ -480,6 +528,14 @@ def _forward_over_reverse(loss, params, v, name):
                 _free_graph(e)
                 raise
         del duals
+    if ddps is not None:
+        ddps.check_reduced(group, name)
+    if group is not None:
+        n = len(p_leaves)
+        gs = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, p_leaves)]
+        hvs = [torch.zeros_like(p) if h is None else h for h, p in zip(hvs, p_leaves)]
+        value, *rest = weighted_mean([value, *gs, *hvs], group, weight, name)
+        gs, hvs = rest[:n], rest[n:]
     # Under torch.compile storages have no address to compare: copy every result.
     foreign = None if torch.compiler.is_compiling() else {_storage_ptr(x) for x in p_leaves + v_leaves}
     grads = [_own(g, p, foreign) for g, p in zip(gs, p_leaves)]
@@ -496,20 +552,23 @@ def _hvp_primal(p, level):
     return detach_keeping_tangents(p)
 
 
-def _in_closure(loss, keys, params, duals, level, name):
+def _in_closure(loss, keys, params, duals, level, name, held=frozenset()):
     """Run the closure with each live parameter object temporarily turned into its dual.
 
     Whatever happens (an exception or a ``KeyboardInterrupt`` at any point),
     every parameter is swapped back: the swaps and their bookkeeping run with
     SIGINT deferred (``Deferred``), and on an exception the partial graph is
-    freed before the swap back.
+    freed before the swap back.  ``held``: ids of parameters that a DDP
+    reducer holds; those references are not a pending graph (the reducer goes
+    on seeing the original tensors, which the swap moves to the duals' objects
+    and back).
     """
     seen = set()
     for k, p in zip(keys, params):
         if id(p) in seen:
             raise ArgumentValueError(f"{name}: params{k} appears twice in params")
         seen.add(id(p))
-        holder = _holder(p)
+        holder = None if id(p) in held else _holder(p)
         if holder is not None:
             raise RuntimeError(
                 f"{name}: cannot use params{k} in the closure form: {holder}.  Call hvp "
@@ -520,7 +579,7 @@ def _in_closure(loss, keys, params, duals, level, name):
     try:
         with Deferred():
             for p, d in zip(params, duals):
-                swapped.append((p, d, _swap(p, d)))
+                swapped.append((p, d, _swap(p, d, force=id(p) in held)))
         return _loss_and_grads(loss, (), params, level, name)
     except BaseException as e:
         # The traceback's frames hold the partial graph, which holds the
@@ -530,7 +589,7 @@ def _in_closure(loss, keys, params, duals, level, name):
         raise
     finally:
         with Deferred():
-            _swap_all_back(swapped, name, force=raised)
+            _swap_all_back(swapped, name, force=raised, held=held)
 
 
 def _free_graph(e):
@@ -553,11 +612,14 @@ def _free_graph(e):
     gc.collect()
 
 
-def _swap_all_back(swapped, name, force):
+def _swap_all_back(swapped, name, force, held=frozenset()):
     failed = []
     for p, d, hook in reversed(swapped):
         try:
-            _swap_back(p, d, name, force)
+            if id(p) in held:  # the DDP reducer's references are expected
+                _swap(p, d, block=False, force=True)
+            else:
+                _swap_back(p, d, name, force)
         except RuntimeError as e:
             failed.append(e)  # restore the others before reporting
             continue
@@ -647,33 +709,17 @@ def _swap_back(p, d, name, force):
             ) from None
 
 
-def hvp(loss, params, v):
-    """Hessian-vector product ``H v`` of a scalar ``loss``, forward over reverse, in one pass.
-
-    ``params`` is a tensor, a list/tuple of tensors or a dict of tensors, and
-    ``v`` matches it exactly (structure, shapes and dtypes).  ``loss`` is either
-
-    * pure: ``loss(params)`` for a tensor or dict, ``loss(*params)`` for a sequence, or
-    * a closure ``loss()`` that reads the parameters where they live, e.g.
-      ``hvp(lambda: F.cross_entropy(model(x), y), dict(model.named_parameters()), v)``.
-      The parameters stay the same objects with the same values; ``.grad`` is
-      not touched.
-
-    Returns ``H v`` in the structure of ``params``.  It is not differentiable;
-    compose :func:`fwdgrad.jvp` and :func:`grad` for higher derivatives.
-
-    >>> import torch, fwdgrad
-    >>> w = torch.tensor([1.0, 2.0])
-    >>> fwdgrad.hvp(lambda w: (w ** 3).sum(), w, torch.tensor([1.0, 0.0]))
-    tensor([6., 0.])
-    """
-    return _forward_over_reverse(loss, params, v, "hvp")[2]
+def hvp(loss, params, v, *, process_group=None, weight=None):
+    """The unbatched ``H v`` of :func:`fwdgrad.hvp` (whose docstring is the contract),
+    from one forward-over-reverse pass."""
+    return _forward_over_reverse(loss, params, v, "hvp", process_group, weight)[2]
 
 
-def value_grad_and_hvp(loss, params, v):
-    """``(loss_value, grad, H v)`` from the single forward-over-reverse pass of :func:`hvp`.
+def value_grad_and_hvp(loss, params, v, *, process_group=None, weight=None):
+    """``(loss_value, grad, H v)`` from the single forward-over-reverse pass of :func:`fwdgrad.hvp`.
 
     The gradient is the primal of that pass, so it costs nothing extra.
+    ``process_group=`` and ``weight=`` reduce all three as in :func:`fwdgrad.hvp`.
 
     >>> import torch, fwdgrad
     >>> w = torch.tensor([1.0, 2.0])
@@ -681,7 +727,7 @@ def value_grad_and_hvp(loss, params, v):
     >>> float(value), g, hv
     (9.0, tensor([ 3., 12.]), tensor([ 6., 12.]))
     """
-    return _forward_over_reverse(loss, params, v, "value_grad_and_hvp")
+    return _forward_over_reverse(loss, params, v, "value_grad_and_hvp", process_group, weight)
 
 
 __all__ = ["grad", "value_and_grad", "hvp", "value_grad_and_hvp", "jacobian_by_reverse"]

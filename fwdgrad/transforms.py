@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 from .arguments import (
     check_callable, check_tangent, drop_level, lift, normal_mode, split_aux, split_outputs,
 )
+from .distributed import watch_forwards
 from .errors import ArgumentTypeError, ArgumentValueError
 from .functorch_layers import level_scope, lift_input
 from .interpreter import Dual
@@ -78,7 +79,7 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, 
         return jvp_traced(func, primals, tangents, has_aux, compile)
     with level_scope() as level:
         duals = lift(tuple(primals), tuple(tangents), level, name)
-        with State(func).undone_on_error():
+        with State(func).undone_on_error(), watch_forwards():
             out = func(*duals)
         out, aux = split_aux(out, has_aux, name)
         primal_out, tangent_out = split_outputs(out, level, name, strict)
@@ -133,7 +134,7 @@ def forward_grad(func, *, has_aux=False, trace=False, compile=False):
                     args.append(Dual(lift_input(p, level), t, level, requires_grad=p.requires_grad))
                 else:
                     args.append(lift(p, t, level, name, prefix=where))
-            with State(func).undone_on_error():
+            with State(func).undone_on_error(), watch_forwards():
                 out = func(*args, **kwargs)
             out, aux = split_aux(out, has_aux, name)
             r, dr = split_outputs(out, level, name)

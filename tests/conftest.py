@@ -14,6 +14,7 @@ OPT_IN = {
     "sweep": "a long fault-injection sweep",
     "deep": "a three-deep torch.func composition beyond the default sample",
     "compile": "runs inductor (a C++ compile)",
+    "heavy": "4-process distributed runs",
     "zoo": "the whole model zoo of tests/test_zoo.py",
 }
 # A test marked "<name>_quick" as well is part of the default suite (the zoo's quick subset).

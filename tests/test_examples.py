@@ -47,6 +47,7 @@ def test_expected_examples_exist():
         "jvp_in_loss.py",
         "hessian_spectrum.py",
         "custom_op.py",
+        "distributed_newton_cg.py",
         "curvature_interop.py",
     }
     missing = expected - set(EXAMPLES)

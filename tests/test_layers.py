@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fwdgrad"
 
 # Bottom first.  A module may import modules of its own layer or lower ones.
 LAYERS = [
-    {"ops", "errors", "slicing"},
+    {"ops", "errors", "slicing", "dtensor", "distributed"},
     {"registry"},
     {"interpreter"},
     {"functorch_layers"},
