@@ -12,6 +12,7 @@ import inspect
 import torch
 from torch.utils import _pytree as pytree
 
+from . import fsdp
 from .dtensor import check_layout
 from .errors import ArgumentTypeError, ArgumentValueError
 from .functorch_layers import lift_input, strip
@@ -173,10 +174,27 @@ def checked_leaves(name, primals, tangents, prefix="primals"):
     return leaves, p_spec
 
 
-def lift(primals, tangents, level, name, prefix="primals"):
-    """Wrap matching pytrees of primals and tangents as duals at ``level``."""
+def lift(primals, tangents, level, name, prefix="primals", stand_ins=None):
+    """Wrap matching pytrees of primals and tangents as duals at ``level``.
+
+    A primal that is an FSDP2 model's sharded parameter becomes a dual over the
+    full (all-gathered) tensor, recorded in ``stand_ins`` (``{id(parameter):
+    (model, dual)}``) for ``fsdp.unsharded``; without ``stand_ins`` such a
+    primal is refused.
+    """
     leaves, spec = checked_leaves(name, primals, tangents, prefix)
-    duals = [Dual(lift_input(p, level), t, level, requires_grad=p.requires_grad) for _, p, t in leaves]
+    if stand_ins is None:
+        fsdp.refuse([p for _, p, _ in leaves], name)
+    sharded = {} if stand_ins is None else fsdp.owners([p for _, p, _ in leaves])
+    duals = []
+    for i, (_, p, t) in enumerate(leaves):
+        if i in sharded:
+            model, param = sharded[i]
+            d = Dual(fsdp.gather(p), None if t is None else fsdp.gather(t), level, requires_grad=p.requires_grad)
+            stand_ins[id(param)] = (model, d)
+        else:
+            d = Dual(lift_input(p, level), t, level, requires_grad=p.requires_grad)
+        duals.append(d)
     return pytree.tree_unflatten(duals, spec)
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
+from . import fsdp
 from .arguments import check_callable, check_outside_functorch, check_scalar_output
 from .distributed import check_group, ddp_holding, weighted_mean
 from .jacobian import batched_jvp
@@ -75,8 +76,10 @@ def _checked(params, v, batched, name):
     if batched:
         first, k = _first_direction(params, v, name)
         _, p_leaves, _, rebuild = _flatten_params(params, first, name)
+        fsdp.refuse(p_leaves, name)
         return p_leaves, _leaves_like(params, v), rebuild, k
     _, p_leaves, v_leaves, rebuild = _flatten_params(params, v, name)
+    fsdp.refuse(p_leaves, name)
     return p_leaves, v_leaves, rebuild, None
 
 

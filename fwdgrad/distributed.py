@@ -13,8 +13,10 @@ shard-local.  ``ParallelForwards`` watches module calls inside a transform:
 each DDP forward runs as under ``no_sync()`` (and without the static-graph first
 iteration's delayed all-reduce), so DDP's own later ``backward()`` steps are
 untouched; the transform then either reduces over its group or refuses.
-A module sharded by FSDP2 is refused: its hooks gather its own parameters
-and would drop the tangents.
+An FSDP2 module runs inside a transform only as ``fsdp.Unsharded`` set it
+up (hooks off, full parameters), when its parameters are what is
+differentiated; any other FSDP2 forward is refused: its hooks gather its own
+parameters and would drop the tangents.
 """
 
 import contextlib
@@ -35,6 +37,7 @@ except ImportError:  # a torch build without distributed support
 
 _DDP_STATE = ("require_backward_grad_sync", "require_forward_param_sync", "_static_graph_delay_allreduce_enqueued")
 _known_ddps = weakref.WeakSet()
+running_unsharded = weakref.WeakSet()  # FSDP2 modules that fsdp.Unsharded runs as plain modules now
 
 
 def check_group(process_group, weight, name):
@@ -127,14 +130,17 @@ class ParallelForwards:
         self._handle = None
 
     def _pre_hook(self, module, args):
-        if isinstance(module, FSDPModule) and threading.get_ident() == self._thread:
+        if (isinstance(module, FSDPModule) and module not in running_unsharded
+                and threading.get_ident() == self._thread):
             # Its hooks all-gather its own sharded parameters, whatever the
             # transform passed in: the result would ignore the duals.
             raise NotImplementedError(
-                f"fwdgrad: a module sharded by FSDP2 (fully_shard) ran inside a transform; "
-                f"FSDP2 swaps in its own gathered parameters, so tangents would be lost.  Not "
-                f"supported yet: use DDP (or process_group= with unsharded parameters), or "
-                f"differentiate an unsharded copy of the model"
+                "fwdgrad: a module sharded by FSDP2 (fully_shard) ran inside a transform whose "
+                "inputs are not its sharded parameters; FSDP2 swaps in its own gathered "
+                "parameters, so tangents would be lost.  Supported: jvp, forward_grad, hvp and "
+                "value_grad_and_hvp with respect to the model's parameters (dict(model."
+                "named_parameters()), or detached copies of them); include them, with zero "
+                "tangents if need be"
             )
         if isinstance(module, DDP) and threading.get_ident() == self._thread:
             if all(m is not module for m in self.ddps):

@@ -25,7 +25,7 @@ import threading
 import torch
 from torch.utils import _pytree as pytree
 
-from . import trace
+from . import fsdp, trace
 from .arguments import (
     check_argnums, check_callable, check_differentiable, check_real, check_tangent, diff_mask, normal_mode,
     param_names, usable_tree,
@@ -110,6 +110,7 @@ class Linearized:
         self.state = State(func)
         args = usable_tree(args)
         leaves = pytree.tree_leaves(args)
+        fsdp.refuse(leaves, name)
         tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         self.call = trace.FlatJvp(
             func, args, {}, set(tensors), [i for i in tensors if diff[i]], has_aux, name

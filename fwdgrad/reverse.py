@@ -23,7 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
-from . import interpreter
+from . import fsdp, interpreter
 from .arguments import (
     check_argnums, check_callable, check_scalar_output, is_float, normal_mode, primal_and_tangent, split_aux,
     usable,
@@ -486,18 +486,28 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
     if torch.compiler.is_compiling() and not torch._dynamo.config.trace_autograd_ops:
         return _forward_over_reverse_eager(loss, params, v, name, process_group, weight)
     check_callable(loss, name, "loss")
-    group, weight = check_group(process_group, weight, name)
     keys, p_leaves, v_leaves, rebuild = _flatten_params(params, v, name)
+    sharded = fsdp.owners(p_leaves)  # {leaf index: (FSDP2 root, its parameter)}
+    if sharded and process_group is None:
+        # The parameters' shards live across the mesh: only the global loss's result is meaningful.
+        process_group = fsdp.mesh_group([p for _, p in sharded.values()], name)
+    group, weight = check_group(process_group, weight, name)
     if isinstance(params, (list, tuple)):
         pure_args = p_leaves
     else:
         pure_args = [params]
     closure = _is_closure(loss, pure_args)
-    if closure and any(is_dtensor(p) for p in p_leaves):
+    if closure and any(is_dtensor(p) for i, p in enumerate(p_leaves) if i not in sharded):
         raise NotImplementedError(
-            f"{name}: the closure form cannot swap DTensor parameters (FSDP2 fully_shard or "
-            f"distribute_module) for duals; use the pure form, e.g. loss(params) with "
-            f"torch.func.functional_call on a module that does not shard by itself"
+            f"{name}: the closure form cannot swap DTensor parameters (distribute_module, "
+            f"distribute_tensor) for duals; use the pure form, e.g. loss(params) with "
+            f"torch.func.functional_call"
+        )
+    if closure and sharded and len(sharded) != len(p_leaves):
+        raise NotImplementedError(
+            f"{name}: the closure form takes an FSDP2 model's parameters alone; "
+            f"{len(p_leaves) - len(sharded)} of params are not that model's sharded parameters "
+            f"(use the pure form for a mix)"
         )
     held = frozenset()
     if closure and any(p._use_count() > 1 for p in p_leaves):
@@ -512,30 +522,38 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
     # A direction that is itself a parameter object (v = params, for H @ w) would
     # become its own dual when the closure form swaps that object: use an alias.
     v_leaves = [usable(t.detach()) if any(t is p for p in p_leaves) else usable(t) for t in v_leaves]
+    # FSDP2 parameters: the duals are over the full (all-gathered) tensors.
+    primals = [fsdp.gather(p) if i in sharded else p for i, p in enumerate(p_leaves)]
+    v_leaves = [fsdp.gather(t) if i in sharded else t for i, t in enumerate(v_leaves)]
     with level_scope() as level, State(loss).undone_on_error(), watch_forwards() as ddps:
         duals = [
             Dual(_hvp_primal(usable(p), level), t, level, requires_grad=True)
-            for p, t in zip(p_leaves, v_leaves)
+            for p, t in zip(primals, v_leaves)
         ]
-        if closure:
+        if closure and not sharded:
             value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name, held)
         else:
-            call_args = duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
+            call_args = () if closure else duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
+            unsharded = fsdp.unsharded({id(p): (model, duals[i]) for i, (model, p) in sharded.items()}, name)
             try:
-                value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
+                with unsharded:
+                    value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
             except BaseException as e:
-                del call_args
+                del call_args, unsharded
                 _free_graph(e)
                 raise
+            del unsharded
         del duals
     if ddps is not None:
         ddps.check_reduced(group, name)
     if group is not None:
         n = len(p_leaves)
-        gs = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, p_leaves)]
-        hvs = [torch.zeros_like(p) if h is None else h for h, p in zip(hvs, p_leaves)]
+        gs = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, primals)]
+        hvs = [torch.zeros_like(p) if h is None else h for h, p in zip(hvs, primals)]
         value, *rest = weighted_mean([value, *gs, *hvs], group, weight, name)
         gs, hvs = rest[:n], rest[n:]
+    for i in sharded:  # back to the parameters' layout
+        gs[i], hvs[i] = fsdp.shard_like(gs[i], p_leaves[i]), fsdp.shard_like(hvs[i], p_leaves[i])
     # Under torch.compile storages have no address to compare: copy every result.
     foreign = None if torch.compiler.is_compiling() else {_storage_ptr(x) for x in p_leaves + v_leaves}
     grads = [_own(g, p, foreign) for g, p in zip(gs, p_leaves)]
@@ -544,6 +562,8 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
 
 
 _forward_over_reverse_eager = torch.compiler.disable(_forward_over_reverse)
+
+
 def _hvp_primal(p, level):
     """The primal of a parameter's dual: detached (hvp is not differentiable), but
     inside a torch.func transform kept as it is, for the enclosing transforms."""

@@ -51,7 +51,7 @@ import functools
 import torch
 from torch.utils import _pytree as pytree
 
-from . import trace
+from . import fsdp, trace
 from .arguments import check_tangent, checked_leaves, normal_mode
 from .errors import ArgumentTypeError, warn
 from .functorch_layers import inside_functorch
@@ -287,6 +287,7 @@ def traced_jvp_for(func, has_aux, compile=None):
 def _check_leaves(name, primal, tangent, prefix, first, dual, tangents):
     """Check matching pytrees ``primal``/``tangent``; note their leaves from index ``first``."""
     leaves, _ = checked_leaves(name, primal, tangent, prefix)
+    fsdp.refuse([p for _, p, _ in leaves], name)
     for j, (_, _, t) in enumerate(leaves):
         dual.append(first + j)
         if t is not None:

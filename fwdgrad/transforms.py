@@ -14,7 +14,9 @@ from torch.utils import _pytree as pytree
 from .arguments import (
     check_callable, check_tangent, drop_level, lift, normal_mode, split_aux, split_outputs,
 )
+from . import fsdp
 from .distributed import watch_forwards
+from .dtensor import is_dtensor
 from .errors import ArgumentTypeError, ArgumentValueError
 from .functorch_layers import level_scope, lift_input
 from .interpreter import Dual
@@ -78,8 +80,9 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False, batched=False, 
     if trace:
         return jvp_traced(func, primals, tangents, has_aux, compile)
     with level_scope() as level:
-        duals = lift(tuple(primals), tuple(tangents), level, name)
-        with State(func).undone_on_error(), watch_forwards():
+        stand_ins = {}
+        duals = lift(tuple(primals), tuple(tangents), level, name, stand_ins=stand_ins)
+        with State(func).undone_on_error(), watch_forwards(), fsdp.unsharded(stand_ins, name):
             out = func(*duals)
         out, aux = split_aux(out, has_aux, name)
         primal_out, tangent_out = split_outputs(out, level, name, strict)
@@ -122,19 +125,19 @@ def forward_grad(func, *, has_aux=False, trace=False, compile=False):
                 f"{name}: df takes (value, tangent) pairs, got {len(pairs)} positional arguments"
             )
         with level_scope() as level:
-            args = []
+            args, stand_ins = [], {}
             for i in range(0, len(pairs), 2):
                 p, t = pairs[i], pairs[i + 1]
                 where = f"argument {i // 2}"
                 if t is None and not isinstance(p, torch.Tensor):
                     args.append(p)  # a constant
                     continue
-                if isinstance(p, torch.Tensor):
+                if isinstance(p, torch.Tensor) and not is_dtensor(p):
                     check_tangent(name, where, p, t)
                     args.append(Dual(lift_input(p, level), t, level, requires_grad=p.requires_grad))
                 else:
-                    args.append(lift(p, t, level, name, prefix=where))
-            with State(func).undone_on_error(), watch_forwards():
+                    args.append(lift(p, t, level, name, prefix=where, stand_ins=stand_ins))
+            with State(func).undone_on_error(), watch_forwards(), fsdp.unsharded(stand_ins, name):
                 out = func(*args, **kwargs)
             out, aux = split_aux(out, has_aux, name)
             r, dr = split_outputs(out, level, name)

@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed import _functional_collectives as funcol
 from torch.func import functional_call
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distributed_util
@@ -261,18 +261,88 @@ def scenarios_dtensor(rank, world):
             fwdgrad.hvp(f, wd, v)
     with pytest.raises(ValueError, match="placements"):
         fwdgrad.jvp(f, (distribute_tensor(w, mesh, [Shard(0)]),), (distribute_tensor(v, mesh, [Replicate()]),))
-    # FSDP2: refused clearly (its hooks gather their own parameters), never a zero tangent.
-    model = fully_shard(_model())
-    x = torch.randn(2, 3, dtype=torch.double)
-    params = {k: p.detach() for k, p in model.named_parameters()}
-    for call in (
-        lambda: fwdgrad.jvp(lambda p: functional_call(model, p, (x,)), (params,), (params,)),
-        lambda: fwdgrad.hvp(lambda p: functional_call(model, p, (x,)).sum(), params, params),
-    ):
-        with pytest.raises(NotImplementedError, match="FSDP2"):
-            call()
-    with pytest.raises(NotImplementedError, match="DTensor parameters"):
-        fwdgrad.hvp(lambda: model(x).sum(), dict(model.named_parameters()), params)
+
+
+def _fsdp_model(**kw):
+    """``_model()`` sharded by FSDP2: its first layer, then the whole (nested units)."""
+    model = _model()
+    fully_shard(model[0], **kw)
+    return fully_shard(model, **kw)
+
+
+def scenarios_fsdp(rank, world):
+    group = dist.group.WORLD
+    plain = _model()
+    x, y, xr, yr = _shard(rank, world)
+    names = [k for k, _ in plain.named_parameters()]
+    p0 = {k: p.detach() for k, p in plain.named_parameters()}
+    v = _direction(p0)
+    value, g, hv = _reference(plain, x, y, v)
+    out_ref, jv_ref = torch.func.jvp(lambda p: functional_call(plain, p, (xr,)), (p0,), (v,))
+
+    model = _fsdp_model()
+    params = dict(model.named_parameters())
+    assert all(isinstance(p, DTensor) for p in params.values())
+    before = {k: p.full_tensor() for k, p in params.items()}
+    vd = {k: distribute_tensor(v[k], p.device_mesh, p.placements) for k, p in params.items()}
+    detached = {k: p.detach() for k, p in params.items()}
+
+    # jvp and forward_grad w.r.t. the sharded parameters: this rank's output and its tangent.
+    out, jv = fwdgrad.jvp(lambda p: functional_call(model, p, (xr,)), (detached,), (vd,))
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(jv, jv_ref)
+    r, dr = fwdgrad.forward_grad(lambda p: functional_call(model, p, (xr,)))(detached, vd)
+    torch.testing.assert_close(dr, jv_ref)
+
+    def sharded_like_params(result, want, what):
+        for k in names:
+            assert isinstance(result[k], DTensor), f"{what}[{k}] is not a DTensor"
+            assert result[k].placements == params[k].placements, f"{what}[{k}] is not laid out like the parameter"
+            torch.testing.assert_close(result[k].full_tensor(), want[k], msg=lambda m: f"{what}[{k}]: {m}")
+
+    # hvp: the Hessian of the global loss (uneven shards: weight = local batch size), sharded back.
+    def pure(p):
+        return F.mse_loss(functional_call(model, p, (xr,)), yr)
+
+    sharded_like_params(fwdgrad.hvp(pure, detached, vd, weight=len(xr)), hv, "pure hvp")
+    val, gr, h = fwdgrad.value_grad_and_hvp(lambda: F.mse_loss(model(xr), yr), params, vd, weight=len(xr))
+    torch.testing.assert_close(val, value)
+    sharded_like_params(gr, g, "closure grad")
+    sharded_like_params(h, hv, "closure hvp")
+    sharded_like_params(
+        fwdgrad.hvp(pure, detached, vd, process_group=group, weight=len(xr)), hv, "hvp with process_group="
+    )
+
+    # The model is as it was: sharded parameters with their values, and FSDP's own step works.
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    for k, p in model.named_parameters():
+        assert p is params[k]
+        torch.testing.assert_close(p.full_tensor(), before[k])
+    F.mse_loss(model(xr), yr).backward()  # FSDP averages the ranks' gradients
+    shard_grads = []
+    for j in range(world):
+        xj, yj = torch.tensor_split(x, world)[j], torch.tensor_split(y, world)[j]
+        ps = [p.clone().requires_grad_() for p in p0.values()]
+        shard_grads.append(torch.autograd.grad(F.mse_loss(functional_call(plain, dict(zip(names, ps)), (xj,)), yj), ps))
+    for k, *gs in zip(names, *shard_grads):
+        torch.testing.assert_close(model.get_parameter(k).grad.full_tensor(), sum(gs) / world)
+
+    # What cannot be right is refused, naming the fix.
+    with pytest.raises(TypeError, match="DTensor"):
+        fwdgrad.hvp(pure, detached, v)
+    replicated = {k: distribute_tensor(v[k], p.device_mesh, [Replicate()]) for k, p in params.items()}
+    with pytest.raises(ValueError, match="placements"):
+        fwdgrad.jvp(lambda p: functional_call(model, p, (xr,)), (detached,), (replicated,))
+    with pytest.raises(NotImplementedError, match="FSDP2"):
+        fwdgrad.jvp(lambda x: model(x), (xr,), (torch.ones_like(xr),))  # its parameters not among the inputs
+    with pytest.raises(NotImplementedError, match="FSDP2"):
+        fwdgrad.jacfwd(lambda p: functional_call(model, p, (xr,)))(detached)
+    with pytest.raises(NotImplementedError, match="FSDP2"):
+        fwdgrad.hvp(pure, detached, {k: t.unsqueeze(0) for k, t in vd.items()}, batched=True)
+    mixed = _fsdp_model(mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
+    mp = {k: p.detach() for k, p in mixed.named_parameters()}
+    with pytest.raises(NotImplementedError, match="mixed-precision"):
+        fwdgrad.jvp(lambda p: functional_call(mixed, p, (xr,)), (mp,), (mp,))
 
 
 def scenarios_all(rank, world):
@@ -280,6 +350,7 @@ def scenarios_all(rank, world):
     scenarios_ddp(rank, world)
     scenarios_collectives(rank, world)
     scenarios_dtensor(rank, world)
+    scenarios_fsdp(rank, world)
 
 
 def test_two_processes():

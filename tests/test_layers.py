@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fwdgrad"
 
 # Bottom first.  A module may import modules of its own layer or lower ones.
 LAYERS = [
-    {"ops", "errors", "slicing", "dtensor", "distributed"},
+    {"ops", "errors", "slicing", "dtensor", "distributed", "fsdp"},
     {"registry"},
     {"interpreter"},
     {"functorch_layers"},
