@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from . import interpreter
-from .interpreter import Dual, current_depth, enter_level, exit_level, leave_to
+from .interpreter import Dual, ScopeOwner, current_depth, drop_stale_levels, enter_level, exit_level, leave_to
 
 _ft = torch._C._functorch
 _FUNCTORCH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode).add(
@@ -169,9 +169,11 @@ def level_scope():
 
 @contextlib.contextmanager
 def _functorch_scope():
+    drop_stale_levels()
+    owner = ScopeOwner()  # lives in this frame only
     depth = current_depth()
     try:
-        level = enter_level()
+        level = enter_level(owner)
         if not inside_functorch():
             yield level
             return

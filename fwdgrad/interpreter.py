@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import os
 import threading
+import weakref
 
 import torch
 from torch._C import _functorch as _ft
@@ -55,6 +56,7 @@ class _Levels(threading.local):
 
     def __init__(self):
         self.stack = []
+        self.owners = []  # per level: a weak reference to its scope's ScopeOwner (None: not tracked)
 
 
 _local = _Levels()
@@ -64,17 +66,41 @@ def _stack():
     return _local.stack
 
 
-def enter_level():
+class ScopeOwner:
+    """Held only by the frame of a running level scope: alive while the scope runs.
+
+    A scope pops its level in ``finally``, but an interrupt that lands on that
+    very line skips it.  The scope's frame then ends (once the exception is
+    dropped), its owner dies, and ``drop_stale_levels`` sees that.
+    """
+
+    __slots__ = ("__weakref__",)
+
+
+def drop_stale_levels():
+    """Pop the levels whose scope has ended without popping them (see ``ScopeOwner``)."""
+    owners = _local.owners
+    for i, owner in enumerate(owners):
+        if owner is not None and owner() is None:
+            del _local.stack[i:], owners[i:]
+            return
+
+
+def enter_level(owner=None):
     """Push and return a fresh level, deeper than every running one in this thread.
 
-    Pair it with ``exit_level`` in a ``finally``.
+    ``owner``: the scope's ``ScopeOwner`` (kept by a weak reference), so that
+    ``drop_stale_levels`` can find a level an interrupt left behind.  Pair it
+    with ``exit_level``/``leave_to`` in a ``finally``.
     """
+    owners = _local.owners
     s = _stack()
     depth = len(s) + 1
     if depth > _DEPTH_MASK:
         raise RuntimeError(f"fwdgrad: more than {_DEPTH_MASK} nested transforms")
     level = depth if _compiling() else next(_serials) << _DEPTH_BITS | depth
     s.append(level)
+    owners.append(None if owner is None else weakref.ref(owner))
     return level
 
 
@@ -83,6 +109,7 @@ def exit_level(level):
     if not s or s[-1] != level:
         raise RuntimeError("fwdgrad: transform levels left out of order")
     s.pop()
+    _local.owners.pop()
 
 
 def current_depth():
@@ -93,7 +120,7 @@ def current_depth():
 def leave_to(depth):
     """Pop every level above ``depth``: the ones a scope pushed, even when an
     interrupt came between a push and the bookkeeping that pairs it."""
-    del _stack()[depth:]
+    del _stack()[depth:], _local.owners[depth:]
 
 
 def depth_of(level):
@@ -208,15 +235,18 @@ class Dual(torch.Tensor):
             return _tolist(args[0])
         if kwargs is None:
             kwargs = {}
-        with _disable_torch_function():
-            try:
+        # (The ``try`` is outside the ``with``: on Python 3.11 an exception raised
+        # at a ``try:`` line that opens a ``with`` body skips the ``with``'s exit.)
+        try:
+            with _disable_torch_function():
                 return func(*args, **kwargs)
-            except RuntimeError as e:
-                # A DTensor argument ahead of a dual got the op first and refused
-                # the dual: lift the DTensor constants to duals and dispatch again.
-                if MIXED_DTENSOR not in str(e):
-                    raise
-                args, kwargs = _lift_dtensors(args, kwargs)
+        except RuntimeError as e:
+            # A DTensor argument ahead of a dual got the op first and refused
+            # the dual: lift the DTensor constants to duals and dispatch again.
+            if MIXED_DTENSOR not in str(e):
+                raise
+        args, kwargs = _lift_dtensors(args, kwargs)
+        with _disable_torch_function():
             return func(*args, **kwargs)
 
     @classmethod

@@ -534,7 +534,7 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
             value, gs, hvs = _in_closure(loss, keys, p_leaves, duals, level, name, held)
         else:
             call_args = () if closure else duals if isinstance(params, (list, tuple)) else [rebuild(duals)]
-            unsharded = fsdp.unsharded({id(p): (model, duals[i]) for i, (model, p) in sharded.items()}, name)
+            unsharded = fsdp.unsharded(_stand_ins(sharded, duals), name)
             try:
                 with unsharded:
                     value, gs, hvs = _loss_and_grads(loss, call_args, duals, level, name)
@@ -562,6 +562,12 @@ def _forward_over_reverse(loss, params, v, name, process_group=None, weight=None
 
 
 _forward_over_reverse_eager = torch.compiler.disable(_forward_over_reverse)
+
+
+def _stand_ins(sharded, duals):
+    """``fsdp.unsharded``'s map: each FSDP2 parameter's dual.  (A comprehension over
+    ``duals`` inside ``_forward_over_reverse`` would make it a cell, which Dynamo cannot delete.)"""
+    return {id(p): (model, duals[i]) for i, (model, p) in sharded.items()}
 
 
 def _hvp_primal(p, level):

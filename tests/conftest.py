@@ -44,3 +44,18 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.get_closest_marker(name) and not item.get_closest_marker(f"{name}_quick"):
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_level_left_behind(request):
+    """Every fwdgrad call leaves this thread's level stack as it found it: a test that
+    leaves a level behind errors here (named), instead of a later test failing."""
+    from fwdgrad.interpreter import _stack, drop_stale_levels, leave_to
+
+    before = list(_stack())
+    yield
+    drop_stale_levels()  # what the next transform does: levels an interrupt left behind go
+    after = list(_stack())
+    if after != before:
+        leave_to(len(before))
+        pytest.fail(f"{request.node.nodeid} left fwdgrad's level stack at {after} (it was {before})")

@@ -102,6 +102,11 @@ def scenarios_data_parallel(rank, world):
     _close(gr, g, "grad")
     _close(h, hv, "hvp")
     _close(fwdgrad.hvp(loss, params, v, process_group=group, weight=len(xr)), hv, "hvp")
+    # Batched: two directions (v and 2 v) in one call, one all-reduce.
+    V = {k: torch.stack([t, 2 * t]) for k, t in v.items()}
+    batched = fwdgrad.hvp(loss, params, V, batched=True, process_group=group, weight=len(xr))
+    _close({k: t[0] for k, t in batched.items()}, hv, "batched hvp[0]")
+    _close({k: t[1] for k, t in batched.items()}, {k: 2 * t for k, t in hv.items()}, "batched hvp[1]")
     _close(fwdgrad.grad(loss, process_group=group, weight=len(xr))(params), g, "grad")
     val2, gr2 = fwdgrad.value_and_grad(loss, process_group=group, weight=len(xr))(params)
     torch.testing.assert_close(val2, value)

@@ -261,3 +261,35 @@ def test_closure_hvp_survives_an_interrupt_during_backward(monkeypatch):
     torch.manual_seed(0)
     ref = scenarios["hvp_pure"]()
     torch.testing.assert_close(got, ref)
+
+
+def test_a_level_whose_pop_was_interrupted_is_dropped_by_the_next_transform():
+    """An interrupt on the very line of a scope's ``finally`` that pops its level skips
+    the pop; the next transform finds the level's scope gone and drops it."""
+    from fwdgrad import functorch_layers
+
+    code = functorch_layers._functorch_scope.__wrapped__.__code__
+    lines = [i for i, text in enumerate(linecache.getlines(code.co_filename), 1) if "leave_to(depth)" in text]
+    assert len(lines) == 1
+    x = torch.randn(3, dtype=torch.float64)
+
+    def trace(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and frame.f_lineno == lines[0]:
+                raise KeyboardInterrupt("at the pop")
+            return local
+        return local
+
+    sys.settrace(trace)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="at the pop"):
+            fwdgrad.jvp(torch.sin, (x,), (torch.ones_like(x),))
+    finally:
+        sys.settrace(None)
+    assert len(interpreter._stack()) == 1, "the interrupt left the level (the case this test is about)"
+    out, t = fwdgrad.jvp(lambda y: fwdgrad.jvp(torch.sin, (y,), (torch.ones_like(y),))[1] * y, (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(t, torch.cos(x) - x * torch.sin(x))
+    assert interpreter._stack() == []

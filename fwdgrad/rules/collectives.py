@@ -61,13 +61,6 @@ def _all_reduce_extreme(t, x, reduce_op, group_name):
     return ans, (sums[0] / sums[1]).view(x.shape)
 
 
-@def_collective(_f.all_reduce_.default)
-def all_reduce_(t, x, reduce_op, group_name):
-    ans, dx = all_reduce(t, x, reduce_op, group_name)
-    x.copy_(ans)
-    return x, {0: dx}
-
-
 @def_collective(_f.all_reduce_coalesced.default)
 def all_reduce_coalesced(t, xs, reduce_op, group_name):
     _linear_op("all_reduce_coalesced", reduce_op)
@@ -111,11 +104,19 @@ def broadcast(t, x, src, group_name):
     return out[0].view(x.shape), out[1].view(x.shape)
 
 
-@def_collective(_f.broadcast_.default)
-def broadcast_(t, x, src, group_name):
-    ans, dx = broadcast(t, x, src, group_name)
-    x.copy_(ans)
-    return x, {0: dx}
+def _in_place(op, functional):
+    """The rule of ``op``, which writes into its first argument what ``functional`` returns."""
+
+    def rule(t, x, *args):
+        ans, dx = functional(t, x, *args)
+        x.copy_(ans)
+        return x, {0: dx}
+
+    def_collective(op)(rule)
+
+
+_in_place(_f.all_reduce_.default, all_reduce)
+_in_place(_f.broadcast_.default, broadcast)
 
 
 @def_collective(_f.all_to_all_single.default)
