@@ -293,3 +293,17 @@ def test_a_level_whose_pop_was_interrupted_is_dropped_by_the_next_transform():
     out, t = fwdgrad.jvp(lambda y: fwdgrad.jvp(torch.sin, (y,), (torch.ones_like(y),))[1] * y, (x,), (torch.ones_like(x),))
     torch.testing.assert_close(t, torch.cos(x) - x * torch.sin(x))
     assert interpreter._stack() == []
+
+
+def test_no_with_body_opens_with_a_try():
+    """On Python 3.11 an exception raised at a ``try:`` line that opens a ``with`` body
+    skips the ``with``'s exit (a torch-function switch stayed off for good)."""
+    import ast
+    import pathlib
+
+    found = []
+    for path in pathlib.Path(PACKAGE).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.With) and isinstance(node.body[0], ast.Try):
+                found.append(f"{path}:{node.lineno}")
+    assert not found, found
