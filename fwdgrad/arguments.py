@@ -174,6 +174,21 @@ def checked_leaves(name, primals, tangents, prefix="primals"):
     return leaves, p_spec
 
 
+def leading_batch_size(name, where, t, k, what):
+    """The leading (batch) size of ``t`` under ``batched=True``, checked against ``k``, the
+    earlier ones' (``None`` for the first)."""
+    if t.dim() == 0:
+        raise ArgumentValueError(
+            f"{name}: with batched=True, {where} needs a leading batch dimension, got a 0-dim tensor"
+        )
+    if k is not None and t.shape[0] != k:
+        raise ArgumentValueError(
+            f"{name}: with batched=True, every {what} needs the same leading batch size; "
+            f"{where} has {t.shape[0]}, an earlier one has {k}"
+        )
+    return t.shape[0]
+
+
 def lift(primals, tangents, level, name, prefix="primals", stand_ins=None):
     """Wrap matching pytrees of primals and tangents as duals at ``level``.
 

@@ -25,14 +25,13 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from . import fsdp
-from .arguments import check_callable, check_outside_functorch, check_scalar_output
+from .arguments import check_callable, check_outside_functorch, check_scalar_output, leading_batch_size
 from .distributed import check_group, ddp_holding, weighted_mean
+from .errors import ArgumentTypeError, ArgumentValueError
 from .jacobian import batched_jvp
-from .reverse import (
-    _flatten_params, _free_graph, _holder, _is_closure, _swap, _swap_all_back, detach_keeping_tangents, grad,
-)
+from .reverse import _flatten_params, _holder, _is_closure, detach_keeping_tangents, grad, run_swapped
 from .reverse import hvp as _hvp
-from .state import Deferred, State
+from .state import State
 from .transforms import jvp
 
 
@@ -52,21 +51,10 @@ def _first_direction(params, V, name):
     for path, t in pytree.tree_flatten_with_path(V)[0]:
         where = "v" + pytree.keystr(path)
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {where} is a {type(t).__name__}, expected a tensor")
-        if t.dim() == 0:
-            raise ValueError(
-                f"{name}: with batched=True, {where} needs a leading batch dimension (k, *param.shape), "
-                f"got a 0-dim tensor"
-            )
-        if k is None:
-            k = t.shape[0]
-        elif t.shape[0] != k:
-            raise ValueError(
-                f"{name}: with batched=True, every direction needs the same leading batch size; "
-                f"{where} has {t.shape[0]}, an earlier one has {k}"
-            )
+            raise ArgumentTypeError(f"{name}: {where} is a {type(t).__name__}, expected a tensor")
+        k = leading_batch_size(name, where, t, k, "direction")
     if k is None:
-        raise ValueError(f"{name}: v is empty")
+        raise ArgumentValueError(f"{name}: v is empty")
     first = pytree.tree_unflatten([t[0] if k else t.new_empty(t.shape[1:]) for t in leaves], spec)
     return first, k
 
@@ -107,7 +95,7 @@ class _Swapped:
         seen = set()
         for p in params:
             if id(p) in seen:
-                raise ValueError(f"{name}: a parameter appears twice in params")
+                raise ArgumentValueError(f"{name}: a parameter appears twice in params")
             seen.add(id(p))
             holder = _holder(p)
             if holder is not None:
@@ -118,20 +106,7 @@ class _Swapped:
         self.params, self.body, self.name = params, body, name
 
     def __call__(self, *replacements):
-        swapped = []  # (param, replacement, hook handle or None)
-        raised = False
-        try:
-            with Deferred():
-                for p, r in zip(self.params, replacements):
-                    swapped.append((p, r, _swap(p, r)))
-            return self.body(self.params)
-        except BaseException as e:
-            raised = True
-            _free_graph(e)
-            raise
-        finally:
-            with Deferred():
-                _swap_all_back(swapped, self.name, force=raised)
+        return run_swapped(self.params, replacements, lambda: self.body(self.params), self.name)
 
 
 def _fresh(p):
@@ -253,9 +228,9 @@ class OutputLoss:
 
     def __init__(self, target, reduction):
         if reduction not in ("mean", "sum"):
-            raise ValueError(f"{self.name}: reduction must be 'mean' or 'sum', got {reduction!r}")
+            raise ArgumentValueError(f"{self.name}: reduction must be 'mean' or 'sum', got {reduction!r}")
         if not isinstance(target, torch.Tensor):
-            raise TypeError(f"{self.name}: target must be a tensor, got {type(target).__name__}")
+            raise ArgumentTypeError(f"{self.name}: target must be a tensor, got {type(target).__name__}")
         self.target, self.reduction = target, reduction
 
     def check_output(self, z):
@@ -291,22 +266,22 @@ class CrossEntropyLoss(OutputLoss):
     def __init__(self, target, reduction="mean", label_smoothing=0.0):
         super().__init__(target, reduction)
         if target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{self.name}: target must hold class indices (an integer tensor), got dtype {target.dtype}"
             )
         if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"{self.name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+            raise ArgumentValueError(f"{self.name}: label_smoothing must be in [0, 1], got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
     def check_output(self, z):
         if z.dim() not in (1, 2):
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{self.name}: the model's output must be logits of shape (N, C) or (C,), got shape "
                 f"{tuple(z.shape)}; reshape it in model_fn (e.g. logits.flatten(0, -2) with "
                 f"target.flatten())"
             )
         if self.target.shape != z.shape[:-1]:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{self.name}: target has shape {tuple(self.target.shape)} but the logits have shape "
                 f"{tuple(z.shape)}; it needs shape {tuple(z.shape[:-1])}"
             )
@@ -349,7 +324,7 @@ class MSELoss(OutputLoss):
 
     def check_output(self, z):
         if self.target.shape != z.shape:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"{self.name}: target has shape {tuple(self.target.shape)} but the model's output has "
                 f"shape {tuple(z.shape)}; they must match"
             )
@@ -432,7 +407,7 @@ class _Model:
         else:
             out = self.model_fn(self.rebuild(list(xs)))
         if not isinstance(out, torch.Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{self.name}: model_fn must return one tensor (the output the loss reads), got "
                 f"{type(out).__name__}"
             )
@@ -575,9 +550,9 @@ def fisher_vp(model_fn, loss_fn, params, v, *, kind="true", batched=False):
     """
     name = "fisher_vp"
     if kind not in ("true", "empirical"):
-        raise ValueError(f"{name}: kind must be 'true' or 'empirical', got {kind!r}")
+        raise ArgumentValueError(f"{name}: kind must be 'true' or 'empirical', got {kind!r}")
     if not isinstance(loss_fn, OutputLoss):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name}: loss_fn must be made by fwdgrad.cross_entropy_loss or fwdgrad.mse_loss (the Fisher "
             f"needs the loss's likelihood and per-sample gradients), got {type(loss_fn).__name__}; "
             f"use ggnvp for the Gauss-Newton product of any loss"

@@ -27,6 +27,8 @@ import weakref
 
 import torch
 
+from .errors import ArgumentTypeError, ArgumentValueError
+
 try:
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
@@ -44,7 +46,7 @@ def check_group(process_group, weight, name):
     """The process group to reduce over (or ``None``) and this rank's weight, checked."""
     if process_group is None:
         if weight is not None:
-            raise ValueError(f"{name}: weight= is this rank's share of a process group; pass process_group= too")
+            raise ArgumentValueError(f"{name}: weight= is this rank's share of a process group; pass process_group= too")
         return None, None
     if dist is None or not dist.is_available():
         raise RuntimeError(f"{name}: process_group= needs a torch build with torch.distributed")
@@ -54,7 +56,7 @@ def check_group(process_group, weight, name):
             f"torch.distributed.init_process_group first"
         )
     if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name}: process_group must be a torch.distributed.ProcessGroup (e.g. "
             f"torch.distributed.group.WORLD or model.process_group of a DDP model), got "
             f"{type(process_group).__name__}"
@@ -63,12 +65,12 @@ def check_group(process_group, weight, name):
         return process_group, 1.0
     if isinstance(weight, torch.Tensor):
         if weight.numel() != 1:
-            raise ValueError(f"{name}: weight must be a number, got a tensor of shape {tuple(weight.shape)}")
+            raise ArgumentValueError(f"{name}: weight must be a number, got a tensor of shape {tuple(weight.shape)}")
         weight = weight.item()
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise TypeError(f"{name}: weight must be a non-negative number, got {type(weight).__name__}")
+        raise ArgumentTypeError(f"{name}: weight must be a non-negative number, got {type(weight).__name__}")
     if not (math.isfinite(weight) and weight >= 0):
-        raise ValueError(f"{name}: weight must be a finite non-negative number, got {weight}")
+        raise ArgumentValueError(f"{name}: weight must be a finite non-negative number, got {weight}")
     return process_group, float(weight)
 
 
@@ -87,7 +89,7 @@ def weighted_mean(tensors, group, weight, name):
         dist.all_reduce(buf, group=group)
         total = buf[-1]
         if not total.real > 0:
-            raise ValueError(f"{name}: the weights of the process group's ranks sum to {total.item()}; they must sum to more than 0")
+            raise ArgumentValueError(f"{name}: the weights of the process group's ranks sum to {total.item()}; they must sum to more than 0")
         offset = 0
         for i in idx:
             n = tensors[i].numel()

@@ -9,6 +9,8 @@ which would otherwise fail deep inside an op or give a per-shard answer.
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .errors import ArgumentTypeError, ArgumentValueError
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # no torch.distributed in this build
@@ -28,15 +30,15 @@ def check_layout(name, where, p, t):
     if not (is_dtensor(p) or is_dtensor(t)):
         return
     if not (is_dtensor(p) and is_dtensor(t)):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name}: {where} is {'a DTensor' if is_dtensor(p) else 'a plain tensor'} but its tangent is "
             f"{'a plain tensor' if is_dtensor(p) else 'a DTensor'}; give the tangent the primal's layout "
             f"(torch.distributed.tensor.distribute_tensor(t, p.device_mesh, p.placements))"
         )
     if t.device_mesh != p.device_mesh:
-        raise ValueError(f"{name}: the tangent of {where} is on mesh {t.device_mesh} but {where} is on {p.device_mesh}")
+        raise ArgumentValueError(f"{name}: the tangent of {where} is on mesh {t.device_mesh} but {where} is on {p.device_mesh}")
     if tuple(t.placements) != tuple(p.placements):
-        raise ValueError(
+        raise ArgumentValueError(
             f"{name}: the tangent of {where} has placements {tuple(t.placements)} but {where} has "
             f"{tuple(p.placements)}; redistribute it (t.redistribute(p.device_mesh, p.placements))"
         )

@@ -188,12 +188,7 @@ class Dual(torch.Tensor):
             layout=primal.layout,
             requires_grad=requires_grad,
         )
-        r._primal = primal
-        r._tangent = tangent
-        r._level = level
-        if view is not None:
-            r._view = view
-        return r
+        return _filled(r, primal, tangent, level, view)
 
     def __tensor_flatten__(self):
         """What ``torch.compile`` sees: the primal and the tangent (if nonzero) as
@@ -261,6 +256,11 @@ def _over_functorch(cls, primal, tangent, level, view):
     own ``requires_grad`` stays off: the wrapper underneath carries
     functorch's autograd for it."""
     r = _make_wrapper(cls, primal.size(), dtype=primal.dtype, device=primal.device, layout=primal.layout)
+    return _filled(r, primal, tangent, level, view)
+
+
+def _filled(r, primal, tangent, level, view):
+    """The new dual ``r`` with its fields set (a view's record only if it is one)."""
     r._primal = primal
     r._tangent = tangent
     r._level = level

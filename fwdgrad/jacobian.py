@@ -27,8 +27,8 @@ from torch.utils import _pytree as pytree
 
 from . import fsdp, trace
 from .arguments import (
-    check_argnums, check_callable, check_differentiable, check_real, check_tangent, diff_mask, normal_mode,
-    param_names, usable_tree,
+    check_argnums, check_callable, check_differentiable, check_real, check_tangent, diff_mask, leading_batch_size,
+    normal_mode, param_names, usable_tree,
 )
 from .errors import ArgumentTypeError, ArgumentValueError, warn
 from .functorch_layers import inside_functorch
@@ -342,18 +342,12 @@ def batched_jvp(func, primals, tangents, has_aux, name="jvp"):
             check_tangent(name, where, p, None)
             diff.append(False)
             continue
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        if not isinstance(t, torch.Tensor):
             raise ArgumentValueError(
                 f"{name}: with batched=True, the tangent of {where} must be a tensor with a leading "
-                f"batch dimension, got {t.shape if isinstance(t, torch.Tensor) else type(t).__name__}"
+                f"batch dimension, got {type(t).__name__}"
             )
-        if k is None:
-            k = t.shape[0]
-        elif t.shape[0] != k:
-            raise ArgumentValueError(
-                f"{name}: with batched=True, every tangent needs the same leading batch size; "
-                f"the tangent of {where} has {t.shape[0]}, an earlier one has {k}"
-            )
+        k = leading_batch_size(name, f"the tangent of {where}", t, k, "tangent")
         check_tangent(name, where, p, t[0] if k else t.new_empty(t.shape[1:]))
         diff.append(True)
     if k is None:

@@ -17,6 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .curvature import fisher_vp, ggnvp, hvp
+from .errors import ArgumentTypeError, ArgumentValueError
 from .reverse import _flatten_params
 
 try:
@@ -55,7 +56,7 @@ def unflatten(vec, like):
     n = sum(t.numel() for t in leaves)
     if not isinstance(vec, torch.Tensor) or vec.dim() == 0 or vec.shape[-1] != n:
         got = tuple(vec.shape) if isinstance(vec, torch.Tensor) else type(vec).__name__
-        raise ValueError(f"unflatten: vec must have a last dimension of {n} (the number of parameters), got {got}")
+        raise ArgumentValueError(f"unflatten: vec must have a last dimension of {n} (the number of parameters), got {got}")
     lead = vec.shape[:-1]
     pieces = vec.split([t.numel() for t in leaves], -1)
     out = [p.reshape(*lead, *t.shape).to(t.dtype) for p, t in zip(pieces, leaves)]
@@ -94,7 +95,7 @@ class CurvatureOperator:
 
     def __init__(self, product, params, chunk_size=None, name="CurvatureOperator"):
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"{name}: chunk_size must be None or a positive int, got {chunk_size!r}")
+            raise ArgumentValueError(f"{name}: chunk_size must be None or a positive int, got {chunk_size!r}")
         leaves = _leaves(params)
         _flatten_params(params, params, name)  # the same checks as the products
         self.product, self.params, self.chunk_size, self.name = product, params, chunk_size, name
@@ -112,10 +113,10 @@ class CurvatureOperator:
     def _check(self, x, ndim):
         n = self.shape[0]
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{self.name}: expected a torch tensor, got {type(x).__name__} (use to_scipy() for numpy)")
+            raise ArgumentTypeError(f"{self.name}: expected a torch tensor, got {type(x).__name__} (use to_scipy() for numpy)")
         if x.dim() != ndim or x.shape[0] != n:
             want = f"({n},)" if ndim == 1 else f"({n}, k)"
-            raise ValueError(f"{self.name}: expected a tensor of shape {want}, got {tuple(x.shape)}")
+            raise ArgumentValueError(f"{self.name}: expected a tensor of shape {want}, got {tuple(x.shape)}")
 
     def matvec(self, x):
         """``A x`` for a flat vector ``x`` of shape ``(n,)``."""
@@ -156,7 +157,7 @@ class CurvatureOperator:
 
 def _scipy_operator(op, dtype):
     if dtype not in (np.float64, np.float32):
-        raise ValueError(f"{op.name}.to_scipy: dtype must be float64 or float32, got {dtype}")
+        raise ArgumentValueError(f"{op.name}.to_scipy: dtype must be float64 or float32, got {dtype}")
 
     def to_torch(x):
         return torch.from_numpy(np.ascontiguousarray(x)).to(device=op.device, dtype=op.dtype)
@@ -225,7 +226,7 @@ def fisher_operator(model_fn, loss_fn, params, *, kind="true", chunk_size=None):
             [0., 4.]])
     """
     if kind not in ("true", "empirical"):
-        raise ValueError(f"fisher_operator: kind must be 'true' or 'empirical', got {kind!r}")
+        raise ArgumentValueError(f"fisher_operator: kind must be 'true' or 'empirical', got {kind!r}")
     return CurvatureOperator(
         lambda v, b: fisher_vp(model_fn, loss_fn, params, v, kind=kind, batched=b), params, chunk_size,
         "fisher_operator",

@@ -104,6 +104,16 @@ def _checked_leaves(args, nums, name):
     return specs, leaves_per_arg
 
 
+def _fresh_inputs(args, nums, leaves_per_arg, specs):
+    """Put fresh autograd leaves (``_input_leaf``) in ``args`` for the picked arguments; return them flat."""
+    inputs = []
+    for n, leaves, spec in zip(nums, leaves_per_arg, specs):
+        fresh = [_input_leaf(x) for x in leaves]
+        inputs.extend(fresh)
+        args[n] = pytree.tree_unflatten(fresh, spec)
+    return inputs
+
+
 def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=None, weight=None):
     group, weight = check_group(process_group, weight, name)
     nums, many = check_argnums(argnums, len(args), name), isinstance(argnums, tuple)
@@ -115,11 +125,7 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=No
     outer_grad = torch.is_grad_enabled()
     originals = [x for leaves in leaves_per_arg for x in leaves]
     with torch.enable_grad():
-        inputs = []
-        for n, leaves, spec in zip(nums, leaves_per_arg, specs):
-            fresh = [_input_leaf(x) for x in leaves]
-            inputs.extend(fresh)
-            args[n] = pytree.tree_unflatten(fresh, spec)
+        inputs = _fresh_inputs(args, nums, leaves_per_arg, specs)
         with watch_forwards() as ddps:
             out = func(*args, **kwargs)
         out, aux = split_aux(out, has_aux, name)
@@ -202,11 +208,7 @@ def jacobian_by_reverse(func, argnums, name):
         outer_grad = torch.is_grad_enabled()
         originals = [x for leaves in leaves_per_arg for x in leaves]
         with torch.enable_grad():
-            inputs = []
-            for n, leaves, spec in zip(nums, leaves_per_arg, specs):
-                fresh = [_input_leaf(x) for x in leaves]
-                inputs.extend(fresh)
-                args[n] = pytree.tree_unflatten(fresh, spec)
+            inputs = _fresh_inputs(args, nums, leaves_per_arg, specs)
             out = func(*args)
             out_leaves, out_spec = pytree.tree_flatten(out)
             if not out_leaves or not all(isinstance(o, torch.Tensor) and is_float(o) for o in out_leaves):
@@ -600,13 +602,19 @@ def _in_closure(loss, keys, params, duals, level, name, held=frozenset()):
                 f"{name}: cannot use params{k} in the closure form: {holder}.  Call hvp "
                 f"before building that graph (or free it), or use the pure form loss(params)."
             )
-    swapped = []  # (param, dual, hook handle or None), in swap order
+    return run_swapped(params, duals, lambda: _loss_and_grads(loss, (), params, level, name), name, held)
+
+
+def run_swapped(params, replacements, body, name, held=frozenset()):
+    """``body()`` with each parameter object swapped with its replacement, swapped back
+    whatever happens (the swaps and their bookkeeping with SIGINT deferred)."""
+    swapped = []  # (param, replacement, hook handle or None), in swap order
     raised = False
     try:
         with Deferred():
-            for p, d in zip(params, duals):
-                swapped.append((p, d, _swap(p, d, force=id(p) in held)))
-        return _loss_and_grads(loss, (), params, level, name)
+            for p, r in zip(params, replacements):
+                swapped.append((p, r, _swap(p, r, force=id(p) in held)))
+        return body()
     except BaseException as e:
         # The traceback's frames hold the partial graph, which holds the
         # parameters; free it so that they can be swapped back.

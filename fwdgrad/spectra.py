@@ -21,6 +21,8 @@ import math
 import numpy as np
 import torch
 
+from .errors import ArgumentTypeError, ArgumentValueError
+
 try:
     from scipy.sparse.linalg import eigsh as _eigsh
 except ImportError:  # scipy is an optional extra
@@ -30,7 +32,7 @@ except ImportError:  # scipy is an optional extra
 def _size(A, name):
     shape = getattr(A, "shape", None)
     if shape is None or len(shape) != 2 or shape[0] != shape[1]:
-        raise TypeError(f"{name}: A must be a square operator (a CurvatureOperator or an n x n tensor), got {type(A).__name__}")
+        raise ArgumentTypeError(f"{name}: A must be a square operator (a CurvatureOperator or an n x n tensor), got {type(A).__name__}")
     return shape[0]
 
 
@@ -125,13 +127,13 @@ def eigenpairs(A, k=5, *, which="largest", method="lanczos", tol=1e-6, max_steps
     name = "eigenpairs"
     n = _size(A, name)
     if which not in ("largest", "smallest", "magnitude"):
-        raise ValueError(f"{name}: which must be 'largest', 'smallest' or 'magnitude', got {which!r}")
+        raise ArgumentValueError(f"{name}: which must be 'largest', 'smallest' or 'magnitude', got {which!r}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"{name}: k must be an int between 1 and n = {n}, got {k!r}")
+        raise ArgumentValueError(f"{name}: k must be an int between 1 and n = {n}, got {k!r}")
     if method == "scipy":
         return _scipy_eigenpairs(A, k, which, tol, seed)
     if method != "lanczos":
-        raise ValueError(f"{name}: method must be 'lanczos' or 'scipy', got {method!r}")
+        raise ArgumentValueError(f"{name}: method must be 'lanczos' or 'scipy', got {method!r}")
     _, device = _dtype_device(A)
     steps = n if max_steps is None else min(max_steps, n)
     q = torch.randn(n, generator=_generator(seed), dtype=torch.float64)
@@ -196,7 +198,7 @@ def hutchinson_trace(A, samples=100, *, batch=20, seed=0):
     name = "hutchinson_trace"
     n = _size(A, name)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"{name}: samples must be a positive int, got {samples!r}")
+        raise ArgumentValueError(f"{name}: samples must be a positive int, got {samples!r}")
     _, device = _dtype_device(A)
     Z = _rademacher(n, samples, seed)
     values = []

@@ -217,7 +217,7 @@ def compile_options(compile, name):
         return {"dynamic": False}
     if isinstance(compile, dict):
         return {"dynamic": False, **compile}
-    raise TypeError(
+    raise ArgumentTypeError(
         f"{name}: compile must be True, False or a dict of torch.compile keyword arguments, "
         f"got {type(compile).__name__}"
     )
