@@ -139,8 +139,8 @@ class ParallelForwards:
             raise NotImplementedError(
                 "fwdgrad: a module sharded by FSDP2 (fully_shard) ran inside a transform whose "
                 "inputs are not its sharded parameters; FSDP2 swaps in its own gathered "
-                "parameters, so tangents would be lost.  Supported: jvp, forward_grad, hvp and "
-                "value_grad_and_hvp with respect to the model's parameters (dict(model."
+                "parameters, so tangents would be lost.  Supported: jvp, forward_grad, grad, "
+                "value_and_grad, hvp and value_grad_and_hvp with respect to the model's parameters (dict(model."
                 "named_parameters()), or detached copies of them); include them, with zero "
                 "tangents if need be"
             )

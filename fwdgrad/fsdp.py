@@ -79,7 +79,7 @@ def refuse(leaves, name):
         raise NotImplementedError(
             f"{name}: an argument is an FSDP2 model's sharded parameter, which this transform "
             f"cannot take (FSDP2 would gather its own parameters and drop the tangents); jvp, "
-            f"forward_grad and the unbatched hvp and value_grad_and_hvp can"
+            f"forward_grad, grad, value_and_grad and the unbatched hvp and value_grad_and_hvp can"
         )
 
 

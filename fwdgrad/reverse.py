@@ -115,18 +115,25 @@ def _fresh_inputs(args, nums, leaves_per_arg, specs):
 
 
 def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=None, weight=None):
-    group, weight = check_group(process_group, weight, name)
     nums, many = check_argnums(argnums, len(args), name), isinstance(argnums, tuple)
     args = list(args)
     specs, leaves_per_arg = _checked_leaves(args, nums, name)
+    flat = [x for leaves in leaves_per_arg for x in leaves]
+    sharded = fsdp.owners(flat)  # FSDP2 parameters: differentiated as full tensors (see fsdp)
+    if sharded and process_group is None:
+        process_group = fsdp.mesh_group([p for _, p in sharded.values()], name)
+    group, weight = check_group(process_group, weight, name)
     if inside_functorch():
         _check_no_group_inside_functorch(group, name)
         return _functorch_value_and_grad(func, argnums, has_aux, args, kwargs, name)
+    if sharded:
+        full = iter([fsdp.gather(x.detach()) if i in sharded else x for i, x in enumerate(flat)])
+        leaves_per_arg = [[next(full) for _ in leaves] for leaves in leaves_per_arg]
     outer_grad = torch.is_grad_enabled()
     originals = [x for leaves in leaves_per_arg for x in leaves]
     with torch.enable_grad():
         inputs = _fresh_inputs(args, nums, leaves_per_arg, specs)
-        with watch_forwards() as ddps:
+        with watch_forwards() as ddps, fsdp.unsharded(_stand_ins(sharded, inputs), name):
             out = func(*args, **kwargs)
         out, aux = split_aux(out, has_aux, name)
         check_scalar_output(out, name)
@@ -159,6 +166,8 @@ def _value_and_grad(func, argnums, has_aux, args, kwargs, name, process_group=No
         aux = pytree.tree_map_only(torch.Tensor, detach_keeping_tangents, aux)
     if group is not None:
         out, *grads = weighted_mean([out, *grads], group, weight, name)
+    for i in sharded:  # back to the parameters' layout
+        grads[i] = fsdp.shard_like(grads[i], flat[i])
     grads = iter(grads)
     results = []
     for leaves, spec in zip(leaves_per_arg, specs):

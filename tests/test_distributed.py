@@ -317,6 +317,10 @@ def scenarios_fsdp(rank, world):
     sharded_like_params(
         fwdgrad.hvp(pure, detached, vd, process_group=group, weight=len(xr)), hv, "hvp with process_group="
     )
+    sharded_like_params(fwdgrad.grad(pure, weight=len(xr))(detached), g, "grad")
+    val, gr = fwdgrad.value_and_grad(pure, weight=len(xr))(params)
+    torch.testing.assert_close(val, value)
+    sharded_like_params(gr, g, "value_and_grad")
 
     # The model is as it was: sharded parameters with their values, and FSDP's own step works.
     assert all(isinstance(p, DTensor) for p in model.parameters())
