@@ -45,12 +45,22 @@ def _key(t):
 
 
 def _roots():
-    """The outermost FSDP2 modules alive (cached; searched on the heap when one is missing)."""
+    """The outermost FSDP2 modules alive, searched on the heap (and cached)."""
     found = [m for m in gc.get_objects() if issubclass(type(m), FSDPModule)] if FSDPModule else []
     inner = {id(sub) for m in found for sub in m.modules() if sub is not m}
     for m in found:
-        if id(m) not in inner:
+        if id(m) in inner:
+            _known_roots.discard(m)
+        else:
             _known_roots.add(m)
+    return list(_known_roots)
+
+
+def _cached_roots():
+    """The cached roots that still are roots (``fully_shard`` may have wrapped one in another since)."""
+    for m in list(_known_roots):
+        if m._get_fsdp_state()._is_root is False:
+            _known_roots.discard(m)
     return list(_known_roots)
 
 
@@ -61,7 +71,7 @@ def owners(leaves):
     if not wanted or not FSDPModule:
         return {}
     found = {}
-    for search in (lambda: list(_known_roots), _roots):
+    for search in (_cached_roots, _roots):
         for root in search():
             for p in root.parameters():
                 i = wanted.get(_key(p)) if is_dtensor(p) else None
