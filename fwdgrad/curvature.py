@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from . import fsdp
 from .arguments import check_callable, check_outside_functorch, check_scalar_output, leading_batch_size
-from .distributed import check_group, ddp_holding, weighted_mean
+from .distributed import check_group, ddp_holding, watch_forwards, weighted_mean
 from .errors import ArgumentTypeError, ArgumentValueError
 from .jacobian import batched_jvp
 from .reverse import _flatten_params, _holder, _is_closure, detach_keeping_tangents, grad, run_swapped
@@ -91,22 +91,22 @@ class _Swapped:
     parameters come back intact.
     """
 
-    def __init__(self, params, body, name):
+    def __init__(self, params, body, name, held=frozenset()):
         seen = set()
         for p in params:
             if id(p) in seen:
                 raise ArgumentValueError(f"{name}: a parameter appears twice in params")
             seen.add(id(p))
-            holder = _holder(p)
+            holder = None if id(p) in held else _holder(p)
             if holder is not None:
                 raise RuntimeError(
                     f"{name}: cannot use a parameter in the closure form: {holder}.  Call {name} "
                     f"before building that graph (or free it), or use the pure form."
                 )
-        self.params, self.body, self.name = params, body, name
+        self.params, self.body, self.name, self.held = params, body, name, held
 
     def __call__(self, *replacements):
-        return run_swapped(self.params, replacements, lambda: self.body(self.params), self.name)
+        return run_swapped(self.params, replacements, lambda: self.body(self.params), self.name, self.held)
 
 
 def _fresh(p):
@@ -398,6 +398,9 @@ class _Model:
             model_fn, params, p_leaves, rebuild, name
         )
         self.closure = _is_closure(model_fn, _pure_args(params, p_leaves))
+        # A DDP model's parameters: its reducer's references are expected (see reverse.hvp).
+        self.ddp = ddp_holding(p_leaves) if self.closure and any(p._use_count() > 1 for p in p_leaves) else None
+        self.held = frozenset(id(p) for p in p_leaves) if self.ddp is not None else frozenset()
 
     def output(self, xs):
         if self.closure:
@@ -415,7 +418,7 @@ class _Model:
 
     def within(self, leaves, body):
         if self.closure:
-            return _Swapped(self.p_leaves, body, self.name)(*leaves)
+            return _Swapped(self.p_leaves, body, self.name, self.held)(*leaves)
         return body(list(leaves))
 
     def primals(self):
@@ -471,18 +474,23 @@ def _output_hvp(loss_fn, z, u, batched, name):
     return _hvp(_scalar(loss_fn, name), z, u)
 
 
-def _curvature_product(model_fn, loss_fn, params, v, batched, name, output_curvature):
+def _curvature_product(model_fn, loss_fn, params, v, batched, name, output_curvature, process_group, weight):
     check_callable(loss_fn, name, "loss_fn")
     check_outside_functorch(name)
     p_leaves, v_leaves, rebuild, k = _checked(params, v, batched, name)
     model = _Model(model_fn, params, p_leaves, rebuild, name)
+    if process_group is None and model.ddp is not None:
+        process_group = model.ddp.process_group
+    group, weight = check_group(process_group, weight, name)
     if batched and k == 0:
         return rebuild([p.new_zeros((0, *p.shape)) for p in p_leaves])
     # The model runs twice (jvp, then vjp).  The second run starts from the state
     # the first one started from (same random draws, e.g. dropout masks, and the
     # same buffers) and leaves the state as one plain call leaves it.
     state = State(model_fn)
-    with state.undone_on_error():
+    # DDP forwards run as under no_sync (DDP's own later steps stay right); the
+    # product is then reduced over the group, or refused as shard-local.
+    with state.undone_on_error(), watch_forwards() as ddps:
         z, jv = model.jvp(v_leaves, batched)
         u = output_curvature(z, jv)
         if u.shape != jv.shape:
@@ -491,10 +499,14 @@ def _curvature_product(model_fn, loss_fn, params, v, batched, name, output_curva
             )
         with state.again():
             out = model.vjp(u.detach(), batched)
+    if ddps is not None:
+        ddps.check_reduced(group, name)
+    if group is not None:
+        out = weighted_mean(out, group, weight, name)
     return rebuild(out)
 
 
-def ggnvp(model_fn, loss_fn, params, v, *, batched=False):
+def ggnvp(model_fn, loss_fn, params, v, *, batched=False, process_group=None, weight=None):
     """The generalised Gauss-Newton product ``G v = J^T H_L J v``.
 
     ``J`` is the Jacobian of the model's output ``z`` with respect to
@@ -509,6 +521,11 @@ def ggnvp(model_fn, loss_fn, params, v, *, batched=False):
     forward plus backward for ``J^T``.  ``batched=True``: ``v``'s leaves have
     a leading dimension ``k``; one batched jvp and one batched backward.
 
+    Data parallel: with ``process_group=`` each rank passes its own shard and
+    the result is the GGN of the ranks' losses' mean, weighted by ``weight=``
+    (as :func:`hvp`), from one all-reduce; a closure over a
+    DistributedDataParallel model's parameters reduces over its group.
+
     >>> import torch, fwdgrad
     >>> W = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
     >>> x = torch.tensor([1.0, 1.0])
@@ -522,10 +539,10 @@ def ggnvp(model_fn, loss_fn, params, v, *, batched=False):
     def curvature(z, jv):
         return _output_hvp(loss_fn, z, jv, batched, name)
 
-    return _curvature_product(model_fn, loss_fn, params, v, batched, name, curvature)
+    return _curvature_product(model_fn, loss_fn, params, v, batched, name, curvature, process_group, weight)
 
 
-def fisher_vp(model_fn, loss_fn, params, v, *, kind="true", batched=False):
+def fisher_vp(model_fn, loss_fn, params, v, *, kind="true", batched=False, process_group=None, weight=None):
     """The Fisher information product ``F v``, from the same pieces as :func:`ggnvp`.
 
     ``loss_fn`` must be made by :func:`cross_entropy_loss` or :func:`mse_loss`
@@ -539,7 +556,7 @@ def fisher_vp(model_fn, loss_fn, params, v, *, kind="true", batched=False):
     * ``kind="empirical"``: ``c * sum_n g_n g_n^T`` with ``g_n`` the gradient
       of ``l_n`` at the given targets: ``J^T (r (r . J v))`` with ``r_n = dl_n/dz_n``.
 
-    ``batched=True`` as in :func:`ggnvp`.
+    ``batched=True``, ``process_group=`` and ``weight=`` as in :func:`ggnvp`.
 
     >>> import torch, fwdgrad
     >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])            # two samples
@@ -564,7 +581,7 @@ def fisher_vp(model_fn, loss_fn, params, v, *, kind="true", batched=False):
         r = loss_fn.sample_grads(z)
         return loss_fn.scale(z) * r * _per_sample_dot(r, jv, loss_fn.sample_start(z))
 
-    return _curvature_product(model_fn, loss_fn, params, v, batched, name, curvature)
+    return _curvature_product(model_fn, loss_fn, params, v, batched, name, curvature, process_group, weight)
 
 
 __all__ = [

@@ -69,6 +69,19 @@ def _reference(model, x, y, v):
     return value, dict(zip(names, g)), dict(zip(names, hv))
 
 
+def _reference_ggn(model, x, y, v):
+    """The full batch's Gauss-Newton product for the mean squared error: J^T (2/numel) J v."""
+    names = [k for k, _ in model.named_parameters()]
+    p0 = tuple(p.detach() for _, p in model.named_parameters())
+
+    def out(*ps):
+        return functional_call(model, dict(zip(names, ps)), (x,))
+
+    _, jv = torch.func.jvp(out, p0, tuple(v[k] for k in names))
+    _, vjp = torch.func.vjp(out, *p0)
+    return dict(zip(names, vjp(2.0 / y.numel() * jv)))
+
+
 def _close(got, want, what):
     """``got`` matches ``want`` (names may carry ``_WithSpare``'s prefix; its spare layer's are 0)."""
     assert {k.removeprefix("net.") for k in got if not k.startswith("spare")} == set(want), what
@@ -102,6 +115,13 @@ def scenarios_data_parallel(rank, world):
     _close(gr, g, "grad")
     _close(h, hv, "hvp")
     _close(fwdgrad.hvp(loss, params, v, process_group=group, weight=len(xr)), hv, "hvp")
+    # Gauss-Newton products: the global mean loss's (uneven shards weighted).
+    ggn = _reference_ggn(model, x, y, v)
+    mse = fwdgrad.mse_loss(yr)
+    _close(fwdgrad.ggnvp(lambda p: functional_call(model, p, (xr,)), mse, params, v,
+                         process_group=group, weight=len(xr)), ggn, "ggnvp")
+    _close(fwdgrad.fisher_vp(lambda: model(xr), mse, dict(model.named_parameters()), v,
+                             process_group=group, weight=len(xr)), ggn, "fisher_vp (true: the GGN)")
     # Batched: two directions (v and 2 v) in one call, one all-reduce.
     V = {k: torch.stack([t, 2 * t]) for k, t in v.items()}
     batched = fwdgrad.hvp(loss, params, V, batched=True, process_group=group, weight=len(xr))
@@ -147,6 +167,7 @@ def scenarios_ddp(rank, world):
         params = dict(ref_model.named_parameters())
         v0 = _direction(params)
         value, g, hv = _reference(ref_model, x, y, v0)
+        ggn = _reference_ggn(ref_model, x, y, v0)
         ddp = DDP(model, **kwargs)
         mparams = dict(ddp.module.named_parameters())
         v = {k: v0.get(k.removeprefix("net."), torch.zeros_like(p)) for k, p in mparams.items()}
@@ -163,6 +184,9 @@ def scenarios_ddp(rank, world):
             assert torch.equal(p.detach(), before[k]), f"{k} changed"
         with ddp.no_sync():
             _close(fwdgrad.hvp(lambda: F.mse_loss(ddp(xr), yr), mparams, v), hv, "hvp in no_sync")
+        # Gauss-Newton through DDP's forward: closure form reduces over its group.
+        _close(fwdgrad.ggnvp(lambda: ddp(xr), fwdgrad.mse_loss(yr), mparams, v), ggn, "ddp ggnvp")
+        _ddp_backward_matches(ddp, xr, yr, g, f"ddp {kwargs} backward after ggnvp")
         # Pure form through DDP's forward: shard-local unless a group is given.
         pure = {k: p.detach().clone() for k, p in mparams.items()}
 
@@ -173,6 +197,11 @@ def scenarios_ddp(rank, world):
             fwdgrad.hvp(loss, pure, v)
         with pytest.raises(RuntimeError, match="process_group=model.process_group"):
             fwdgrad.grad(loss)(pure)
+        ddp_out = lambda p: functional_call(ddp, {"module." + k: t for k, t in p.items()}, (xr,))  # noqa: E731
+        with pytest.raises(RuntimeError, match="process_group=model.process_group"):
+            fwdgrad.ggnvp(ddp_out, fwdgrad.mse_loss(yr), pure, v)
+        _close(fwdgrad.ggnvp(ddp_out, fwdgrad.mse_loss(yr), pure, v, process_group=ddp.process_group),
+               ggn, "pure ggnvp through DDP")
         _close(fwdgrad.hvp(loss, pure, v, process_group=ddp.process_group), hv, "pure hvp through DDP")
         _ddp_backward_matches(ddp, xr, yr, g, f"ddp {kwargs} backward at the end")
 
