@@ -117,11 +117,26 @@ def check_argnums(argnums, n_args, name):
     return out
 
 
-def check_tangent(name, where, p, t):
+def in_torch_func_words(words):
+    """A suffix with torch.func's message for the same mistake, so that code which matches
+    torch.func's errors (its own test suite does) matches fwdgrad's too."""
+    return f" (in torch.func's words: {words})"
+
+
+
+def check_tangent(name, where, p, t, flattened=False):
     """Raise a clear error if ``t`` cannot be the tangent of primal ``p``.
 
     ``where`` names the primal as the user wrote it, e.g. ``primals[0]['w']``.
+    ``flattened``: the tangents came as a flat pytree (``linearize``'s
+    ``jvp_fn``), and a mismatch also gets torch.func's words for it.
     """
+
+    def flattened_words(what):
+        if not flattened:
+            return ""
+        return in_torch_func_words(f"a tangent in flattened pytree doesn't match the {what} of its primal")
+
     if not isinstance(p, torch.Tensor):
         raise ArgumentTypeError(
             f"{name}: {where} is a {type(p).__name__}; primals must only contain Tensors (or pytrees "
@@ -142,11 +157,12 @@ def check_tangent(name, where, p, t):
     if t.shape != p.shape:
         raise ArgumentValueError(
             f"{name}: the tangent of {where} has shape {tuple(t.shape)} but {where} has shape "
-            f"{tuple(p.shape)}"
+            f"{tuple(p.shape)}" + flattened_words("shape")
         )
     if t.dtype != p.dtype:
         raise ArgumentValueError(
             f"{name}: the tangent of {where} has dtype {t.dtype} but {where} has dtype {p.dtype}"
+            + flattened_words("dtype")
         )
     if t.device != p.device:
         raise ArgumentValueError(
@@ -252,15 +268,20 @@ def split_outputs(out, level, name, strict=False):
     """
     leaves, spec = pytree.tree_flatten(out)
     for path, leaf in pytree.tree_flatten_with_path(out)[0]:
+        if leaf is None and not path:
+            leaves = []  # None alone is an empty output, as torch.func counts it
+            break
         if not isinstance(leaf, torch.Tensor):
             raise ArgumentTypeError(
                 f"{name}: func must return a tensor or a pytree of tensors, but "
                 f"{'output' + describe(path) + ' is' if path else 'it returned'} {kind(leaf)}"
+                f"{in_torch_func_words('jvp(f, primals, tangents): expected f(*primals) to return only tensors')}"
             )
     if not leaves:
         raise ArgumentValueError(
             f"{name}: expected func to return at least one tensor, but its output "
             f"{pytree.treespec_pprint(spec)} holds none"
+            f"{in_torch_func_words('jvp(f, primals, tangents): Expected f to be a function that has non-empty output')}"
         )
     if strict:
         for path, leaf in pytree.tree_flatten_with_path(out)[0]:
@@ -286,12 +307,14 @@ def split_aux(out, has_aux, name):
         raise ArgumentTypeError(
             f"{name}: with has_aux=True, func must return a pair (output, aux), "
             f"got {kind(out)}"
+            f"{in_torch_func_words('jvp(f, primals, tangents): output of function f should be a tuple: (output, aux)')}"
         )
     for path, leaf in pytree.tree_flatten_with_path(out[1])[0]:
         if not isinstance(leaf, torch.Tensor):
             raise ArgumentTypeError(
                 f"{name}: with has_aux=True, aux must be a tensor or a pytree of tensors, but "
                 f"{'aux' + describe(path) + ' is' if path else 'it is'} {kind(leaf)}"
+                f"{in_torch_func_words(f'Expected tensors, got unsupported type {type(leaf)}')}"
             )
     return out[0], out[1]
 

@@ -27,8 +27,8 @@ from torch.utils import _pytree as pytree
 
 from . import fsdp, trace
 from .arguments import (
-    check_argnums, check_callable, check_differentiable, check_real, check_tangent, diff_mask, leading_batch_size,
-    normal_mode, param_names, usable_tree,
+    check_argnums, check_callable, check_differentiable, check_real, check_tangent, diff_mask, in_torch_func_words,
+    leading_batch_size, normal_mode, param_names, usable_tree,
 )
 from .errors import ArgumentTypeError, ArgumentValueError, warn
 from .functorch_layers import inside_functorch
@@ -279,12 +279,13 @@ def linearize(func, *primals):
             raise ArgumentValueError(
                 f"{name}: jvp_fn's tangents must have the structure of the primals; primals: "
                 f"{pytree.treespec_pprint(in_spec)}, tangents: {pytree.treespec_pprint(t_spec)}"
+                + in_torch_func_words("expected the tangents to have the same argspec as the primals")
             )
         for path, p, t in zip(pytree.tree_flatten_with_path(tangents)[0], lin.inputs, t_leaves):
             where = "primals" + pytree.keystr(path[0])
             if t is None:
                 raise ArgumentTypeError(f"{name}: jvp_fn got None as the tangent of {where}; pass a tensor")
-            check_tangent(name, where, p, t)
+            check_tangent(name, where, p, t, flattened=True)
         return pytree.tree_unflatten(lin.push(t_leaves), lin.out_spec)
 
     return lin.primal_out, jvp_fn

@@ -48,7 +48,9 @@ class Case:
         self.message = message  # the full message; "..." stands for any text
 
     def pattern(self):
-        return re.compile(".*".join(re.escape(p) for p in self.message.split("...")), re.S)
+        # Where torch.func has its own message for the mistake, fwdgrad adds it at the end.
+        torch_func_words = r"( \(in torch\.func's words: [^()]*(\([^()]*\)[^()]*)*\))?"
+        return re.compile(".*".join(re.escape(p) for p in self.message.split("...")) + torch_func_words, re.S)
 
 
 CASES = [
