@@ -29,7 +29,7 @@ from .arguments import check_callable, check_outside_functorch, check_scalar_out
 from .distributed import check_group, ddp_holding, watch_forwards, weighted_mean
 from .errors import ArgumentTypeError, ArgumentValueError
 from .jacobian import batched_jvp
-from .reverse import _flatten_params, _holder, _is_closure, detach_keeping_tangents, grad, run_swapped
+from .reverse import _flatten_params, _is_closure, check_swappable, detach_keeping_tangents, grad, run_swapped
 from .reverse import hvp as _hvp
 from .state import State
 from .transforms import jvp
@@ -92,17 +92,7 @@ class _Swapped:
     """
 
     def __init__(self, params, body, name, held=frozenset()):
-        seen = set()
-        for p in params:
-            if id(p) in seen:
-                raise ArgumentValueError(f"{name}: a parameter appears twice in params")
-            seen.add(id(p))
-            holder = None if id(p) in held else _holder(p)
-            if holder is not None:
-                raise RuntimeError(
-                    f"{name}: cannot use a parameter in the closure form: {holder}.  Call {name} "
-                    f"before building that graph (or free it), or use the pure form."
-                )
+        check_swappable(["a parameter"] * len(params), params, name, held)
         self.params, self.body, self.name, self.held = params, body, name, held
 
     def __call__(self, *replacements):

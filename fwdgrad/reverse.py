@@ -600,18 +600,24 @@ def _in_closure(loss, keys, params, duals, level, name, held=frozenset()):
     on seeing the original tensors, which the swap moves to the duals' objects
     and back).
     """
+    check_swappable([f"params{k}" for k in keys], params, name, held)
+    return run_swapped(params, duals, lambda: _loss_and_grads(loss, (), params, level, name), name, held)
+
+
+def check_swappable(names, params, name, held=frozenset()):
+    """Refuse a closure form whose parameters cannot be swapped: one given twice, or one
+    that something other than ``held`` (a DDP reducer) references from C++."""
     seen = set()
-    for k, p in zip(keys, params):
+    for where, p in zip(names, params):
         if id(p) in seen:
-            raise ArgumentValueError(f"{name}: params{k} appears twice in params")
+            raise ArgumentValueError(f"{name}: {where} appears twice in params")
         seen.add(id(p))
         holder = None if id(p) in held else _holder(p)
         if holder is not None:
             raise RuntimeError(
-                f"{name}: cannot use params{k} in the closure form: {holder}.  Call hvp "
-                f"before building that graph (or free it), or use the pure form loss(params)."
+                f"{name}: cannot use {where} in the closure form: {holder}.  Call {name} "
+                f"before building that graph (or free it), or use the pure form."
             )
-    return run_swapped(params, duals, lambda: _loss_and_grads(loss, (), params, level, name), name, held)
 
 
 def run_swapped(params, replacements, body, name, held=frozenset()):
