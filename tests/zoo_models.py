@@ -98,16 +98,19 @@ def _embeds(model, ids):
     return emb
 
 
+def _text_model(model_name, config_name, attention, dtype, extra):
+    """A transformers text model (by class names), token ids and their input embeddings."""
+    import transformers
+
+    model = _build(getattr(transformers, model_name), getattr(transformers, config_name), attention,
+                   dtype, **{**_TEXT, **extra})
+    ids = _ids(_gen())
+    return model, ids, _embeds(model, ids)
+
+
 def _causal_lm(model_name, config_name, **extra):
     def build(attention, dtype):
-        import transformers
-
-        kwargs = {**_TEXT, **extra}
-        model = _build(getattr(transformers, model_name), getattr(transformers, config_name), attention,
-                       dtype, **kwargs)
-        gen = _gen()
-        ids = _ids(gen)
-        x = _embeds(model, ids)
+        model, ids, x = _text_model(model_name, config_name, attention, dtype, extra)
 
         def f(e):
             return model(inputs_embeds=e, use_cache=False).logits
@@ -122,16 +125,9 @@ def _causal_lm(model_name, config_name, **extra):
 
 def _masked_lm(model_name, config_name, **extra):
     def build(attention, dtype):
-        import transformers
-
-        kwargs = {**_TEXT, **extra}
-        model = _build(getattr(transformers, model_name), getattr(transformers, config_name), attention,
-                       dtype, **kwargs)
-        gen = _gen()
-        ids = _ids(gen)
+        model, ids, x = _text_model(model_name, config_name, attention, dtype, extra)
         mask = torch.ones(BATCH, SEQ, dtype=torch.long)
         mask[1, -3:] = 0  # padding: a real attention mask
-        x = _embeds(model, ids)
 
         def f(e):
             return model(inputs_embeds=e, attention_mask=mask).logits
