@@ -41,16 +41,6 @@ import zoo_models  # noqa: E402
 from common import tensor_peak, time_interleaved  # noqa: E402
 
 
-class _Call(torch.nn.Module):
-    def __init__(self, model, f):
-        super().__init__()
-        self.model = model
-        self._f = (f,)  # not registered: f may be the model itself
-
-    def forward(self, x):
-        return self._f[0](x)
-
-
 def _bench(family, name, path, build, rounds):
     case = build(path, torch.float32)
     twin = build("eager" if family == "transformers" else path, torch.float32)
@@ -63,7 +53,7 @@ def _bench(family, name, path, build, rounds):
     tp = list(params.values())
 
     def at(c):
-        mod = _Call(c.model, c.f)
+        mod = zoo_models.Call(c.model, c.f)
         return lambda p: functional_call(mod, {"model." + k: t for k, t in p.items()}, (c.x,))
 
     def no_grad(fn):

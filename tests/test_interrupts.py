@@ -175,6 +175,17 @@ def _line_points(total, full):
     return range(1, total + 1, max(1, total // (200 if full else INJECTIONS)))
 
 
+def _assert_clean_afterwards(name, run, duals):
+    """After the interrupts: no dual outlived them, plain torch is untouched, and the
+    transform still gives the same result twice."""
+    assert len(live_duals()) <= duals, f"{name}: duals outlived the interrupts"
+    assert_plain_torch()
+    torch.manual_seed(3)
+    expected = run()
+    torch.manual_seed(3)
+    torch.testing.assert_close(run(), expected)
+
+
 @pytest.mark.parametrize("full", [False, FULL])
 @pytest.mark.parametrize("name", ["jvp", "jacfwd", "linearize", "hvp_pure", "hvp_closure"])
 def test_interrupt_at_every_kth_op_leaves_no_trace(name, full, monkeypatch):
@@ -195,12 +206,7 @@ def test_interrupt_at_every_kth_op_leaves_no_trace(name, full, monkeypatch):
             with pytest.raises(KeyboardInterrupt):
                 run()
         _assert_state(net, before, f"{name}, interrupt at op {k} of {total}")
-    assert len(live_duals()) <= duals, f"{name}: duals outlived the interrupts"
-    assert_plain_torch()
-    torch.manual_seed(3)
-    expected = run()
-    torch.manual_seed(3)
-    torch.testing.assert_close(run(), expected)
+    _assert_clean_afterwards(name, run, duals)
 
 
 @pytest.mark.parametrize("full", [False, FULL])
@@ -232,12 +238,7 @@ def test_interrupt_at_every_kth_line_leaves_no_trace(name, full):
             except AssertionError:
                 _assert_state(net, after, where + " (after the guard)")
                 _reset(net, before)
-    assert len(live_duals()) <= duals, f"{name}: duals outlived the interrupts"
-    assert_plain_torch()
-    torch.manual_seed(3)
-    expected = run()
-    torch.manual_seed(3)
-    torch.testing.assert_close(run(), expected)
+    _assert_clean_afterwards(name, run, duals)
 
 
 def test_closure_hvp_survives_an_interrupt_during_backward(monkeypatch):

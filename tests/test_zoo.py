@@ -111,7 +111,7 @@ def test_zoo(entry, check):
         v = {k: _direction(p, gen) for k, p in params.items()}
 
         def at(c, p):
-            return functional_call(_Call(c.model, c.f), {"model." + k: t for k, t in p.items()}, (c.x,))
+            return functional_call(zoo_models.Call(c.model, c.f), {"model." + k: t for k, t in p.items()}, (c.x,))
 
         detached = {k: p.detach() for k, p in params.items()}
         twin_detached = {k: p.detach() for k, p in twin_params.items()}
@@ -161,13 +161,3 @@ def test_zoo(entry, check):
         assert torch.equal(before[k], after[k]), f"{k} changed"
 
 
-class _Call(torch.nn.Module):
-    """``f(x)`` as a module holding ``model``, so functional_call can substitute its parameters."""
-
-    def __init__(self, model, f):
-        super().__init__()
-        self.model = model
-        self._f = (f,)  # not registered: f may be the model itself
-
-    def forward(self, x):
-        return self._f[0](x)

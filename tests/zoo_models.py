@@ -98,6 +98,18 @@ def _embeds(model, ids):
     return emb
 
 
+class Call(torch.nn.Module):
+    """``f(x)`` as a module holding ``model``, so functional_call can substitute its parameters."""
+
+    def __init__(self, model, f):
+        super().__init__()
+        self.model = model
+        self._f = (f,)  # not registered: f may be the model itself
+
+    def forward(self, x):
+        return self._f[0](x)
+
+
 def _text_model(model_name, config_name, attention, dtype, extra):
     """A transformers text model (by class names), token ids and their input embeddings."""
     import transformers
